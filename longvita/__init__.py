@@ -1,0 +1,1 @@
+from longvita.config import LongVITAConfig, VisionConfig  # noqa: F401

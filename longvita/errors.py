@@ -1,0 +1,13 @@
+"""Errors the user can fix. All are ValueErrors, so callers may catch either."""
+
+
+class MediaError(ValueError):
+    """An image or video that is missing, unreadable or has no decodable frame."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory with missing, wrong or inconsistent files."""
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be run: media/tag count mismatch, too long for the model."""
