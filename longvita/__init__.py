@@ -1,1 +1,23 @@
-from longvita.config import LongVITAConfig, VisionConfig  # noqa: F401
+"""longvita: Long-VITA long-context vision-language models in PyTorch.
+
+import longvita
+pipe = longvita.load("Long-VITA-16K_HF", device="cuda", dtype="bfloat16")
+out = pipe.generate("<image>\nWhat is this?", images=["a.png"])
+"""
+
+from longvita.config import LongVITAConfig, VisionConfig
+from longvita.errors import CheckpointError, MediaError, PromptError
+from longvita.infer.pipeline import GenerationOutput, Pipeline, load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "GenerationOutput",
+    "LongVITAConfig",
+    "MediaError",
+    "Pipeline",
+    "PromptError",
+    "VisionConfig",
+    "load",
+]

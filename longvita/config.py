@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from longvita.errors import CheckpointError
+
 CONFIG_FILE = "config.json"
 MODEL_TYPE = "long_vita"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -177,12 +179,15 @@ class LongVITAConfig:
     def from_pretrained(cls, directory: str | Path) -> LongVITAConfig:
         path = Path(directory) / CONFIG_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: a checkpoint directory needs config.json")
+            raise CheckpointError(f"{path} not found: a checkpoint directory needs config.json")
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
-        return cls.from_dict(data)
+            raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: {err}") from err
 
     def save_pretrained(self, directory: str | Path) -> Path:
         path = Path(directory) / CONFIG_FILE

@@ -1,0 +1,110 @@
+"""LongVITA: InternViT + projector + Qwen2 decoder, with the logits-masked LM head.
+
+Owns the splice (projected tile features overwrite the placeholder embeddings, tile by tile in
+sequence order) and the LM head that projects only the hidden rows asked for. Module names equal
+the official state-dict keys (`model.embed_tokens`, `model.vision_model.*`,
+`model.vision_projection.*`, `lm_head`), so a checkpoint loads with a plain load_state_dict.
+Knows nothing of tokenizers, sampling or distributed state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from longvita.config import LongVITAConfig
+from longvita.model.kv_cache import KVCache
+from longvita.model.projector import VisionProjector
+from longvita.model.qwen2 import Qwen2Model
+from longvita.model.vision import InternVisionModel
+
+
+class LongVITAModel(Qwen2Model):
+    """The Qwen2 decoder plus the vision tower and projector that feed it."""
+
+    def __init__(self, config: LongVITAConfig) -> None:
+        super().__init__(config)
+        self.vision_model = InternVisionModel(config.vision)
+        self.vision_projection = VisionProjector(config.vision, config.hidden_size)
+
+    def encode_tiles(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[num_tiles, 3, S, S] pixels -> [num_tiles, tokens_per_tile, hidden] LLM features."""
+        pixel_values = pixel_values.to(self.embed_tokens.weight.dtype)
+        return self.vision_projection(self.vision_model(pixel_values))
+
+    def embed_multimodal(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        visual_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings [batch, seq, hidden] with visual features written over placeholders.
+
+        input_ids: [batch, seq]; visual_mask: [batch, seq] bool, True at placeholder positions;
+        pixel_values: [num_tiles, 3, S, S], tiles in the order of their placeholders.
+        """
+        embeds = self.embed_tokens(input_ids)  # [batch, seq, hidden]
+        num_slots = 0 if visual_mask is None else int(visual_mask.sum())
+        num_tiles = 0 if pixel_values is None else pixel_values.shape[0]
+        num_features = num_tiles * self.config.vision.tokens_per_tile
+        if num_slots != num_features:
+            raise ValueError(
+                f"the prompt has {num_slots} visual placeholder tokens but the {num_tiles} tile(s) "
+                f"give {num_features} features ({self.config.vision.tokens_per_tile} per tile)"
+            )
+        if num_tiles == 0:
+            return embeds
+        features = self.encode_tiles(pixel_values)  # [num_tiles, tokens_per_tile, hidden]
+        features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)  # [slots, hidden]
+        return embeds.masked_scatter(visual_mask[..., None], features)
+
+
+class LongVITAForCausalLM(nn.Module):
+    """The full model. `forward` returns logits only at the positions asked for."""
+
+    def __init__(self, config: LongVITAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LongVITAModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the LM head when the config asks for it."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        visual_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        logit_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [batch, num_positions, vocab] for `logit_positions` (default: the last one).
+
+        input_ids: [batch, seq]. position_ids: [batch, seq] absolute positions (default: after
+        the cached tokens). logit_positions: [num_positions] indices into seq; pass
+        `torch.arange(seq)` to get every position (a [seq, vocab] tensor: only when needed).
+        """
+        batch, seq = input_ids.shape
+        if position_ids is None:
+            start = kv_cache.length if kv_cache is not None else 0
+            position_ids = torch.arange(start, start + seq, device=input_ids.device)
+            position_ids = position_ids.expand(batch, seq)  # [batch, seq]
+        embeds = self.model.embed_multimodal(input_ids, pixel_values, visual_mask)
+        hidden = self.model(embeds, position_ids, kv_cache=kv_cache)  # [batch, seq, hidden]
+        return self.logits_at(hidden, logit_positions)
+
+    def logits_at(
+        self, hidden: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Project only the rows `positions` [n] of hidden [batch, seq, hidden] -> [batch, n, V]."""
+        if positions is None:
+            rows = hidden[:, -1:]  # [batch, 1, hidden]
+        else:
+            rows = hidden.index_select(1, positions.to(hidden.device))  # [batch, n, hidden]
+        return self.lm_head(rows)

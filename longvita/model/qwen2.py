@@ -1,0 +1,173 @@
+"""The Qwen2 decoder (the LLM of Long-VITA, Qwen2.5 unchanged), readable in one file.
+
+Owns the decoder stack: token embedding, pre-norm decoder layers (grouped-query attention with
+q/k/v bias and RoPE, SwiGLU MLP) and the final RMSNorm. Module names equal the Qwen2 state-dict
+keys without the `model.` prefix, so a Qwen2.5 / Long-VITA checkpoint loads by name.
+
+Does not own: the LM head (logits are computed only for the rows that need them, elsewhere),
+the vision encoder and the splicing of visual features (it takes `inputs_embeds`), the KV-cache
+storage (`KVCache`), the attention kernels (`ops.attention`), and anything distributed.
+
+The model holds parameters only, no buffers: it can be built under `torch.device("meta")` and
+filled with `load_state_dict(..., assign=True)`. RoPE tables are computed from the positions of
+each forward, so every token may carry any absolute position.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longvita.config import LongVITAConfig
+from longvita.model.kv_cache import KVCache
+from longvita.ops.attention import attention
+from longvita.ops.rope import apply_rope, rope_cos_sin
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2 RMSNorm: normalize in float32, cast back to the input dtype, then scale."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+class Qwen2Attention(nn.Module):
+    """Causal grouped-query self-attention with RoPE; K/V heads are never repeated."""
+
+    def __init__(self, config: LongVITAConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """x [batch, seq, hidden], cos/sin [batch, seq, head_dim] -> [batch, seq, hidden]."""
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # q: [batch, heads, seq, head_dim]; k, v: [batch, kv_heads, seq, head_dim]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q_offset = 0
+        if kv_cache is not None:
+            q_offset = kv_cache.length  # tokens cached before this forward
+            k, v = kv_cache.update(self.layer_idx, k, v)  # [batch, kv_heads, cached + seq, hd]
+        out = attention(q, k, v, causal=True, q_offset=q_offset)  # [batch, heads, seq, hd]
+        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.o_proj(out)  # [batch, seq, hidden]
+
+
+class Qwen2MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, config: LongVITAConfig) -> None:
+        super().__init__()
+        hidden, inner = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2DecoderLayer(nn.Module):
+    """Pre-norm block: x += attn(norm(x)); x += mlp(norm(x))."""
+
+    def __init__(self, config: LongVITAConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Qwen2Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = Qwen2MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)  # [batch, seq, hidden]
+        return x + self.mlp(self.post_attention_layernorm(x))  # [batch, seq, hidden]
+
+
+class Qwen2Model(nn.Module):
+    """Embedding, decoder layers and final norm; hidden states out, no LM head."""
+
+    def __init__(self, config: LongVITAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            Qwen2DecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings: input_ids [batch, seq] -> [batch, seq, hidden]."""
+        return self.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Decode `inputs_embeds` [batch, seq, hidden] at absolute `position_ids` [batch, seq].
+
+        With `kv_cache`, the new tokens attend to the cached ones and are appended to the cache,
+        which is advanced by `seq` at the end. Returns the final-norm hidden states
+        [batch, seq, hidden].
+        """
+        if position_ids.shape != inputs_embeds.shape[:2]:
+            raise ValueError(
+                f"position_ids {tuple(position_ids.shape)} must be [batch, seq] of "
+                f"inputs_embeds {tuple(inputs_embeds.shape)}"
+            )
+        cos, sin = rope_cos_sin(
+            position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype
+        )  # [batch, seq, head_dim] each
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, kv_cache)  # [batch, seq, hidden]
+        if kv_cache is not None:
+            kv_cache.advance(inputs_embeds.shape[1])
+        return self.norm(x)  # [batch, seq, hidden]
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random init for tests and demos: N(0, std) weights, zero biases, unit norms."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                module.weight.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)

@@ -1,0 +1,63 @@
+"""ChatML prompts: messages in, prompt text out (no BOS, no default system turn).
+
+    <|im_start|>system\n{system}<|im_end|>\n      (only when the caller gives one)
+    <|im_start|>user\n{content}<|im_end|>\n
+    <|im_start|>assistant\n                        (the generation prompt)
+
+Owns message validation and role names (user/human, assistant/gpt, system). Knows nothing of
+tokens or media: `<image>` and `<video>` tags stay in the text for the Processor to expand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+ROLE_ALIASES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "system": "system",
+}
+
+Messages = str | Sequence[Mapping[str, str]]
+
+
+def normalize_messages(messages: Messages) -> list[dict[str, str]]:
+    """A plain string is one user turn; roles are mapped to user/assistant/system."""
+    if isinstance(messages, str):
+        return [{"role": "user", "content": messages}]
+    if not messages:
+        raise ValueError("messages is empty: give a string or at least one {role, content} turn")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or "content" not in message:
+            raise ValueError(
+                f"message {i} must be a mapping with 'role' and 'content': {message!r}"
+            )
+        role = ROLE_ALIASES.get(str(message.get("role", "")).lower())
+        if role is None:
+            raise ValueError(
+                f"message {i} has role {message.get('role')!r}; "
+                f"expected one of {sorted(ROLE_ALIASES)}"
+            )
+        if role == "system" and i != 0:
+            raise ValueError(f"message {i}: a system turn may only come first")
+        if not isinstance(message["content"], str):
+            raise ValueError(f"message {i}: content must be a string, got {message['content']!r}")
+        out.append({"role": role, "content": message["content"]})
+    return out
+
+
+def render_turn(role: str, content: str) -> str:
+    return f"<|im_start|>{role}\n{content}<|im_end|>\n"
+
+
+GENERATION_PROMPT = "<|im_start|>assistant\n"
+
+
+def build_prompt(messages: Messages, *, add_generation_prompt: bool = True) -> str:
+    """The ChatML text of `messages`, ending with the assistant generation prompt."""
+    turns = normalize_messages(messages)
+    text = "".join(render_turn(t["role"], t["content"]) for t in turns)
+    return text + GENERATION_PROMPT if add_generation_prompt else text

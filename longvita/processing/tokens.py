@@ -1,0 +1,135 @@
+"""The tokenizer and Long-VITA's special tokens.
+
+Owns loading the Qwen2 tokenizer of a checkpoint directory (with transformers), adding any of the
+17 Long-VITA tokens it lacks, in the official order, and resolving the ids the rest of the code
+needs. Every id is read from the tokenizer, never hard-coded, so tiny test tokenizers work too.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from longvita.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TAG = "<image>"
+VIDEO_TAG = "<video>"
+
+# The official order: a tokenizer without them gets ids 151665..151681 on Qwen2.5.
+LONG_VITA_TOKENS = (
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<vid>",
+    "</vid>",
+    "<VID_CONTEXT>",
+    "<patch>",
+    "</patch>",
+    "<PATCH_CONTEXT>",
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
+    IMAGE_TAG,
+    VIDEO_TAG,
+)
+PAD_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpecialTokenIds:
+    """Ids of the tokens that prompt building, tag expansion and decoding rely on."""
+
+    im_start: int
+    im_end: int
+    pad: int
+    img_start: int
+    img_end: int
+    img_context: int
+    vid_start: int
+    vid_end: int
+    vid_context: int
+    patch_start: int
+    patch_end: int
+    patch_context: int
+    image_tag: int
+    video_tag: int
+    newline: tuple[int, ...]
+    """The token(s) of "\\n", written between tile rows."""
+
+    @property
+    def stop(self) -> tuple[int, ...]:
+        """Generation stops at either of these (not included in the output)."""
+        return (self.im_end, self.pad)
+
+    @property
+    def context(self) -> tuple[int, ...]:
+        """Placeholder ids whose embeddings are overwritten by visual features."""
+        return (self.img_context, self.patch_context, self.vid_context)
+
+
+def add_long_vita_tokens(tokenizer) -> list[str]:
+    """Add the Long-VITA tokens the tokenizer lacks, in the official order; returns them."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in LONG_VITA_TOKENS if t not in vocab]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+        logger.info("added %d Long-VITA tokens to the tokenizer: %s", len(missing), missing)
+    return missing
+
+
+def load_tokenizer(directory: str | Path):
+    """Load the checkpoint's Qwen2 tokenizer and complete its Long-VITA tokens.
+
+    The Qwen2 class is used directly: AutoTokenizer would consult config.json, whose
+    `model_type: long_vita` transformers does not know.
+    """
+    from transformers import Qwen2TokenizerFast
+
+    directory = Path(directory)
+    found = [n for n in ("tokenizer.json", "vocab.json") if (directory / n).is_file()]
+    if not found:
+        raise CheckpointError(
+            f"{directory} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)"
+        )
+    try:
+        tokenizer = Qwen2TokenizerFast.from_pretrained(str(directory))
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f"cannot load the tokenizer in {directory}: {err}") from err
+    add_long_vita_tokens(tokenizer)
+    return tokenizer
+
+
+def special_token_ids(tokenizer) -> SpecialTokenIds:
+    """Resolve every special id; a tokenizer lacking one raises CheckpointError naming it."""
+
+    def one(token: str) -> int:
+        ids = tokenizer.encode(token, add_special_tokens=False)
+        if len(ids) != 1:
+            raise CheckpointError(f"the tokenizer does not hold {token!r} as a single token")
+        return ids[0]
+
+    return SpecialTokenIds(
+        im_start=one(IM_START),
+        im_end=one(IM_END),
+        pad=one(PAD_TOKEN),
+        img_start=one("<img>"),
+        img_end=one("</img>"),
+        img_context=one("<IMG_CONTEXT>"),
+        vid_start=one("<vid>"),
+        vid_end=one("</vid>"),
+        vid_context=one("<VID_CONTEXT>"),
+        patch_start=one("<patch>"),
+        patch_end=one("</patch>"),
+        patch_context=one("<PATCH_CONTEXT>"),
+        image_tag=one(IMAGE_TAG),
+        video_tag=one(VIDEO_TAG),
+        newline=tuple(tokenizer.encode("\n", add_special_tokens=False)),
+    )

@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny random checkpoint, synthetic media, the real Qwen2 tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from longvita.synthetic import make_image, make_tiny_checkpoint, make_video
+
+SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared/reference/qwen2-tokenizer"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-ckpt"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("media")
+    return {
+        "image": make_image(root / "scene.png", (640, 360)),
+        "wide": make_image(root / "wide.png", (1000, 200), seed=1),
+        "video": make_video(root / "clip.mp4", num_frames=12, fps=4),
+    }
+
+
+@pytest.fixture(scope="session")
+def qwen2_tokenizer_dir() -> Path:
+    if not (SHARED_TOKENIZER / "vocab.json").is_file():
+        pytest.skip(f"the real Qwen2.5 tokenizer is not at {SHARED_TOKENIZER} (../shared absent)")
+    return SHARED_TOKENIZER

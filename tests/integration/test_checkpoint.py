@@ -1,0 +1,116 @@
+"""Checkpoint layout: round trips, shards, dtype conversion, and the errors of bad directories."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import longvita
+from longvita.errors import CheckpointError
+from longvita.model.checkpoint import INDEX_FILE, SINGLE_FILE, load_model, save_model
+from longvita.synthetic import random_model
+
+
+def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype, key
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_official_keys_and_meta_free_load(tiny_checkpoint):
+    keys = set(load_file(str(tiny_checkpoint / SINGLE_FILE)))
+    assert "model.vision_model.encoder.layers.0.attn.qkv.weight" in keys
+    assert "model.vision_projection.mlp.2.weight" in keys
+    assert "model.layers.1.self_attn.q_proj.bias" in keys and "lm_head.weight" in keys
+    model = load_model(tiny_checkpoint)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_is_bit_identical(tmp_path, dtype):
+    model = random_model(seed=3).to(dtype)
+    save_model(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == str(dtype)[6:]
+    _assert_same_state(model, load_model(tmp_path, dtype=dtype))
+
+
+def test_sharded_checkpoint_loads_the_same(tmp_path):
+    model = random_model(seed=4)
+    shards = save_model(model, tmp_path, max_shard_bytes=100_000)
+    assert len(shards) > 2 and (tmp_path / INDEX_FILE).is_file()
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    assert set(index["weight_map"]) == set(model.state_dict())
+    _assert_same_state(model, load_model(tmp_path))
+
+
+def test_dtype_conversion_on_load(tiny_checkpoint):
+    model = load_model(tiny_checkpoint, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_pipeline_save_round_trip(tiny_checkpoint, tmp_path):
+    pipe = longvita.load(tiny_checkpoint)
+    pipe.save(tmp_path / "copy")
+    again = longvita.load(tmp_path / "copy")
+    _assert_same_state(pipe.model, again.model)
+    assert again.tokenizer.get_vocab() == pipe.tokenizer.get_vocab()
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_and_unexpected_keys_are_listed(tiny_checkpoint, tmp_path):
+    ckpt = _copy(tiny_checkpoint, tmp_path / "c")
+    state = load_file(str(ckpt / SINGLE_FILE))
+    del state["model.norm.weight"]
+    state["model.extra.weight"] = torch.zeros(2)
+    save_file(state, str(ckpt / SINGLE_FILE))
+    with pytest.raises(CheckpointError) as err:
+        longvita.load(ckpt)
+    assert "model.norm.weight" in str(err.value) and "model.extra.weight" in str(err.value)
+    assert "1 missing" in str(err.value) and "1 unexpected" in str(err.value)
+
+
+def test_shape_mismatch_names_the_key(tiny_checkpoint, tmp_path):
+    ckpt = _copy(tiny_checkpoint, tmp_path / "c")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"mlp.gate_proj.weight: checkpoint \(128, 64\)"):
+        longvita.load(ckpt)
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        ("no_dir", "not a directory"),
+        ("no_config", "config.json"),
+        ("no_weights", "neither model.safetensors"),
+        ("no_tokenizer", "no tokenizer files"),
+        ("corrupt_weights", "cannot read"),
+        ("missing_shard", "lists shard"),
+    ],
+)
+def test_broken_directories_raise_checkpoint_error(tiny_checkpoint, tmp_path, breakage, message):
+    ckpt = tmp_path / "missing" if breakage == "no_dir" else _copy(tiny_checkpoint, tmp_path / "c")
+    if breakage == "no_config":
+        (ckpt / "config.json").unlink()
+    elif breakage == "no_weights":
+        (ckpt / SINGLE_FILE).unlink()
+    elif breakage == "no_tokenizer":
+        (ckpt / "vocab.json").unlink()
+    elif breakage == "corrupt_weights":
+        (ckpt / SINGLE_FILE).write_bytes(b"\x00" * 64)
+    elif breakage == "missing_shard":
+        (ckpt / SINGLE_FILE).unlink()
+        (ckpt / INDEX_FILE).write_text(json.dumps({"weight_map": {"a": "model-1.safetensors"}}))
+    with pytest.raises(CheckpointError, match=message):
+        longvita.load(ckpt)

@@ -1,0 +1,180 @@
+"""Image loading, dynamic tiling and pixel normalisation (longvita.processing.image)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from longvita.errors import MediaError
+from longvita.processing.image import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PAD_FILL,
+    TiledImage,
+    candidate_grids,
+    choose_grid,
+    expand_to_square,
+    load_image,
+    tile_image,
+    to_pixel_values,
+)
+
+TILE = 448
+
+
+def test_candidate_grids_cover_all_products_by_area():
+    grids = candidate_grids(12, 1)
+    expected = {(i, j) for i in range(1, 13) for j in range(1, 13) if i * j <= 12}
+    assert set(grids) == expected and len(grids) == len(expected) == 35
+    areas = [i * j for i, j in grids]
+    assert areas == sorted(areas) and areas[0] == 1 and areas[-1] == 12
+
+
+def test_candidate_grids_min_tiles_and_bad_limits():
+    assert all(2 <= i * j <= 6 for i, j in candidate_grids(6, 2))
+    assert (1, 1) not in candidate_grids(6, 2)
+    with pytest.raises(ValueError, match="min_tiles"):
+        candidate_grids(3, 4)
+    with pytest.raises(ValueError, match="min_tiles"):
+        candidate_grids(12, 0)
+
+
+@pytest.mark.parametrize(
+    ("size", "grid"),
+    [
+        # aspect 1: (1,1) has diff 0; the ties (2,2), (3,3) need area > 0.5*448^2*4 = 401408: no.
+        ((10, 10), (1, 1)),
+        # area 200704 < 401408: the tie (2,2) is refused.
+        ((448, 448), (1, 1)),
+        # area 802816 > 401408 takes (2,2); (3,3) needs > 903168: no.
+        ((896, 896), (2, 2)),
+        # area 1806336 > 903168 takes (3,3); no 4x4 within 12 tiles.
+        ((1344, 1344), (3, 3)),
+        # aspect 5: (2,1), (3,1), (4,1) get closer, (5,1) is exact; no later grid has aspect 5.
+        ((1000, 200), (5, 1)),
+        # aspect 0.2: (1,2), (1,3), (1,4) get closer, (1,5) is exact.
+        ((200, 1000), (1, 5)),
+        # aspect 4/3: (1,1) d=1/3, tie (2,2) refused (307200 < 401408), (3,2) d=1/6, (4,3) exact.
+        ((640, 480), (4, 3)),
+        # aspect 13.3: the widest candidate (12,1) is the closest; the 12-tile cap holds.
+        ((4000, 300), (12, 1)),
+        # aspect 1.5: (2,1) ties (1,1) and wins (area 1.5M > 200704), then (3,2) is exact.
+        ((1500, 1000), (3, 2)),
+    ],
+)
+def test_choose_grid_table(size, grid):
+    assert choose_grid(*size, tile_size=TILE) == grid
+
+
+def test_choose_grid_respects_max_tiles():
+    # aspect 13.3 with at most 4 tiles: the widest is (4,1).
+    assert choose_grid(4000, 300, tile_size=TILE, max_tiles=4) == (4, 1)
+    with pytest.raises(ValueError, match="width"):
+        choose_grid(0, 10, tile_size=TILE)
+
+
+def _noise(width, height, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("size", "grid", "num_tiles"),
+    [((10, 10), (1, 1), 1), ((896, 896), (2, 2), 5), ((1000, 200), (5, 1), 6)],
+)
+def test_tile_image_count_and_thumbnail(size, grid, num_tiles):
+    image = _noise(*size)
+    tiled = tile_image(image, tile_size=TILE)
+    assert isinstance(tiled, TiledImage)
+    assert tiled.grid == grid and tiled.num_tiles == num_tiles
+    assert all(t.size == (TILE, TILE) for t in tiled.tiles)
+    resized = image.resize((TILE * grid[0], TILE * grid[1]))
+    if num_tiles == 1:  # no thumbnail: the single tile is the resized image
+        assert np.array_equal(np.array(tiled.tiles[0]), np.array(resized))
+        return
+    assert np.array_equal(np.array(tiled.tiles[0]), np.array(image.resize((TILE, TILE))))
+    # tile k (after the thumbnail) is at col k % cols, row k // cols
+    cols = grid[0]
+    for k, tile in enumerate(tiled.tiles[1:]):
+        c, r = k % cols, k // cols
+        box = (c * TILE, r * TILE, (c + 1) * TILE, (r + 1) * TILE)
+        assert np.array_equal(np.array(tile), np.array(resized.crop(box)))
+
+
+def test_tile_image_needs_rgb():
+    with pytest.raises(ValueError, match="RGBA"):
+        tile_image(Image.new("RGBA", (8, 8)), tile_size=TILE)
+
+
+def test_pad_fill_truncates_like_official_code():
+    assert PAD_FILL == (123, 116, 103)
+
+
+def test_expand_to_square_centres_image():
+    wide = expand_to_square(Image.new("RGB", (6, 2), (255, 0, 0)), PAD_FILL)
+    assert wide.size == (6, 6)
+    assert wide.getpixel((0, 1)) == PAD_FILL and wide.getpixel((0, 2)) == (255, 0, 0)
+    assert wide.getpixel((5, 3)) == (255, 0, 0) and wide.getpixel((5, 4)) == PAD_FILL
+    tall = expand_to_square(Image.new("RGB", (3, 7), (0, 255, 0)), PAD_FILL)
+    assert tall.size == (7, 7)
+    assert tall.getpixel((1, 0)) == PAD_FILL and tall.getpixel((2, 0)) == (0, 255, 0)
+    square = Image.new("RGB", (4, 4))
+    assert expand_to_square(square, PAD_FILL) is square
+
+
+def _expected(rgb):
+    x = np.array(rgb, dtype=np.float32) * 1.0 / 255.0
+    return (x - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+
+
+def test_to_pixel_values_solid_colour_is_exact():
+    colour = (200, 30, 90)
+    pixels = to_pixel_values([Image.new("RGB", (64, 64), colour)], tile_size=32)
+    assert pixels.dtype == torch.float32 and pixels.shape == (1, 3, 32, 32)
+    for channel, value in enumerate(_expected(colour)):
+        assert torch.all(pixels[0, channel] == torch.tensor(value))
+
+
+def test_to_pixel_values_pads_with_mean_fill():
+    # 32x8 white strip: rows 0..11 and 20..31 of the 32x32 square are PAD_FILL.
+    pixels = to_pixel_values([Image.new("RGB", (32, 8), (255, 255, 255))], tile_size=32)
+    pad = torch.from_numpy(_expected(PAD_FILL))  # [3]
+    assert torch.equal(pixels[0, :, 0, 0], pad) and torch.equal(pixels[0, :, 31, 31], pad)
+    assert torch.equal(pixels[0, :, 16, 16], torch.from_numpy(_expected((255, 255, 255))))
+
+
+def test_to_pixel_values_empty_and_batch():
+    assert to_pixel_values([], tile_size=16).shape == (0, 3, 16, 16)
+    images = [Image.new("RGB", (5, 9), (i, i, i)) for i in (0, 128)]
+    assert to_pixel_values(images, tile_size=16).shape == (2, 3, 16, 16)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "L", "LA"])
+def test_load_image_converts_modes_to_rgb(tmp_path, mode):
+    path = tmp_path / f"image_{mode}.png"
+    Image.new("RGB", (12, 10), (40, 80, 120)).convert(mode).save(path)
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (12, 10)
+    assert to_pixel_values([image], tile_size=8).shape == (1, 3, 8, 8)
+    assert load_image(Image.open(path)).mode == "RGB"
+
+
+def test_load_image_missing_file(tmp_path):
+    path = tmp_path / "missing.png"
+    with pytest.raises(MediaError, match="missing.png"):
+        load_image(path)
+
+
+def test_load_image_not_an_image(tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_text("this is text, not a PNG")
+    with pytest.raises(MediaError, match="notes.png"):
+        load_image(str(path))
+
+
+def test_load_image_truncated(tmp_path):
+    path = tmp_path / "cut.png"
+    _noise(64, 64).save(path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(MediaError, match="cut.png"):
+        load_image(path)

@@ -1,0 +1,134 @@
+"""Prompt building and tag expansion, with the tiny and the real Qwen2.5 tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longvita.config import VisionConfig, tiny
+from longvita.errors import PromptError
+from longvita.processing.chat import build_prompt
+from longvita.processing.processor import Processor, expand_tags
+from longvita.processing.tokens import LONG_VITA_TOKENS, SpecialTokenIds, load_tokenizer
+from longvita.synthetic import make_image, make_video, write_tiny_tokenizer
+
+OFFICIAL_VISION = VisionConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_processor(tmp_path_factory) -> Processor:
+    directory = write_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+    return Processor(load_tokenizer(directory), tiny().vision)
+
+
+@pytest.fixture(scope="module")
+def real_processor(qwen2_tokenizer_dir) -> Processor:
+    return Processor(load_tokenizer(qwen2_tokenizer_dir), OFFICIAL_VISION)
+
+
+def test_chatml_prompt_has_no_default_system_turn():
+    assert build_prompt("hi") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    with_system = build_prompt(
+        [{"role": "system", "content": "S"}, {"role": "human", "content": "q"}]
+    )
+    assert with_system.startswith("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nq")
+    with pytest.raises(ValueError, match="role"):
+        build_prompt([{"role": "robot", "content": "x"}])
+
+
+def test_real_tokenizer_gets_official_ids(real_processor):
+    tokenizer = real_processor.tokenizer
+    ids = tokenizer.convert_tokens_to_ids(list(LONG_VITA_TOKENS))
+    assert ids == list(range(151665, 151682))
+    tokens = real_processor.tokens
+    assert (tokens.im_start, tokens.im_end, tokens.pad) == (151644, 151645, 151643)
+    assert tokens.newline == (198,)
+
+
+def test_real_tokenizer_prompt_matches_official_ids(real_processor, tmp_path):
+    """`<image>\\nWhat is this?` with a one-tile image, as the official code tokenizes it."""
+    image = make_image(tmp_path / "square.png", (448, 448))
+    out = real_processor("<image>\nWhat is this?", images=[image])
+    expected = (
+        [151644, 872, 198]  # <|im_start|> user \n
+        + [151665]
+        + [151667] * 256
+        + [151666]  # <img> 256 x <IMG_CONTEXT> </img>
+        + [198, 3838, 374, 419, 30]  # \n What is this ?
+        + [151645, 198, 151644, 77091, 198]  # <|im_end|> \n <|im_start|> assistant \n
+    )
+    assert out.input_ids.tolist() == expected
+    assert out.num_tiles == 1 and int(out.visual_mask.sum()) == 256
+
+
+def test_multi_tile_image_costs_258_tokens_per_tile(real_processor, tmp_path):
+    image = make_image(tmp_path / "wide.png", (1344, 448))  # grid (3, 1): thumbnail + 3 tiles
+    out = real_processor("<image>", images=[image])
+    text_only = real_processor("").num_tokens
+    assert out.image_grids == [(3, 1)] and out.num_tiles == 4
+    assert out.num_tokens - text_only == 4 * 258 + 1  # one "\n" before the single tile row
+    ids = out.input_ids.tolist()
+    tok = real_processor.tokens
+    assert ids.count(tok.patch_start) == 3 and ids.count(tok.img_start) == 1
+
+
+def test_expand_tags_layout():
+    tokens = SpecialTokenIds(
+        im_start=1,
+        im_end=2,
+        pad=0,
+        img_start=10,
+        img_end=11,
+        img_context=12,
+        vid_start=20,
+        vid_end=21,
+        vid_context=22,
+        patch_start=30,
+        patch_end=31,
+        patch_context=32,
+        image_tag=40,
+        video_tag=41,
+        newline=(9,),
+    )
+    ids = expand_tags(
+        [5, 40, 41, 6], tokens=tokens, tokens_per_tile=2, image_grids=[(2, 2)], video_frames=[2]
+    )
+    image = [10, 12, 12, 11] + ([9] + [30, 32, 32, 31] * 2) * 2
+    video = [20, 22, 22, 21] * 2
+    assert ids == [5, *image, *video, 6]
+
+
+def test_video_before_image_keeps_tiles_in_sequence_order(tiny_processor, tmp_path):
+    image = make_image(tmp_path / "a.png", (56, 56))
+    video = make_video(tmp_path / "v.mp4", num_frames=3, fps=1, size=(32, 32))
+    out = tiny_processor("<video><image>", images=[image], videos=[video])
+    assert out.video_frames == [3] and out.image_grids == [(1, 1)]
+    ids = out.input_ids
+    tok = tiny_processor.tokens
+    first_vid = int((ids == tok.vid_context).nonzero()[0])
+    first_img = int((ids == tok.img_context).nonzero()[0])
+    assert first_vid < first_img
+    alone = tiny_processor("<image>", images=[image]).pixel_values
+    torch.testing.assert_close(out.pixel_values[-1:], alone, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "num_images", "num_videos", "message"),
+    [
+        ("<image><image>", 1, 0, "2 <image> tag"),
+        ("no tags", 1, 0, "0 <image> tag"),
+        ("<video>", 0, 0, "1 <video> tag"),
+    ],
+)
+def test_media_count_mismatch(tiny_processor, tmp_path, prompt, num_images, num_videos, message):
+    image = make_image(tmp_path / "a.png", (20, 20))
+    video = make_video(tmp_path / "v.mp4", num_frames=2, size=(32, 32))
+    with pytest.raises(PromptError, match=message):
+        tiny_processor(prompt, images=[image] * num_images, videos=[video] * num_videos)
+
+
+def test_frame_limits_are_applied(tiny_processor, tmp_path):
+    video = make_video(tmp_path / "v.mp4", num_frames=20, fps=4, size=(32, 32))
+    assert tiny_processor("<video>", videos=[video]).video_frames == [5]  # 5 s at 1 fps
+    assert tiny_processor("<video>", videos=[video], fps=2).video_frames == [10]
+    assert tiny_processor("<video>", videos=[video], max_frames=3).video_frames == [3]

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from longvita.infer.engine import SamplingParams
+from longvita.ops.sampling import filter_top_k, filter_top_p, sample_next_token
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([[0.1, 3.0, -1.0], [2.0, 0.0, 1.0]])
+    assert sample_next_token(logits).tolist() == [1, 0]
+
+
+def test_top_k_keeps_k_largest():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
+    kept = filter_top_k(logits, 2)
+    assert torch.isfinite(kept).tolist() == [[False, True, True, False]]
+    assert torch.equal(filter_top_k(logits, 0), logits)
+
+
+def test_top_p_keeps_smallest_set_reaching_mass():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = filter_top_p(probs.log(), 0.7)  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: keep two
+    assert torch.isfinite(kept).tolist() == [[True, True, False, False]]
+    kept = filter_top_p(probs.log(), 0.01)  # the best token always stays
+    assert torch.isfinite(kept).tolist() == [[True, False, False, False]]
+
+
+def test_sampling_is_seeded_and_respects_filters():
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0))
+
+    def draw(seed, **kw):
+        gen = torch.Generator().manual_seed(seed)
+        return [
+            int(sample_next_token(logits, temperature=1.0, generator=gen, **kw)) for _ in range(30)
+        ]
+
+    assert draw(1) == draw(1)
+    assert draw(1) != draw(2)
+    top3 = set(torch.topk(logits[0], 3).indices.tolist())
+    assert set(draw(3, top_k=3)) <= top3
+    assert set(draw(4, top_k=1)) == {int(logits.argmax())}
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"max_new_tokens": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_k": -2}]
+)
+def test_sampling_params_validate(kwargs):
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)
