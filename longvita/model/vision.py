@@ -154,7 +154,7 @@ class InternVisionModel(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
         if config.drop_path_rate > 0:
-            logger.warning(
+            logger.info(
                 "visual.drop_path_rate=%s is ignored: stochastic depth is not implemented",
                 config.drop_path_rate,
             )
