@@ -37,26 +37,32 @@ class LongVITAModel(Qwen2Model):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         visual_mask: torch.Tensor | None = None,
+        feature_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings [batch, seq, hidden] with visual features written over placeholders.
 
         input_ids: [batch, seq]; visual_mask: [batch, seq] bool, True at placeholder positions;
-        pixel_values: [num_tiles, 3, S, S], tiles in the order of their placeholders.
+        pixel_values: [num_tiles, 3, S, S]. The placeholders take the tiles' feature rows in
+        order, or, with `feature_index` [num_slots], the rows it names of the flattened features
+        [num_tiles * tokens_per_tile] (a context-parallel shard holds parts of tiles).
         """
         embeds = self.embed_tokens(input_ids)  # [batch, seq, hidden]
         num_slots = 0 if visual_mask is None else int(visual_mask.sum())
         num_tiles = 0 if pixel_values is None else pixel_values.shape[0]
-        num_features = num_tiles * self.config.vision.tokens_per_tile
+        tokens_per_tile = self.config.vision.tokens_per_tile
+        num_features = num_tiles * tokens_per_tile if feature_index is None else len(feature_index)
         if num_slots != num_features:
             raise ValueError(
                 f"the prompt has {num_slots} visual placeholder tokens but the {num_tiles} tile(s) "
-                f"give {num_features} features ({self.config.vision.tokens_per_tile} per tile)"
+                f"give {num_features} features ({tokens_per_tile} per tile)"
             )
-        if num_tiles == 0:
+        if num_slots == 0:
             return embeds
         features = self.encode_tiles(pixel_values)  # [num_tiles, tokens_per_tile, hidden]
-        features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)  # [slots, hidden]
-        return embeds.masked_scatter(visual_mask[..., None], features)
+        features = features.reshape(-1, features.shape[-1])  # [num_tiles * tpt, hidden]
+        if feature_index is not None:
+            features = features.index_select(0, feature_index.to(features.device))  # [slots, h]
+        return embeds.masked_scatter(visual_mask[..., None], features.to(embeds.dtype))
 
 
 class LongVITAForCausalLM(nn.Module):

@@ -15,6 +15,8 @@ each forward, so every token may carry any absolute position.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,10 @@ from longvita.config import LongVITAConfig
 from longvita.model.kv_cache import KVCache
 from longvita.ops.attention import attention
 from longvita.ops.rope import apply_rope, rope_cos_sin
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(q [B, Hq, S, D], k, v [B, Hkv, S, D]) -> [B, Hq, S, D]: causal attention over the tokens of
+this forward, however they are laid out (packed samples, context-parallel shards)."""
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -66,19 +72,27 @@ class Qwen2Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: KVCache | None = None,
+        attention_fn: AttentionFn | None = None,
     ) -> torch.Tensor:
-        """x [batch, seq, hidden], cos/sin [batch, seq, head_dim] -> [batch, seq, hidden]."""
+        """x [batch, seq, hidden], cos/sin [batch, seq, head_dim] -> [batch, seq, hidden].
+
+        `attention_fn` replaces plain causal attention (packed samples, ring attention); it does
+        not combine with a KV cache.
+        """
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         # q: [batch, heads, seq, head_dim]; k, v: [batch, kv_heads, seq, head_dim]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q_offset = 0
-        if kv_cache is not None:
-            q_offset = kv_cache.length  # tokens cached before this forward
-            k, v = kv_cache.update(self.layer_idx, k, v)  # [batch, kv_heads, cached + seq, hd]
-        out = attention(q, k, v, causal=True, q_offset=q_offset)  # [batch, heads, seq, hd]
+        if attention_fn is not None:
+            out = attention_fn(q, k, v)  # [batch, heads, seq, hd]
+        else:
+            q_offset = 0
+            if kv_cache is not None:
+                q_offset = kv_cache.length  # tokens cached before this forward
+                k, v = kv_cache.update(self.layer_idx, k, v)  # [batch, kv_heads, cached+seq, hd]
+            out = attention(q, k, v, causal=True, q_offset=q_offset)  # [batch, heads, seq, hd]
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out)  # [batch, seq, hidden]
 
@@ -113,8 +127,10 @@ class Qwen2DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: KVCache | None = None,
+        attention_fn: AttentionFn | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)  # [batch, seq, hidden]
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attention_fn)
+        x = x + attn  # [batch, seq, hidden]
         return x + self.mlp(self.post_attention_layernorm(x))  # [batch, seq, hidden]
 
 
@@ -139,13 +155,17 @@ class Qwen2Model(nn.Module):
         inputs_embeds: torch.Tensor,
         position_ids: torch.Tensor,
         kv_cache: KVCache | None = None,
+        attention_fn: AttentionFn | None = None,
     ) -> torch.Tensor:
         """Decode `inputs_embeds` [batch, seq, hidden] at absolute `position_ids` [batch, seq].
 
         With `kv_cache`, the new tokens attend to the cached ones and are appended to the cache,
-        which is advanced by `seq` at the end. Returns the final-norm hidden states
+        which is advanced by `seq` at the end. `attention_fn` replaces plain causal attention
+        (packed samples, context-parallel shards). Returns the final-norm hidden states
         [batch, seq, hidden].
         """
+        if kv_cache is not None and attention_fn is not None:
+            raise ValueError("attention_fn and kv_cache cannot be combined")
         if position_ids.shape != inputs_embeds.shape[:2]:
             raise ValueError(
                 f"position_ids {tuple(position_ids.shape)} must be [batch, seq] of "
@@ -156,7 +176,7 @@ class Qwen2Model(nn.Module):
         )  # [batch, seq, head_dim] each
         x = inputs_embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, kv_cache)  # [batch, seq, hidden]
+            x = layer(x, cos, sin, kv_cache, attention_fn)  # [batch, seq, hidden]
         if kv_cache is not None:
             kv_cache.advance(inputs_embeds.shape[1])
         return self.norm(x)  # [batch, seq, hidden]
