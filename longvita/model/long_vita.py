@@ -15,8 +15,9 @@ from torch import nn
 from longvita.config import LongVITAConfig
 from longvita.model.kv_cache import KVCache
 from longvita.model.projector import VisionProjector
-from longvita.model.qwen2 import Qwen2Model
+from longvita.model.qwen2 import AttentionFn, Qwen2Model
 from longvita.model.vision import InternVisionModel
+from longvita.ops.loss import masked_lm_loss
 
 
 class LongVITAModel(Qwen2Model):
@@ -104,6 +105,33 @@ class LongVITAForCausalLM(nn.Module):
         embeds = self.model.embed_multimodal(input_ids, pixel_values, visual_mask)
         hidden = self.model(embeds, position_ids, kv_cache=kv_cache)  # [batch, seq, hidden]
         return self.logits_at(hidden, logit_positions)
+
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        position_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        visual_mask: torch.Tensor | None = None,
+        feature_index: torch.Tensor | None = None,
+        attention_fn: AttentionFn | None = None,
+        chunk_size: int = 4096,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token loss (sum, count) with the logits-masked head.
+
+        targets: [batch, seq], already shifted over the whole sequence (`ops.loss.shift_labels`)
+        so that targets[p] is the label of token p+1; -100 where no loss. Only the rows with a
+        target are projected to the vocabulary, `chunk_size` rows at a time.
+        """
+        embeds = self.model.embed_multimodal(input_ids, pixel_values, visual_mask, feature_index)
+        hidden = self.model(embeds, position_ids, attention_fn=attention_fn)  # [b, seq, hidden]
+        return masked_lm_loss(
+            hidden.reshape(-1, hidden.shape[-1]),  # [batch * seq, hidden]
+            self.lm_head.weight,
+            targets.reshape(-1),  # [batch * seq]
+            chunk_size=chunk_size,
+        )
 
     def logits_at(
         self, hidden: torch.Tensor, positions: torch.Tensor | None = None

@@ -1,14 +1,27 @@
 """Scaled dot-product attention: the one entry point every layer calls.
 
 Owns the math of attention for the LLM (causal, grouped-query, with a cache offset) and the ViT
-(bidirectional). Backends are chosen here, never in the model: PyTorch SDPA on CPU and CUDA
-(flash-attn may be added for CUDA). Knows nothing of caches, layers or distributed state.
+(bidirectional), and the pieces that long sequences are built from: attention of one block that
+also returns its log-sum-exp (`block_attention`) with its backward given merged results
+(`block_attention_backward`), the log-sum-exp merge of partial results (`merge_partials`),
+packed samples that never see each other (`packed_causal_attention`), and the definition in
+fp32 for tests (`reference_attention`). Backends are chosen here, never in the model: PyTorch's
+fused flash kernel on CPU, its memory-efficient kernel on CUDA, explicit fp32 math anywhere
+(the kernels themselves are in `attention_kernels`). K/V heads are shared by groups of query
+heads and never repeated, except inside the CUDA kernel call, which needs equal head counts.
+Knows nothing of caches, layers or distributed state.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Sequence
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+
+from longvita.ops.attention_kernels import KERNELS, causal_mask, math_forward
 
 
 def attention(
@@ -43,11 +56,248 @@ def attention(
     )
 
 
-def causal_mask(q_len: int, kv_len: int, q_offset: int, device: torch.device) -> torch.Tensor:
-    """Boolean [q_len, kv_len] mask, True where query `q_offset + i` may see key j (j <= pos).
+# --- attention with log-sum-exp: the building block of packed and ring attention ---------------
 
-    Only built for a chunk of queries against its keys, so its size is bounded by the chunk.
+Backend = Literal["auto", "math", "cpu_flash", "cuda_efficient"]
+_BACKENDS = ("auto", *KERNELS)
+
+
+def block_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of one block of attention, returning the output and its log-sum-exp.
+
+    q: [batch, num_q_heads, q_len, head_dim]; k, v: [batch, num_kv_heads, kv_len, head_dim]
+    with num_q_heads % num_kv_heads == 0 (query head h reads K/V head h // group).
+    causal: q and k are the same positions (a diagonal block): query i sees keys 0..i.
+    mask: optional bool [q_len, kv_len], True where the query may see the key (sample
+        boundaries of a packed sequence; chunk-sized, never sequence-sized).
+    backend: "auto" (fused CPU kernel on CPU, memory-efficient kernel on CUDA), or one of
+        "math" (explicit fp32 scores), "cpu_flash", "cuda_efficient".
+    Returns out [batch, num_q_heads, q_len, head_dim] in q's dtype and lse float32
+    [batch, num_q_heads, q_len]; a row that sees no key has out 0 and lse -inf.
     """
-    q_pos = torch.arange(q_offset, q_offset + q_len, device=device)[:, None]  # [q_len, 1]
-    k_pos = torch.arange(kv_len, device=device)[None, :]  # [1, kv_len]
-    return k_pos <= q_pos
+    scale = _check_block(q, k, v, causal, mask, scale)
+    visible = _visibility(q.shape[-2], k.shape[-2], causal, mask)
+    forward, _ = KERNELS[_resolve_backend(backend, q.device)]
+    out, lse = forward(q, k, v, visible, causal, scale)
+    if visible is not None:  # kernels leave 0 or NaN in rows that see nothing: make them exact
+        empty = ~visible.any(-1)  # [q_len]
+        out = out.masked_fill(empty[:, None], 0.0)
+        lse = lse.masked_fill(empty, float("-inf"))
+    return out, lse
+
+
+def block_attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    causal: bool,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of one block, shaped like q, k, v (K/V heads not repeated).
+
+    `out` and `lse` may be the *merged* results over many K/V blocks (ring attention): the
+    gradients are then this block's exact share, dq summing over blocks. A row whose lse is
+    -inf (it saw nothing) gets zero gradients.
+    """
+    scale = _check_block(q, k, v, causal, mask, scale)
+    if grad_out.shape != q.shape or out.shape != q.shape or lse.shape != q.shape[:-1]:
+        raise ValueError(
+            f"grad_out {tuple(grad_out.shape)} and out {tuple(out.shape)} must be q's shape "
+            f"{tuple(q.shape)}, lse {tuple(lse.shape)} must be {tuple(q.shape[:-1])}"
+        )
+    visible = _visibility(q.shape[-2], k.shape[-2], causal, mask)
+    # exp(score - (+inf)) = 0: rows that saw nothing get no probability mass, hence no gradient
+    lse = lse.float().masked_fill(lse == float("-inf"), float("inf"))
+    grad_out = grad_out.to(q.dtype)
+    out = out.to(q.dtype)
+    _, backward = KERNELS[_resolve_backend(backend, q.device)]
+    return backward(grad_out, q, k, v, out, lse, visible, causal, scale)
+
+
+def merge_partials(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over keys A + B from the results over A and over B (log-sum-exp merge).
+
+    out_*: [..., q_len, head_dim]; lse_*: [..., q_len]. Computed and returned in float32 (the
+    caller casts once at the end); a row that saw nothing on one side (lse -inf) takes the other
+    side unchanged, and a row that saw nothing on both stays out 0, lse -inf.
+    """
+    lse_max = torch.maximum(lse_a, lse_b).float()  # [..., q_len]
+    lse_max = lse_max.masked_fill(lse_max == float("-inf"), 0.0)
+    weight_a = torch.exp(lse_a.float() - lse_max)  # [..., q_len], 0 where lse_a = -inf
+    weight_b = torch.exp(lse_b.float() - lse_max)
+    total = weight_a + weight_b
+    lse = lse_max + torch.log(total)  # -inf where both sides are empty
+    total = total.masked_fill(total == 0, 1.0)
+    out = (out_a.float() * weight_a[..., None] + out_b.float() * weight_b[..., None]) / total[
+        ..., None
+    ]
+    return out, lse
+
+
+class _AttentionWithLse(torch.autograd.Function):
+    """block_attention with its backward; the lse output carries no gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, mask, scale, backend):
+        out, lse = block_attention(q, k, v, causal=causal, mask=mask, scale=scale, backend=backend)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.mask, ctx.scale, ctx.backend = causal, mask, scale, backend
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = block_attention_backward(
+            grad_out, q, k, v, out, lse,
+            causal=ctx.causal, mask=ctx.mask, scale=ctx.scale, backend=ctx.backend,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None, None
+
+
+def attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`block_attention` with autograd (single process): (out, lse), gradients through `out`.
+
+    The lse is returned for merging and inspection; it is marked non-differentiable.
+    """
+    return _AttentionWithLse.apply(q, k, v, causal, mask, scale, backend)
+
+
+def packed_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor | Sequence[int],
+    *,
+    scale: float | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Causal attention over packed samples that never see each other; autograd works.
+
+    q: [batch, num_q_heads, seq, head_dim]; k, v: [batch, num_kv_heads, seq, head_dim].
+    cu_seqlens: sample boundaries [num_samples + 1], 0 first, seq last, non-decreasing (every
+    row of the batch is packed the same way). One causal call per sample: no [seq, seq] mask.
+    An `AttentionFn` via `packed_attention_fn(cu_seqlens)` or functools.partial.
+    Returns [batch, num_q_heads, seq, head_dim].
+    """
+    bounds = check_cu_seqlens(cu_seqlens, q.shape[-2])
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if end == start:
+            continue
+        out, _ = attention_with_lse(
+            q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
+            causal=True, scale=scale, backend=backend,
+        )  # fmt: skip
+        outs.append(out)  # [batch, num_q_heads, end - start, head_dim]
+    return torch.cat(outs, dim=2)  # [batch, num_q_heads, seq, head_dim]
+
+
+def packed_attention_fn(
+    cu_seqlens: torch.Tensor | Sequence[int], *, scale: float | None = None
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """An `AttentionFn` (q, k, v) -> out for one packing of samples (packed_causal_attention)."""
+    return functools.partial(packed_causal_attention, cu_seqlens=cu_seqlens, scale=scale)
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor | Sequence[int], seq_len: int) -> list[int]:
+    """Sample boundaries as a list of ints; ValueError unless they run from 0 to seq_len, sorted."""
+    bounds = [int(b) for b in (cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else cu_seqlens)]
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != seq_len:
+        raise ValueError(f"cu_seqlens {bounds} must start at 0 and end at the length {seq_len}")
+    if any(b > a for a, b in zip(bounds[1:], bounds[:-1], strict=True)):
+        raise ValueError(f"cu_seqlens {bounds} must be non-decreasing")
+    return bounds
+
+
+def segment_ids(cu_seqlens: torch.Tensor | Sequence[int], start: int, end: int) -> torch.Tensor:
+    """Sample index of each position start..end-1 of a packed sequence -> int64 [end - start]."""
+    bounds = torch.as_tensor(cu_seqlens, dtype=torch.int64, device="cpu")
+    positions = torch.arange(start, end, dtype=torch.int64)  # [end - start]
+    return torch.searchsorted(bounds[1:], positions, right=True)
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_index: torch.Tensor,
+    k_index: torch.Tensor,
+    q_segment: torch.Tensor | None = None,
+    k_segment: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition, in fp32 with an explicit mask (tests only: the mask is [q_len, kv_len]).
+
+    Query i sees key j iff k_index[j] <= q_index[i] and (when segments are given) they share a
+    segment. Returns out in q's dtype and lse float32; autograd works, also for empty rows.
+    """
+    visible = k_index[None, :] <= q_index[:, None]  # [q_len, kv_len]
+    if q_segment is not None and k_segment is not None:
+        visible = visible & (q_segment[:, None] == k_segment[None, :])
+    scale = _check_block(q, k, v, False, visible, scale)
+    return math_forward(q, k, v, visible, False, scale)
+
+
+def _check_block(q, k, v, causal, mask, scale) -> float:
+    """ValueError for inconsistent block shapes; returns the softmax scale."""
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: want 4-D")
+    (batch, num_q_heads, q_len, head_dim), (kv_batch, num_kv_heads, kv_len, kv_dim) = (
+        q.shape,
+        k.shape,
+    )
+    if batch != kv_batch or head_dim != kv_dim or num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k/v {tuple(k.shape)}: batch and head_dim must match and "
+            f"num_q_heads {num_q_heads} must be a multiple of num_kv_heads {num_kv_heads}"
+        )
+    if causal and q_len != kv_len:
+        raise ValueError(f"a causal block needs q_len {q_len} == kv_len {kv_len}")
+    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (q_len, kv_len)):
+        raise ValueError(f"mask {mask.dtype} {tuple(mask.shape)}: want bool [{q_len}, {kv_len}]")
+    return head_dim**-0.5 if scale is None else scale
+
+
+def _visibility(q_len: int, kv_len: int, causal: bool, mask: torch.Tensor | None):
+    """Bool [q_len, kv_len] of visible keys when a mask is given (causal folded in), else None."""
+    if mask is None:
+        return None
+    if causal:
+        mask = mask & causal_mask(q_len, kv_len, 0, mask.device)
+    return mask
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {_BACKENDS}")
+    if backend == "auto":
+        return {"cpu": "cpu_flash", "cuda": "cuda_efficient"}.get(device.type, "math")
+    return backend

@@ -1,0 +1,235 @@
+"""Sequence sharding for context parallelism: the 2*CP zigzag cut of one packed sequence.
+
+Owns the layout and nothing else: a packed sequence of S tokens (padded to a multiple of
+2*cp) is cut into 2*cp equal chunks of C = S / (2*cp) tokens; rank r holds chunks r and
+2*cp-1-r, concatenated in that order ([2C] local tokens), which balances causal-attention work.
+Everything that must be global is made global *before* the cut: targets are shifted over the
+whole sequence (targets[p] = labels[p+1]), positions are the global RoPE positions, sample
+boundaries (`cu_seqlens`) are replicated. Tiles travel with their placeholder tokens: a rank
+encodes every tile with at least one slot in its tokens (a tile straddling two ranks is
+encoded by both) and `feature_index` maps its local slots to rows of those tiles' features.
+
+Pure tensor code, O(S) vectorized (S may be 1M): no torch.distributed, no model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from longvita.ops.loss import IGNORE_INDEX
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackedSequence:
+    """One packed training or inference sequence of S tokens, as a single process sees it."""
+
+    input_ids: torch.Tensor
+    """[S] int64 token ids (placeholder ids at visual slots)."""
+    targets: torch.Tensor
+    """[S] int64 next-token targets, already shifted over the whole sequence; -100 = no loss."""
+    position_ids: torch.Tensor
+    """[S] int64 RoPE positions (may restart at each sample)."""
+    cu_seqlens: torch.Tensor
+    """[num_samples + 1] int64 sample boundaries 0 = b0 < b1 < ... = S; attention never crosses
+    them. A single segment [0, S] when attention is not reset per sample."""
+    visual_mask: torch.Tensor
+    """[S] bool, True at visual placeholder slots: `tokens_per_tile` consecutive-in-order slots
+    per tile, tiles in the order of their first slot."""
+    pixel_values: torch.Tensor | None = None
+    """[num_tiles, 3, H, W] float tiles, or None for a text-only sequence."""
+    tokens_per_tile: int = 0
+    """Placeholder slots (and feature rows) per tile."""
+
+    def __post_init__(self) -> None:
+        seq_len = self.input_ids.shape[0] if self.input_ids.dim() == 1 else -1
+        shapes = {
+            name: tuple(getattr(self, name).shape)
+            for name in ("input_ids", "targets", "position_ids", "visual_mask")
+        }
+        if seq_len < 1 or any(shape != (seq_len,) for shape in shapes.values()):
+            raise ValueError(f"input_ids, targets, position_ids, visual_mask must be [S]: {shapes}")
+        if self.visual_mask.dtype != torch.bool:
+            raise ValueError(f"visual_mask must be bool, got {self.visual_mask.dtype}")
+        _check_cu_seqlens(self.cu_seqlens, seq_len)
+        self._check_tiles()
+
+    def _check_tiles(self) -> None:
+        num_slots = int(self.visual_mask.sum())
+        num_tiles = 0
+        if self.pixel_values is not None:
+            if self.pixel_values.dim() != 4 or self.pixel_values.shape[1] != 3:
+                raise ValueError(
+                    f"pixel_values must be [num_tiles, 3, H, W], got "
+                    f"{tuple(self.pixel_values.shape)}"
+                )
+            num_tiles = self.pixel_values.shape[0]
+        if self.tokens_per_tile < 0 or num_slots != num_tiles * self.tokens_per_tile:
+            raise ValueError(
+                f"visual_mask has {num_slots} slots but {num_tiles} tile(s) x tokens_per_tile "
+                f"{self.tokens_per_tile} = {num_tiles * self.tokens_per_tile}"
+            )
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_tiles(self) -> int:
+        return 0 if self.pixel_values is None else self.pixel_values.shape[0]
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> None:
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(
+            f"cu_seqlens must be [num_samples + 1] >= 2, got {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
+        raise ValueError(f"cu_seqlens must be integer, got {cu_seqlens.dtype}")
+    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+    if first != 0 or last != seq_len:
+        raise ValueError(
+            f"cu_seqlens must cover the sequence: starts at {first} (want 0), ends at {last} "
+            f"(want S = {seq_len})"
+        )
+    if bool((cu_seqlens[1:] <= cu_seqlens[:-1]).any()):
+        raise ValueError(f"cu_seqlens must be strictly increasing, got {cu_seqlens.tolist()}")
+
+
+def pad_to_multiple(seq: PackedSequence, multiple: int, pad_id: int) -> PackedSequence:
+    """Pad at the end to a multiple of `multiple` tokens; never truncates.
+
+    Padding: input `pad_id`, target -100, positions continuing after the last token's, not
+    visual, and its own trailing segment in `cu_seqlens` (it attends only to itself).
+    """
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    num_pad = -seq.seq_len % multiple
+    if num_pad == 0:
+        return seq
+    device = seq.input_ids.device
+
+    def extend(tensor: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tensor, tail.to(device=device, dtype=tensor.dtype)])
+
+    last_position = seq.position_ids[-1:]
+    pad_positions = last_position + torch.arange(1, num_pad + 1, device=device)  # [num_pad]
+    return replace(
+        seq,
+        input_ids=extend(seq.input_ids, torch.full((num_pad,), pad_id)),
+        targets=extend(seq.targets, torch.full((num_pad,), IGNORE_INDEX)),
+        position_ids=extend(seq.position_ids, pad_positions),
+        visual_mask=extend(seq.visual_mask, torch.zeros(num_pad, dtype=torch.bool)),
+        cu_seqlens=extend(seq.cu_seqlens, torch.tensor([seq.seq_len + num_pad])),
+    )
+
+
+def zigzag_chunks(cp: int, rank: int) -> tuple[int, int]:
+    """The two chunk ids (of 2*cp) that `rank` holds: (rank, 2*cp - 1 - rank)."""
+    if cp < 1 or not 0 <= rank < cp:
+        raise ValueError(f"rank {rank} is not in [0, cp) for cp {cp}")
+    return rank, 2 * cp - 1 - rank
+
+
+def zigzag_index(seq_len: int, cp: int, rank: int, *, device=None) -> torch.Tensor:
+    """Global token indices [2C] held by `rank`: chunk a then chunk b, C = seq_len / (2*cp)."""
+    first, second = zigzag_chunks(cp, rank)
+    if seq_len % (2 * cp) != 0:
+        raise ValueError(
+            f"sequence length {seq_len} is not a multiple of 2*cp = {2 * cp}; "
+            f"pad it first (pad_to_multiple)"
+        )
+    chunk_len = seq_len // (2 * cp)
+    offsets = torch.arange(chunk_len, device=device)  # [C]
+    return torch.cat([first * chunk_len + offsets, second * chunk_len + offsets])  # [2C]
+
+
+def shard_tensor(tensor: torch.Tensor, cp: int, rank: int, *, dim: int = 0) -> torch.Tensor:
+    """The zigzag shard of any tensor along `dim`: [.., S, ..] -> [.., 2C, ..]."""
+    index = zigzag_index(tensor.shape[dim], cp, rank, device=tensor.device)
+    return tensor.index_select(dim, index)
+
+
+def unshard(local: Sequence[torch.Tensor], cp: int, dim: int = 0) -> torch.Tensor:
+    """Inverse of the zigzag cut: per-rank [.., 2C, ..] tensors in rank order -> [.., S, ..]."""
+    if len(local) != cp:
+        raise ValueError(f"expected {cp} shards (one per rank), got {len(local)}")
+    sizes = {tensor.shape[dim] for tensor in local}
+    if len(sizes) != 1 or next(iter(sizes)) % 2 != 0:
+        raise ValueError(f"shards must all have the same even length along dim {dim}: {sizes}")
+    chunks: list[torch.Tensor | None] = [None] * (2 * cp)
+    for rank, tensor in enumerate(local):
+        first, second = zigzag_chunks(cp, rank)
+        chunks[first], chunks[second] = tensor.chunk(2, dim=dim)
+    return torch.cat(chunks, dim=dim)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SequenceShard:
+    """What one context-parallel rank holds of a PackedSequence (local length 2C)."""
+
+    input_ids: torch.Tensor
+    """[2C] int64 local tokens: chunk a then chunk b."""
+    targets: torch.Tensor
+    """[2C] int64 targets, shifted globally before the cut."""
+    position_ids: torch.Tensor
+    """[2C] int64 global RoPE positions."""
+    visual_mask: torch.Tensor
+    """[2C] bool local placeholder slots."""
+    global_index: torch.Tensor
+    """[2C] int64 each local token's index in the whole sequence."""
+    chunk_ids: tuple[int, int]
+    """(rank, 2*cp - 1 - rank): the two chunks held, in local order."""
+    chunk_len: int
+    """C = S / (2*cp) tokens per chunk."""
+    cu_seqlens: torch.Tensor
+    """[num_samples + 1] global sample boundaries, replicated on every rank."""
+    pixel_values: torch.Tensor | None
+    """[T_local, 3, H, W] the tiles with at least one slot among the local tokens."""
+    tile_ids: torch.Tensor
+    """[T_local] int64 global indices of those tiles, ascending."""
+    feature_index: torch.Tensor
+    """[num_local_slots] int64: row of `features.reshape(-1, hidden)` (features of the local
+    tiles, [T_local, tokens_per_tile, hidden]) for each local slot in order."""
+    tokens_per_tile: int
+
+
+def shard_sequence(seq: PackedSequence, cp: int, rank: int) -> SequenceShard:
+    """Rank `rank`'s shard of `seq` under context parallelism `cp` (pad_to_multiple first)."""
+    index = zigzag_index(seq.seq_len, cp, rank, device=seq.input_ids.device)  # [2C]
+    local_visual = seq.visual_mask[index]  # [2C]
+    tile_ids, feature_index = _local_tiles(seq, index, local_visual)
+    pixel_values = None if seq.pixel_values is None else seq.pixel_values[tile_ids]
+    return SequenceShard(
+        input_ids=seq.input_ids[index],
+        targets=seq.targets[index],
+        position_ids=seq.position_ids[index],
+        visual_mask=local_visual,
+        global_index=index,
+        chunk_ids=zigzag_chunks(cp, rank),
+        chunk_len=seq.seq_len // (2 * cp),
+        cu_seqlens=seq.cu_seqlens,
+        pixel_values=pixel_values,
+        tile_ids=tile_ids,
+        feature_index=feature_index,
+        tokens_per_tile=seq.tokens_per_tile,
+    )
+
+
+def _local_tiles(
+    seq: PackedSequence, index: torch.Tensor, local_visual: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tile_ids [T_local], feature_index [num_local_slots]) for the tokens at `index`."""
+    device = index.device
+    if seq.num_tiles == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty
+    slot_order = torch.cumsum(seq.visual_mask, 0) - 1  # [S] ordinal of each slot among all slots
+    local_slots = slot_order[index][local_visual]  # [num_local_slots] global slot ordinals
+    tile_of_slot = local_slots // seq.tokens_per_tile  # [num_local_slots]
+    tile_ids = torch.unique(tile_of_slot)  # [T_local] ascending
+    local_tile = torch.searchsorted(tile_ids, tile_of_slot)  # [num_local_slots] in [0, T_local)
+    row_in_tile = local_slots % seq.tokens_per_tile
+    return tile_ids, local_tile * seq.tokens_per_tile + row_in_tile
