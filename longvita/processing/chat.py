@@ -61,3 +61,23 @@ def build_prompt(messages: Messages, *, add_generation_prompt: bool = True) -> s
     turns = normalize_messages(messages)
     text = "".join(render_turn(t["role"], t["content"]) for t in turns)
     return text + GENERATION_PROMPT if add_generation_prompt else text
+
+
+def build_training_text(messages: Messages) -> tuple[str, list[tuple[int, int]]]:
+    """The ChatML text of a whole conversation and the character spans to supervise.
+
+    Every assistant turn is supervised as `{answer}<|im_end|>\n` (the `<|im_start|>assistant\n`
+    header is not); everything else (system, user turns) is context. A conversation without an
+    assistant turn has nothing to learn from and raises ValueError.
+    """
+    turns = normalize_messages(messages)
+    text, spans = "", []
+    for turn in turns:
+        rendered = render_turn(turn["role"], turn["content"])
+        if turn["role"] == "assistant":
+            header = len("<|im_start|>assistant\n")
+            spans.append((len(text) + header, len(text) + len(rendered)))
+        text += rendered
+    if not spans:
+        raise ValueError("the conversation has no assistant turn: nothing to supervise")
+    return text, spans

@@ -19,7 +19,7 @@ from PIL import Image
 
 from longvita.config import VisionConfig
 from longvita.errors import PromptError
-from longvita.processing.chat import Messages, build_prompt
+from longvita.processing.chat import Messages, build_prompt, build_training_text
 from longvita.processing.image import load_image, tile_image, to_pixel_values
 from longvita.processing.tokens import SpecialTokenIds, load_tokenizer, special_token_ids
 from longvita.processing.video import DEFAULT_MAX_FPS, DEFAULT_MAX_FRAMES, load_video_frames
@@ -30,6 +30,7 @@ ImageInput = str | Path | Image.Image
 VideoInput = str | Path
 
 MAX_TILES = 12
+IGNORE_INDEX = -100
 
 
 @dataclass
@@ -46,6 +47,9 @@ class ProcessedPrompt:
     """(cols, rows) chosen for each image, in tag order."""
     video_frames: list[int] = field(default_factory=list)
     """Frames sampled from each video, in tag order."""
+    labels: torch.Tensor | None = None
+    """[seq] int64 training labels (token id where supervised, -100 elsewhere), or None for
+    an inference prompt. Not shifted: targets[p] = labels[p + 1] is the loss's job."""
 
     @property
     def num_tokens(self) -> int:
@@ -56,6 +60,26 @@ class ProcessedPrompt:
         return self.pixel_values.shape[0]
 
 
+def image_tokens(
+    grid: tuple[int, int], *, tokens: SpecialTokenIds, tokens_per_tile: int
+) -> list[int]:
+    """<img> T x <IMG_CONTEXT> </img> for the first tile (the thumbnail or the only tile); then,
+    with more than one tile, per tile row: "\\n", per tile <patch> T x <PATCH_CONTEXT> </patch>."""
+    cols, rows = grid
+    out = [tokens.img_start] + [tokens.img_context] * tokens_per_tile + [tokens.img_end]
+    if cols * rows > 1:
+        patch = [tokens.patch_start] + [tokens.patch_context] * tokens_per_tile
+        patch.append(tokens.patch_end)
+        out += (list(tokens.newline) + patch * cols) * rows
+    return out
+
+
+def video_tokens(num_frames: int, *, tokens: SpecialTokenIds, tokens_per_tile: int) -> list[int]:
+    """Per frame <vid> T x <VID_CONTEXT> </vid>."""
+    frame = [tokens.vid_start] + [tokens.vid_context] * tokens_per_tile + [tokens.vid_end]
+    return frame * num_frames
+
+
 def expand_tags(
     ids: Sequence[int],
     *,
@@ -63,31 +87,30 @@ def expand_tags(
     tokens_per_tile: int,
     image_grids: Sequence[tuple[int, int]],
     video_frames: Sequence[int],
-) -> list[int]:
+    labels: Sequence[int] | None = None,
+) -> tuple[list[int], list[int] | None]:
     """Replace the n-th `<image>` / `<video>` tag by the n-th image's / video's tokens.
 
-    image: <img> T x <IMG_CONTEXT> </img> (first tile: the thumbnail or the only tile), then if
-    it has more than one tile, per tile row: "\\n", per tile <patch> T x <PATCH_CONTEXT> </patch>.
-    video: per frame <vid> T x <VID_CONTEXT> </vid>.
+    With `labels` (one per id), returns the labels expanded alongside: -100 for every token
+    that replaces a tag. Returns (ids, labels or None).
     """
     out: list[int] = []
+    out_labels: list[int] | None = None if labels is None else []
     images, videos = iter(image_grids), iter(video_frames)
-    for token in ids:
+    for i, token in enumerate(ids):
         if token == tokens.image_tag:
-            cols, rows = next(images)
-            out += [tokens.img_start] + [tokens.img_context] * tokens_per_tile + [tokens.img_end]
-            if cols * rows > 1:
-                patch = [tokens.patch_start] + [tokens.patch_context] * tokens_per_tile
-                patch.append(tokens.patch_end)
-                for _ in range(rows):
-                    out += tokens.newline
-                    out += patch * cols
+            piece = image_tokens(next(images), tokens=tokens, tokens_per_tile=tokens_per_tile)
         elif token == tokens.video_tag:
-            frame = [tokens.vid_start] + [tokens.vid_context] * tokens_per_tile + [tokens.vid_end]
-            out += frame * next(videos)
+            piece = video_tokens(next(videos), tokens=tokens, tokens_per_tile=tokens_per_tile)
         else:
             out.append(token)
-    return out
+            if out_labels is not None:
+                out_labels.append(labels[i])
+            continue
+        out += piece
+        if out_labels is not None:
+            out_labels += [IGNORE_INDEX] * len(piece)
+    return out, out_labels
 
 
 class Processor:
@@ -119,8 +142,45 @@ class Processor:
         max_frames: int | None = None,
         fps: float | None = None,
     ) -> ProcessedPrompt:
-        images, videos = list(images or []), list(videos or [])
+        """An inference prompt: the conversation followed by the assistant generation prompt."""
         ids = self.tokenize(build_prompt(messages))
+        return self._expand(ids, None, images, videos, max_frames=max_frames, fps=fps)
+
+    def encode_conversation(
+        self,
+        messages: Messages,
+        images: Sequence[ImageInput] | None = None,
+        videos: Sequence[VideoInput] | None = None,
+        *,
+        max_frames: int | None = None,
+        fps: float | None = None,
+    ) -> ProcessedPrompt:
+        """A training sample: the whole conversation, labels on every `{answer}<|im_end|>\\n`.
+
+        The text is tokenized once, exactly as at inference, and a token is supervised when its
+        characters lie inside an assistant answer span.
+        """
+        text, spans = build_training_text(messages)
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = encoding["input_ids"]
+        labels = [
+            token if _inside(offsets, spans) else IGNORE_INDEX
+            for token, offsets in zip(ids, encoding["offset_mapping"], strict=True)
+        ]
+        return self._expand(ids, labels, images, videos, max_frames=max_frames, fps=fps)
+
+    def _expand(
+        self,
+        ids: list[int],
+        labels: list[int] | None,
+        images: Sequence[ImageInput] | None,
+        videos: Sequence[VideoInput] | None,
+        *,
+        max_frames: int | None,
+        fps: float | None,
+    ) -> ProcessedPrompt:
+        """Load the media of the tags in `ids` and expand the tags into placeholders."""
+        images, videos = list(images or []), list(videos or [])
         self._check_media_counts(ids, len(images), len(videos))
         tiles_per_tag: list[torch.Tensor] = []  # pixel tensors in tag order
         image_grids, video_frames = [], []
@@ -140,12 +200,13 @@ class Processor:
                 )
                 video_frames.append(len(frames))
                 tiles_per_tag.append(to_pixel_values(frames, tile_size=self.tile_size))
-        expanded = expand_tags(
+        expanded, expanded_labels = expand_tags(
             ids,
             tokens=self.tokens,
             tokens_per_tile=self.tokens_per_tile,
             image_grids=image_grids,
             video_frames=video_frames,
+            labels=labels,
         )
         input_ids = torch.tensor(expanded, dtype=torch.int64)  # [seq]
         visual_mask = torch.isin(input_ids, torch.tensor(self.tokens.context))  # [seq]
@@ -159,6 +220,7 @@ class Processor:
             visual_mask=visual_mask,
             image_grids=image_grids,
             video_frames=video_frames,
+            labels=None if expanded_labels is None else torch.tensor(expanded_labels),
         )
 
     def _check_media_counts(self, ids: Sequence[int], num_images: int, num_videos: int) -> None:
@@ -174,3 +236,9 @@ class Processor:
                 f"the prompt has {num_video_tags} <video> tag(s) but {num_videos} video(s) were "
                 "given; put one <video> tag per video, in order"
             )
+
+
+def _inside(offsets: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
+    """Whether the characters [start, end) of a token lie inside one of the spans."""
+    start, end = offsets
+    return any(lo <= start and end <= hi for lo, hi in spans)

@@ -90,12 +90,45 @@ def test_expand_tags_layout():
         video_tag=41,
         newline=(9,),
     )
-    ids = expand_tags(
-        [5, 40, 41, 6], tokens=tokens, tokens_per_tile=2, image_grids=[(2, 2)], video_frames=[2]
+    ids, labels = expand_tags(
+        [5, 40, 41, 6],
+        tokens=tokens,
+        tokens_per_tile=2,
+        image_grids=[(2, 2)],
+        video_frames=[2],
+        labels=[-100, -100, -100, 6],
     )
     image = [10, 12, 12, 11] + ([9] + [30, 32, 32, 31] * 2) * 2
     video = [20, 22, 22, 21] * 2
     assert ids == [5, *image, *video, 6]
+    assert labels == [-100] * (len(ids) - 1) + [6]
+
+
+def test_training_labels_supervise_every_answer_with_im_end_and_newline(real_processor, tmp_path):
+    image = make_image(tmp_path / "a.png", (448, 448))
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "<image>\nWhat is it?"},
+        {"role": "assistant", "content": "A gradient."},
+        {"role": "human", "content": "And the colours?"},
+        {"role": "gpt", "content": "Red and blue."},
+    ]
+    out = real_processor.encode_conversation(messages, images=[image])
+    ids, labels = out.input_ids.tolist(), out.labels.tolist()
+    tokenizer = real_processor.tokenizer
+    supervised = [i for i, label in enumerate(labels) if label != -100]
+    assert all(labels[i] == ids[i] for i in supervised)
+    spans = tokenizer.decode([ids[i] for i in supervised])
+    assert spans == "A gradient.<|im_end|>\nRed and blue.<|im_end|>\n"
+    # the same tokens as the inference prompt of the first turns (one tokenization)
+    prompt = real_processor(messages[:2], images=[image]).input_ids.tolist()
+    assert ids[: len(prompt)] == prompt
+    assert not out.visual_mask[torch.tensor(supervised)].any()
+
+
+def test_training_needs_an_assistant_turn(tiny_processor):
+    with pytest.raises(ValueError, match="no assistant turn"):
+        tiny_processor.encode_conversation([{"role": "user", "content": "hi"}])
 
 
 def test_video_before_image_keeps_tiles_in_sequence_order(tiny_processor, tmp_path):
