@@ -16,10 +16,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from longvita.data.packed import PackedSequence
 from longvita.model.long_vita import LongVITAForCausalLM
 from longvita.ops.attention import packed_attention_fn
 from longvita.parallel.ring_attention import make_ring_attention_fn
-from longvita.parallel.sharding import PackedSequence, pad_to_multiple, shard_sequence
+from longvita.parallel.sharding import pad_to_multiple, shard_sequence
 from longvita.parallel.state import ParallelState
 
 

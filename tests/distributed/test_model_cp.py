@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from longvita.config import tiny
+from longvita.data.packed import PackedSequence
 from longvita.ops.loss import IGNORE_INDEX, shift_labels
 from longvita.parallel.context_parallel import all_reduce_gradients, sequence_loss
-from longvita.parallel.sharding import PackedSequence
 from longvita.parallel.state import ParallelState
 from longvita.synthetic import random_model
 

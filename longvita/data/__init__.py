@@ -1,0 +1,1 @@
+"""Training data: samples, mixtures, labels, packing, loading. No torch.distributed."""
