@@ -87,8 +87,9 @@ def generate(
         input_ids.to(device)[None],
         pixel_values=None if pixel_values is None else pixel_values.to(device),
         visual_mask=None if visual_mask is None else visual_mask.to(device)[None],
-        kv_cache=cache,
+        attention_fn=cache,
     )[:, -1]  # [1, vocab]
+    cache.advance(input_ids.numel())
     prefill_seconds = time.perf_counter() - start
 
     tokens: list[int] = []
@@ -112,7 +113,9 @@ def generate(
             scores.append(logits[0].float().cpu())
         if step + 1 == params.max_new_tokens:
             break
-        logits = model(next_token[None], kv_cache=cache)[:, -1]  # [1, vocab]
+        position = torch.tensor([[cache.length]], device=device)  # [1, 1]
+        logits = model(next_token[None], position_ids=position, attention_fn=cache)[:, -1]
+        cache.advance(1)
     decode_seconds = time.perf_counter() - start
     all_scores = None
     if return_scores:

@@ -1,13 +1,18 @@
 """Key/value cache: one preallocated buffer per layer, written in place as tokens arrive.
 
-Owns storage only. The attention layer writes the new keys/values of a step through `update`
-and reads back everything cached so far; the engine calls `advance` once per step after every
-layer has written. Allocated once for the known prompt + max_new_tokens, in the model dtype.
+Owns the storage and how new tokens attend to it: used as the attention strategy of a forward
+(`cache(q, k, v, layer_idx)`), it stores the new keys/values and attends over everything cached
+so far. A chunk of several new tokens after a non-empty cache attends to the cache (all of it)
+and to itself (causal) separately and merges the two by log-sum-exp, so no mask of
+[chunk, context] is ever built. The engine calls `advance` once per forward, after every layer
+has written. Allocated once for the known prompt + max_new_tokens, in the model dtype.
 """
 
 from __future__ import annotations
 
 import torch
+
+from longvita.ops.attention import attention, block_attention, merge_partials
 
 
 class KVCache:
@@ -45,6 +50,24 @@ class KVCache:
         self.keys[layer, :, :, self.length : end] = k
         self.values[layer, :, :, self.length : end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int
+    ) -> torch.Tensor:
+        """Attention strategy: store k/v of the new tokens, attend over cache + new tokens.
+
+        q: [batch, heads, new, head_dim]; k, v: [batch, kv_heads, new, head_dim].
+        """
+        cached = self.length
+        k_all, v_all = self.update(layer_idx, k, v)  # [batch, kv_heads, cached + new, head_dim]
+        if cached == 0 or q.shape[-2] == 1:  # first chunk (causal) or one token (sees all)
+            return attention(q, k_all, v_all, causal=True, q_offset=cached)
+        out_cache, lse_cache = block_attention(
+            q, k_all[:, :, :cached], v_all[:, :, :cached], causal=False
+        )  # [batch, heads, new, head_dim], [batch, heads, new]
+        out_new, lse_new = block_attention(q, k, v, causal=True)
+        out, _ = merge_partials(out_cache, lse_cache, out_new, lse_new)
+        return out.to(q.dtype)
 
     def advance(self, num_tokens: int) -> None:
         """Make the `num_tokens` just written by every layer visible to the next step."""

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from longvita.config import LongVITAConfig
-from longvita.model.kv_cache import KVCache
 from longvita.model.projector import VisionProjector
 from longvita.model.qwen2 import AttentionFn, Qwen2Model
 from longvita.model.vision import InternVisionModel
@@ -88,22 +87,21 @@ class LongVITAForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         visual_mask: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        attention_fn: AttentionFn | None = None,
         logit_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [batch, num_positions, vocab] for `logit_positions` (default: the last one).
 
-        input_ids: [batch, seq]. position_ids: [batch, seq] absolute positions (default: after
-        the cached tokens). logit_positions: [num_positions] indices into seq; pass
+        input_ids: [batch, seq]. position_ids: [batch, seq] absolute positions (default 0..seq-1;
+        pass them when tokens follow a cache). attention_fn: the attention strategy (a KVCache
+        when generating). logit_positions: [num_positions] indices into seq; pass
         `torch.arange(seq)` to get every position (a [seq, vocab] tensor: only when needed).
         """
         batch, seq = input_ids.shape
         if position_ids is None:
-            start = kv_cache.length if kv_cache is not None else 0
-            position_ids = torch.arange(start, start + seq, device=input_ids.device)
-            position_ids = position_ids.expand(batch, seq)  # [batch, seq]
+            position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         embeds = self.model.embed_multimodal(input_ids, pixel_values, visual_mask)
-        hidden = self.model(embeds, position_ids, kv_cache=kv_cache)  # [batch, seq, hidden]
+        hidden = self.model(embeds, position_ids, attention_fn=attention_fn)  # [b, seq, hidden]
         return self.logits_at(hidden, logit_positions)
 
     def loss(

@@ -5,8 +5,9 @@ q/k/v bias and RoPE, SwiGLU MLP) and the final RMSNorm. Module names equal the Q
 keys without the `model.` prefix, so a Qwen2.5 / Long-VITA checkpoint loads by name.
 
 Does not own: the LM head (logits are computed only for the rows that need them, elsewhere),
-the vision encoder and the splicing of visual features (it takes `inputs_embeds`), the KV-cache
-storage (`KVCache`), the attention kernels (`ops.attention`), and anything distributed.
+the vision encoder and the splicing of visual features (it takes `inputs_embeds`), how tokens
+see each other (the attention strategy handed to `forward`: causal, packed samples, a KV cache,
+ring attention), the attention kernels (`ops.attention`), and anything distributed.
 
 The model holds parameters only, no buffers: it can be built under `torch.device("meta")` and
 filled with `load_state_dict(..., assign=True)`. RoPE tables are computed from the positions of
@@ -22,13 +23,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from longvita.config import LongVITAConfig
-from longvita.model.kv_cache import KVCache
 from longvita.ops.attention import attention
 from longvita.ops.rope import apply_rope, rope_cos_sin
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""(q [B, Hq, S, D], k, v [B, Hkv, S, D]) -> [B, Hq, S, D]: causal attention over the tokens of
-this forward, however they are laid out (packed samples, context-parallel shards)."""
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""The attention strategy of a forward: (q [B, Hq, S, D], k, v [B, Hkv, S, D], layer_idx) ->
+[B, Hq, S, D]. Plain causal attention by default; packed samples (`ops.attention`), a KV cache
+(`model.kv_cache`), ring attention over context-parallel shards (`parallel`) are others. The
+model hands every layer's q/k/v (RoPE applied) to it and knows nothing else of the layout."""
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int
+) -> torch.Tensor:
+    """The default strategy: causal attention over exactly the tokens of this forward."""
+    return attention(q, k, v, causal=True)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -71,28 +80,16 @@ class Qwen2Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        kv_cache: KVCache | None = None,
-        attention_fn: AttentionFn | None = None,
+        attention_fn: AttentionFn = causal_attention,
     ) -> torch.Tensor:
-        """x [batch, seq, hidden], cos/sin [batch, seq, head_dim] -> [batch, seq, hidden].
-
-        `attention_fn` replaces plain causal attention (packed samples, ring attention); it does
-        not combine with a KV cache.
-        """
+        """x [batch, seq, hidden], cos/sin [batch, seq, head_dim] -> [batch, seq, hidden]."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         # q: [batch, heads, seq, head_dim]; k, v: [batch, kv_heads, seq, head_dim]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if attention_fn is not None:
-            out = attention_fn(q, k, v)  # [batch, heads, seq, hd]
-        else:
-            q_offset = 0
-            if kv_cache is not None:
-                q_offset = kv_cache.length  # tokens cached before this forward
-                k, v = kv_cache.update(self.layer_idx, k, v)  # [batch, kv_heads, cached+seq, hd]
-            out = attention(q, k, v, causal=True, q_offset=q_offset)  # [batch, heads, seq, hd]
+        out = attention_fn(q, k, v, self.layer_idx)  # [batch, heads, seq, head_dim]
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out)  # [batch, seq, hidden]
 
@@ -126,11 +123,9 @@ class Qwen2DecoderLayer(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        kv_cache: KVCache | None = None,
-        attention_fn: AttentionFn | None = None,
+        attention_fn: AttentionFn = causal_attention,
     ) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attention_fn)
-        x = x + attn  # [batch, seq, hidden]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention_fn)  # [b, seq, h]
         return x + self.mlp(self.post_attention_layernorm(x))  # [batch, seq, hidden]
 
 
@@ -154,18 +149,16 @@ class Qwen2Model(nn.Module):
         self,
         inputs_embeds: torch.Tensor,
         position_ids: torch.Tensor,
-        kv_cache: KVCache | None = None,
         attention_fn: AttentionFn | None = None,
     ) -> torch.Tensor:
         """Decode `inputs_embeds` [batch, seq, hidden] at absolute `position_ids` [batch, seq].
 
-        With `kv_cache`, the new tokens attend to the cached ones and are appended to the cache,
-        which is advanced by `seq` at the end. `attention_fn` replaces plain causal attention
-        (packed samples, context-parallel shards). Returns the final-norm hidden states
+        `attention_fn` is the attention strategy (default: causal over these tokens); with a
+        `KVCache` the new tokens attend to the cached ones and are written into it (the caller
+        advances the cache after the forward). Returns the final-norm hidden states
         [batch, seq, hidden].
         """
-        if kv_cache is not None and attention_fn is not None:
-            raise ValueError("attention_fn and kv_cache cannot be combined")
+        attention_fn = attention_fn or causal_attention
         if position_ids.shape != inputs_embeds.shape[:2]:
             raise ValueError(
                 f"position_ids {tuple(position_ids.shape)} must be [batch, seq] of "
@@ -176,9 +169,7 @@ class Qwen2Model(nn.Module):
         )  # [batch, seq, head_dim] each
         x = inputs_embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, kv_cache, attention_fn)  # [batch, seq, hidden]
-        if kv_cache is not None:
-            kv_cache.advance(inputs_embeds.shape[1])
+            x = layer(x, cos, sin, attention_fn)  # [batch, seq, hidden]
         return self.norm(x)  # [batch, seq, hidden]
 
     @torch.no_grad()

@@ -14,7 +14,6 @@ Knows nothing of caches, layers or distributed state.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -221,9 +220,14 @@ def packed_causal_attention(
 
 def packed_attention_fn(
     cu_seqlens: torch.Tensor | Sequence[int], *, scale: float | None = None
-) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """An `AttentionFn` (q, k, v) -> out for one packing of samples (packed_causal_attention)."""
-    return functools.partial(packed_causal_attention, cu_seqlens=cu_seqlens, scale=scale)
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]:
+    """An attention strategy (q, k, v, layer_idx) -> out for one packing of samples."""
+    bounds = check_cu_seqlens(cu_seqlens, int(cu_seqlens[-1]))  # read to the host once
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        return packed_causal_attention(q, k, v, bounds, scale=scale)
+
+    return attend
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor | Sequence[int], seq_len: int) -> list[int]:

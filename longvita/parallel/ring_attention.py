@@ -22,7 +22,6 @@ The math lives in `ops.attention`; this module only schedules it and moves tenso
 from __future__ import annotations
 
 import bisect
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -75,14 +74,18 @@ def make_ring_attention_fn(
     cu_seqlens: torch.Tensor | Sequence[int] | None = None,
     *,
     scale: float | None = None,
-) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """An `AttentionFn` (q, k, v) -> out running ring attention over `group` in every layer.
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]:
+    """An attention strategy (q, k, v, layer_idx) -> out: ring attention over `group`.
 
     The boundaries are read to the host once here, not in every layer.
     """
     if torch.is_tensor(cu_seqlens):
         cu_seqlens = [int(b) for b in cu_seqlens.tolist()]
-    return functools.partial(ring_attention, group=group, cu_seqlens=cu_seqlens, scale=scale)
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        return ring_attention(q, k, v, group=group, cu_seqlens=cu_seqlens, scale=scale)
+
+    return attend
 
 
 @dataclass(frozen=True)

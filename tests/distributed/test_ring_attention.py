@@ -70,7 +70,7 @@ def _ring_rank(rank: int, world_size: int, seed: int) -> dict:
         case = _make_case(name, world_size, seed)
         q, k, v = (_zigzag(case[n], world_size, rank).requires_grad_() for n in ("q", "k", "v"))
         attention_fn = make_ring_attention_fn(dist.group.WORLD, case["cu_seqlens"])
-        out = attention_fn(q, k, v)
+        out = attention_fn(q, k, v, 0)
         out.backward(_zigzag(case["grad_out"], world_size, rank))
         results[name] = {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
     return results

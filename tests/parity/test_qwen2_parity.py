@@ -56,6 +56,8 @@ class TinyLM(nn.Module):
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, kv_cache: KVCache | None = None
     ) -> torch.Tensor:
         hidden = self.decoder(self.decoder.embed(input_ids), position_ids, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(input_ids.shape[1])
         return self.lm_head(hidden)  # [batch, seq, vocab]
 
 

@@ -182,7 +182,7 @@ def test_packed_causal_attention_matches_reference(backend, seed):
 def test_packed_attention_fn_is_an_attention_fn():
     q, k, v = _qkv(20, 20)
     fn = packed_attention_fn([0, 8, 8, 20])  # an empty sample is allowed
-    torch.testing.assert_close(fn(q, k, v), packed_causal_attention(q, k, v, [0, 8, 20]))
+    torch.testing.assert_close(fn(q, k, v, 0), packed_causal_attention(q, k, v, [0, 8, 20]))
     one_sample = packed_causal_attention(q, k, v, [0, 20])
     torch.testing.assert_close(one_sample, attention(q, k, v, causal=True))
 
