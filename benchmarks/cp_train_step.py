@@ -105,6 +105,9 @@ def _rank_main(rank: int, cp: int, workdir: str, args: argparse.Namespace) -> No
 
 
 def run_cp(cp: int, args: argparse.Namespace) -> dict:
+    # glibc keeps freed multi-MB blocks in its heap unless they are mmapped: without this the
+    # resident high-water mark reports the heap's history, not the step's live peak.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     with tempfile.TemporaryDirectory(prefix="longvita-bench-") as workdir:
         mp.spawn(_rank_main, args=(cp, workdir, args), nprocs=cp, join=True)
         ranks = [json.loads(Path(workdir, f"rank{r}.json").read_text()) for r in range(cp)]
