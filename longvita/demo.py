@@ -13,8 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import torch
-
 T = TypeVar("T")
 
 
@@ -28,7 +26,7 @@ def _step(name: str, fn: Callable[[], T]) -> T:
     start = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - start
-    print(f"  {name:<34} {seconds * 1000:9.1f} ms   peak RSS {_peak_rss_mb():7.0f} MB")
+    print(f"  {name:<48} {seconds * 1000:9.1f} ms   peak RSS {_peak_rss_mb():7.0f} MB")
     return result
 
 
@@ -61,14 +59,15 @@ def run(output: str | Path, *, max_new_tokens: int = 16) -> None:
     for label, prompt, images, videos in cases:
         print(f"[{label}] prompt: {prompt!r}")
         processed = _step(
-            "process (tile, tokenize)", lambda p=prompt, i=images, v=videos: pipe.process(p, i, v)
+            "process (tokenize, lay out tiles)",
+            lambda p=prompt, i=images, v=videos: pipe.process(p, i, v),
         )
         print(
             f"    grids {processed.image_grids} frames {processed.video_frames} "
             f"tiles {processed.num_tiles} prompt tokens {processed.num_tokens}"
         )
         out = _step(
-            "generate",
+            "generate (decode pixels, ViT, prefill, decode)",
             lambda p=prompt, i=images, v=videos: pipe.generate(
                 p, images=i, videos=v, max_new_tokens=max_new_tokens
             ),
@@ -79,7 +78,6 @@ def run(output: str | Path, *, max_new_tokens: int = 16) -> None:
             f"at {rate:.0f} tok/s ({out.stop_reason})"
         )
         print(f"    text (random weights): {out.text!r}\n")
-    torch.set_num_threads(torch.get_num_threads())
     print(
         "done: every stage ran. Point `longvita generate --model DIR` at a real checkpoint for "
         "real answers."

@@ -1,8 +1,10 @@
 """The public entry point: `longvita.load(dir)` -> Pipeline, and `Pipeline.generate`.
 
 Owns wiring a checkpoint directory into a model, a Processor and the engine, the checks that
-need all three (prompt length against the model's positions), and decoding the output. The
-contract is in DESIGN.md; tests outside this repo rely on it.
+need all three, and decoding the output. The checks run after the Processor has planned the
+prompt (headers only) and before any pixel is decoded or the model runs: the prompt against the
+model's positions, and its KV cache and prefill memory (`infer.plan`) against the device's free
+memory. The contract is in DESIGN.md; tests outside this repo rely on it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ import torch
 
 from longvita.config import LongVITAConfig
 from longvita.errors import CheckpointError, PromptError
-from longvita.infer.engine import SamplingParams, generate
+from longvita.infer.engine import (
+    DEFAULT_PREFILL_CHUNK,
+    DEFAULT_VISION_BATCH,
+    SamplingParams,
+    check_chunking,
+    generate,
+)
+from longvita.infer.plan import check_memory, free_memory_bytes, plan_memory
 from longvita.model.checkpoint import load_model, save_model
 from longvita.model.long_vita import LongVITAForCausalLM
 from longvita.processing.chat import Messages
@@ -64,6 +73,8 @@ class GenerationOutput:
     stop_reason: str = ""
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    kv_cache_bytes: int = 0
+    """Bytes of the KV cache allocated for prompt + max_new_tokens."""
 
 
 class Pipeline:
@@ -106,8 +117,16 @@ class Pipeline:
         fps: float | None = None,
         return_scores: bool = False,
         seed: int | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        vision_batch: int = DEFAULT_VISION_BATCH,
     ) -> GenerationOutput:
-        """Answer `messages` (a string is one user turn); see DESIGN.md for the contract."""
+        """Answer `messages` (a string is one user turn); see DESIGN.md for the contract.
+
+        prefill_chunk: prompt tokens per prefill forward; vision_batch: tiles per ViT forward.
+        Both bound the working memory (not the result). A prompt longer than the model's
+        positions, or whose KV cache and prefill do not fit the device's free memory, raises
+        PromptError before any media is decoded.
+        """
         params = SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -115,16 +134,20 @@ class Pipeline:
             top_k=top_k,
             seed=seed,
         )
+        check_chunking(prefill_chunk, vision_batch)
         prompt = self.process(messages, images, videos, max_frames=max_frames, fps=fps)
         params.max_new_tokens = self._fit_to_positions(prompt.num_tokens, params.max_new_tokens)
+        self._check_memory(prompt, params.max_new_tokens, prefill_chunk, vision_batch)
         result = generate(
             self.model,
             prompt.input_ids,
             params=params,
             stop_ids=self.processor.tokens.stop,
-            pixel_values=prompt.pixel_values,
+            tiles=prompt.tiles,
             visual_mask=prompt.visual_mask,
             return_scores=return_scores,
+            prefill_chunk=prefill_chunk,
+            vision_batch=vision_batch,
         )
         return GenerationOutput(
             token_ids=result.token_ids,
@@ -137,7 +160,25 @@ class Pipeline:
             stop_reason=result.stop_reason,
             prefill_seconds=result.prefill_seconds,
             decode_seconds=result.decode_seconds,
+            kv_cache_bytes=result.kv_cache_bytes,
         )
+
+    def _check_memory(
+        self, prompt: ProcessedPrompt, max_new_tokens: int, prefill_chunk: int, vision_batch: int
+    ) -> None:
+        """Refuse a prompt whose KV cache + prefill activations exceed the free memory."""
+        device = self.model.lm_head.weight.device
+        plan = plan_memory(
+            self.config,
+            num_prompt_tokens=prompt.num_tokens,
+            max_new_tokens=max_new_tokens,
+            dtype=self.model.lm_head.weight.dtype,
+            prefill_chunk=prefill_chunk,
+            vision_batch=vision_batch,
+            has_tiles=prompt.num_tiles > 0,
+            device_type=device.type,
+        )
+        check_memory(plan, free_memory_bytes(device), device=str(device))
 
     def _fit_to_positions(self, prompt_tokens: int, max_new_tokens: int) -> int:
         """Refuse a prompt past the model's positions; trim max_new_tokens to what is left."""

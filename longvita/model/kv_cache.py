@@ -3,9 +3,12 @@
 Owns the storage and how new tokens attend to it: used as the attention strategy of a forward
 (`cache(q, k, v, layer_idx)`), it stores the new keys/values and attends over everything cached
 so far. A chunk of several new tokens after a non-empty cache attends to the cache (all of it)
-and to itself (causal) separately and merges the two by log-sum-exp, so no mask of
-[chunk, context] is ever built. The engine calls `advance` once per forward, after every layer
-has written. Allocated once for the known prompt + max_new_tokens, in the model dtype.
+and to itself (causal) separately and merges the partial results by log-sum-exp, so no mask
+of [chunk, context] is ever built; the cached part is read in blocks of `kv_block` tokens, so
+the scratch memory of a chunk is bounded by chunk x kv_block whatever the context length (the
+CUDA kernel repeats K/V heads for grouped-query attention: per block, not per cache). The
+engine calls `advance` once per forward, after every layer has written. Allocated once for the
+known prompt + max_new_tokens, in the model dtype.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from __future__ import annotations
 import torch
 
 from longvita.ops.attention import attention, block_attention, merge_partials
+
+DEFAULT_KV_BLOCK = 16384
+"""Cached tokens attended per kernel call by a prefill chunk (see the module docstring)."""
 
 
 class KVCache:
@@ -26,11 +32,15 @@ class KVCache:
         capacity: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        kv_block: int = DEFAULT_KV_BLOCK,
     ) -> None:
+        if capacity < 0 or kv_block < 1:
+            raise ValueError(f"need capacity >= 0 and kv_block >= 1, got {capacity=}, {kv_block=}")
         shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
         self.keys = torch.empty(shape, dtype=dtype, device=device)
         self.values = torch.empty(shape, dtype=dtype, device=device)
         self.capacity = capacity
+        self.kv_block = kv_block
         self.length = 0
         """Tokens cached and visible to the next step."""
 
@@ -62,9 +72,16 @@ class KVCache:
         k_all, v_all = self.update(layer_idx, k, v)  # [batch, kv_heads, cached + new, head_dim]
         if cached == 0 or q.shape[-2] == 1:  # first chunk (causal) or one token (sees all)
             return attention(q, k_all, v_all, causal=True, q_offset=cached)
-        out_cache, lse_cache = block_attention(
-            q, k_all[:, :, :cached], v_all[:, :, :cached], causal=False
-        )  # [batch, heads, new, head_dim], [batch, heads, new]
+        out_cache, lse_cache = None, None  # over the cached tokens, block by block
+        for start in range(0, cached, self.kv_block):
+            end = min(start + self.kv_block, cached)
+            out, lse = block_attention(
+                q, k_all[:, :, start:end], v_all[:, :, start:end], causal=False
+            )  # [batch, heads, new, head_dim], [batch, heads, new]
+            if out_cache is None:
+                out_cache, lse_cache = out, lse
+            else:
+                out_cache, lse_cache = merge_partials(out_cache, lse_cache, out, lse)
         out_new, lse_new = block_attention(q, k, v, causal=True)
         out, _ = merge_partials(out_cache, lse_cache, out_new, lse_new)
         return out.to(q.dtype)

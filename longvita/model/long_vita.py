@@ -1,10 +1,11 @@
 """LongVITA: InternViT + projector + Qwen2 decoder, with the logits-masked LM head.
 
 Owns the splice (projected tile features overwrite the placeholder embeddings, tile by tile in
-sequence order) and the LM head that projects only the hidden rows asked for. Module names equal
-the official state-dict keys (`model.embed_tokens`, `model.vision_model.*`,
-`model.vision_projection.*`, `lm_head`), so a checkpoint loads with a plain load_state_dict.
-Knows nothing of tokenizers, sampling or distributed state.
+sequence order), which tiles and feature rows a set of positions needs (`tiles_for_positions`,
+shared by context-parallel shards and chunked prefill), and the LM head that projects only the
+hidden rows asked for. Module names equal the official state-dict keys (`model.embed_tokens`,
+`model.vision_model.*`, `model.vision_projection.*`, `lm_head`), so a checkpoint loads with a
+plain load_state_dict. Knows nothing of tokenizers, sampling or distributed state.
 """
 
 from __future__ import annotations
@@ -17,6 +18,32 @@ from longvita.model.projector import VisionProjector
 from longvita.model.qwen2 import AttentionFn, Qwen2Model
 from longvita.model.vision import InternVisionModel
 from longvita.ops.loss import masked_lm_loss
+
+
+def tiles_for_positions(
+    visual_mask: torch.Tensor, tokens_per_tile: int, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiles whose placeholder slots lie at `positions`, and where each slot's feature is.
+
+    visual_mask: [S] bool over the whole sequence, `tokens_per_tile` slots per tile, tiles in the
+    order of their slots. positions: [n] int64 indices into the sequence (any subset, e.g. a
+    context-parallel shard or a prefill chunk). Returns tile_ids [T] ascending, the tiles with
+    at least one slot at `positions`, and feature_index [num_slots_at_positions]: for each slot
+    at `positions`, in the order of `positions`, its row in the flattened features of those
+    tiles ([T * tokens_per_tile], tile-major). O(S), vectorized.
+    """
+    device = positions.device
+    local_visual = visual_mask[positions]  # [n]
+    if not bool(local_visual.any()):
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty
+    slot_order = torch.cumsum(visual_mask, 0) - 1  # [S] ordinal of each slot among all slots
+    local_slots = slot_order[positions][local_visual]  # [num_local_slots] global slot ordinals
+    tile_of_slot = local_slots // tokens_per_tile  # [num_local_slots]
+    tile_ids = torch.unique(tile_of_slot)  # [T] ascending
+    local_tile = torch.searchsorted(tile_ids, tile_of_slot)  # [num_local_slots] in [0, T)
+    row_in_tile = local_slots % tokens_per_tile
+    return tile_ids, local_tile * tokens_per_tile + row_in_tile
 
 
 class LongVITAModel(Qwen2Model):
@@ -38,31 +65,48 @@ class LongVITAModel(Qwen2Model):
         pixel_values: torch.Tensor | None = None,
         visual_mask: torch.Tensor | None = None,
         feature_index: torch.Tensor | None = None,
+        visual_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings [batch, seq, hidden] with visual features written over placeholders.
 
         input_ids: [batch, seq]; visual_mask: [batch, seq] bool, True at placeholder positions;
         pixel_values: [num_tiles, 3, S, S]. The placeholders take the tiles' feature rows in
         order, or, with `feature_index` [num_slots], the rows it names of the flattened features
-        [num_tiles * tokens_per_tile] (a context-parallel shard holds parts of tiles).
+        [num_tiles * tokens_per_tile] (a context-parallel shard holds parts of tiles). Or, instead
+        of pixels, `visual_features` [num_slots, hidden]: already projected rows, one per
+        placeholder in order (chunked prefill encodes tiles as their chunk comes up).
         """
         embeds = self.embed_tokens(input_ids)  # [batch, seq, hidden]
         num_slots = 0 if visual_mask is None else int(visual_mask.sum())
-        num_tiles = 0 if pixel_values is None else pixel_values.shape[0]
-        tokens_per_tile = self.config.vision.tokens_per_tile
-        num_features = num_tiles * tokens_per_tile if feature_index is None else len(feature_index)
-        if num_slots != num_features:
-            raise ValueError(
-                f"the prompt has {num_slots} visual placeholder tokens but the {num_tiles} tile(s) "
-                f"give {num_features} features ({tokens_per_tile} per tile)"
+        if visual_features is not None:
+            if pixel_values is not None:
+                raise ValueError("give pixel_values or visual_features, not both")
+            if num_slots != visual_features.shape[0]:
+                raise ValueError(
+                    f"the prompt has {num_slots} visual placeholder tokens but visual_features "
+                    f"has {visual_features.shape[0]} rows"
+                )
+        else:
+            num_tiles = 0 if pixel_values is None else pixel_values.shape[0]
+            tokens_per_tile = self.config.vision.tokens_per_tile
+            num_features = (
+                num_tiles * tokens_per_tile if feature_index is None else len(feature_index)
             )
+            if num_slots != num_features:
+                raise ValueError(
+                    f"the prompt has {num_slots} visual placeholder tokens but the {num_tiles} "
+                    f"tile(s) give {num_features} features ({tokens_per_tile} per tile)"
+                )
         if num_slots == 0:
             return embeds
-        features = self.encode_tiles(pixel_values)  # [num_tiles, tokens_per_tile, hidden]
-        features = features.reshape(-1, features.shape[-1])  # [num_tiles * tpt, hidden]
-        if feature_index is not None:
-            features = features.index_select(0, feature_index.to(features.device))  # [slots, h]
-        return embeds.masked_scatter(visual_mask[..., None], features.to(embeds.dtype))
+        if visual_features is None:
+            features = self.encode_tiles(pixel_values)  # [num_tiles, tokens_per_tile, hidden]
+            visual_features = features.reshape(-1, features.shape[-1])  # [num_tiles * tpt, h]
+            if feature_index is not None:
+                visual_features = visual_features.index_select(
+                    0, feature_index.to(visual_features.device)
+                )  # [num_slots, hidden]
+        return embeds.masked_scatter(visual_mask[..., None], visual_features.to(embeds.dtype))
 
 
 class LongVITAForCausalLM(nn.Module):
@@ -87,20 +131,25 @@ class LongVITAForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         visual_mask: torch.Tensor | None = None,
+        visual_features: torch.Tensor | None = None,
         attention_fn: AttentionFn | None = None,
         logit_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [batch, num_positions, vocab] for `logit_positions` (default: the last one).
 
         input_ids: [batch, seq]. position_ids: [batch, seq] absolute positions (default 0..seq-1;
-        pass them when tokens follow a cache). attention_fn: the attention strategy (a KVCache
-        when generating). logit_positions: [num_positions] indices into seq; pass
-        `torch.arange(seq)` to get every position (a [seq, vocab] tensor: only when needed).
+        pass them when tokens follow a cache). pixel_values or visual_features: the visual
+        placeholders' content (see `LongVITAModel.embed_multimodal`). attention_fn: the attention
+        strategy (a KVCache when generating). logit_positions: [num_positions] indices into seq;
+        pass `torch.arange(seq)` to get every position (a [seq, vocab] tensor: only when
+        needed), an empty tensor for none (a prefill chunk that is not the last).
         """
         batch, seq = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
-        embeds = self.model.embed_multimodal(input_ids, pixel_values, visual_mask)
+        embeds = self.model.embed_multimodal(
+            input_ids, pixel_values, visual_mask, visual_features=visual_features
+        )
         hidden = self.model(embeds, position_ids, attention_fn=attention_fn)  # [b, seq, hidden]
         return self.logits_at(hidden, logit_positions)
 

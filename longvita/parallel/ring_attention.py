@@ -69,6 +69,27 @@ def ring_attention(
     return _RingAttention.apply(q, k, v, plan, scale)
 
 
+def ring_attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ring_attention` of one causal sample, forward only, with its log-sum-exp.
+
+    For callers that merge the result with attention over other keys (the cached tokens of a
+    context-parallel prefill chunk). Returns out [batch, num_q_heads, 2C, head_dim] float32
+    and lse float32 [batch, num_q_heads, 2C]; no autograd.
+    """
+    cp = 1 if group is None else dist.get_world_size(group)
+    if cp == 1:
+        out, lse = block_attention(q, k, v, causal=True, scale=scale)
+        return out.float(), lse
+    return _ring_forward(q, k, v, _RingPlan.build(q, k, group, None), scale)
+
+
 def make_ring_attention_fn(
     group: dist.ProcessGroup | None,
     cu_seqlens: torch.Tensor | Sequence[int] | None = None,
@@ -214,18 +235,24 @@ def _backward_step(grad_out, q, kv, out, lse, blocks, dq, dkv, scale) -> None:
         dkv[1][:, :, cols] += grad_v
 
 
+def _ring_forward(q, k, v, plan: _RingPlan, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward ring: out float32 [b, hq, 2C, d] and lse float32 [b, hq, 2C]."""
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # [b, hq, 2C, d]
+    lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)  # [b, hq, 2C]
+    kv = torch.stack((k, v))  # [2, b, hkv, 2C, d]: one message per hop
+    for step in range(plan.cp):
+        src = (plan.rank - step) % plan.cp  # whose K/V we hold
+        incoming = plan.shift(kv, "K/V", step) if step < plan.cp - 1 else None
+        _forward_step(q, kv, plan.blocks(src), out, lse, scale)
+        if incoming is not None:
+            kv = incoming.wait()
+    return out, lse
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: _RingPlan, scale):
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # [b, hq, 2C, d]
-        lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)  # [b, hq, 2C]
-        kv = torch.stack((k, v))  # [2, b, hkv, 2C, d]: one message per hop
-        for step in range(plan.cp):
-            src = (plan.rank - step) % plan.cp  # whose K/V we hold
-            incoming = plan.shift(kv, "K/V", step) if step < plan.cp - 1 else None
-            _forward_step(q, kv, plan.blocks(src), out, lse, scale)
-            if incoming is not None:
-                kv = incoming.wait()
+        out, lse = _ring_forward(q, k, v, plan, scale)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale = plan, scale

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from longvita.data.packed import PackedSequence
+from longvita.model.long_vita import tiles_for_positions
 from longvita.ops.loss import IGNORE_INDEX
 
 
@@ -125,7 +126,7 @@ def shard_sequence(seq: PackedSequence, cp: int, rank: int) -> SequenceShard:
     """Rank `rank`'s shard of `seq` under context parallelism `cp` (pad_to_multiple first)."""
     index = zigzag_index(seq.seq_len, cp, rank, device=seq.input_ids.device)  # [2C]
     local_visual = seq.visual_mask[index]  # [2C]
-    tile_ids, feature_index = _local_tiles(seq, index, local_visual)
+    tile_ids, feature_index = tiles_for_positions(seq.visual_mask, seq.tokens_per_tile, index)
     pixel_values = None if seq.pixel_values is None else seq.pixel_values[tile_ids]
     return SequenceShard(
         input_ids=seq.input_ids[index],
@@ -141,20 +142,3 @@ def shard_sequence(seq: PackedSequence, cp: int, rank: int) -> SequenceShard:
         feature_index=feature_index,
         tokens_per_tile=seq.tokens_per_tile,
     )
-
-
-def _local_tiles(
-    seq: PackedSequence, index: torch.Tensor, local_visual: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tile_ids [T_local], feature_index [num_local_slots]) for the tokens at `index`."""
-    device = index.device
-    if seq.num_tiles == 0:
-        empty = torch.zeros(0, dtype=torch.long, device=device)
-        return empty, empty
-    slot_order = torch.cumsum(seq.visual_mask, 0) - 1  # [S] ordinal of each slot among all slots
-    local_slots = slot_order[index][local_visual]  # [num_local_slots] global slot ordinals
-    tile_of_slot = local_slots // seq.tokens_per_tile  # [num_local_slots]
-    tile_ids = torch.unique(tile_of_slot)  # [T_local] ascending
-    local_tile = torch.searchsorted(tile_ids, tile_of_slot)  # [num_local_slots] in [0, T_local)
-    row_in_tile = local_slots % seq.tokens_per_tile
-    return tile_ids, local_tile * seq.tokens_per_tile + row_in_tile

@@ -1,10 +1,13 @@
 """The Processor: messages + media in, model inputs out. The one place prompts are built.
 
 Owns: ChatML text -> token ids (the tokenizer splits at `<image>`/`<video>` tags, as the
-official code does), loading and tiling the media, and expanding each tag into its delimiters
-and placeholders (LONGVITA.md section 2). Pixel tiles are emitted in the order their placeholders
-appear in the sequence, so a `<video>` before an `<image>` is handled correctly. Used alike by
-inference, training and evaluation. No model, no torch.distributed.
+official code does), planning the media (each image's tile grid, each video's frame indices)
+and expanding each tag into its delimiters and placeholders (LONGVITA.md section 2). Planning
+reads only file headers: the pixels come later, tile by tile, from the prompt's lazy
+`TileSource` (`processing.tiles`), in the order their placeholders appear in the sequence, so a
+`<video>` before an `<image>` is handled correctly and a prompt can be measured (and refused)
+before any media is decoded. Used alike by inference, training and evaluation (a training
+sample decodes its tiles at once). No model, no torch.distributed.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from PIL import Image
 from longvita.config import VisionConfig
 from longvita.errors import PromptError
 from longvita.processing.chat import Messages, build_prompt, build_training_text
-from longvita.processing.image import load_image, tile_image, to_pixel_values
+from longvita.processing.image import choose_grid
+from longvita.processing.tiles import ImageTiles, TileSource, VideoFrameTiles, image_size
 from longvita.processing.tokens import SpecialTokenIds, load_tokenizer, special_token_ids
-from longvita.processing.video import DEFAULT_MAX_FPS, DEFAULT_MAX_FRAMES, load_video_frames
+from longvita.processing.video import DEFAULT_MAX_FPS, DEFAULT_MAX_FRAMES, select_video_frames
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +43,9 @@ class ProcessedPrompt:
 
     input_ids: torch.Tensor
     """[seq] int64, tags expanded."""
-    pixel_values: torch.Tensor
-    """[num_tiles, 3, S, S] float32, in the order of their placeholders in `input_ids`."""
+    tiles: TileSource
+    """The pixel tiles, in the order of their placeholders in `input_ids`, decoded on demand
+    (`tiles.get(ids)` -> [n, 3, S, S] float32)."""
     visual_mask: torch.Tensor
     """[seq] bool, True at placeholder positions (tokens_per_tile per tile)."""
     image_grids: list[tuple[int, int]] = field(default_factory=list)
@@ -57,7 +62,29 @@ class ProcessedPrompt:
 
     @property
     def num_tiles(self) -> int:
-        return self.pixel_values.shape[0]
+        return self.tiles.num_tiles
+
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        """Every tile at once, [num_tiles, 3, S, S] float32: decodes all the media, so for
+        short prompts, training samples and tests; inference streams `tiles` instead."""
+        return self.tiles.get_all()
+
+
+def image_token_count(
+    grid: tuple[int, int], *, tokens_per_tile: int, newline_tokens: int = 1
+) -> int:
+    """len(image_tokens(grid, ...)) without building it; `newline_tokens` tokens per "\\n"."""
+    cols, rows = grid
+    count = tokens_per_tile + 2
+    if cols * rows > 1:
+        count += rows * (newline_tokens + cols * (tokens_per_tile + 2))
+    return count
+
+
+def video_token_count(num_frames: int, *, tokens_per_tile: int) -> int:
+    """len(video_tokens(num_frames, ...)) without building it."""
+    return num_frames * (tokens_per_tile + 2)
 
 
 def image_tokens(
@@ -167,7 +194,9 @@ class Processor:
             token if _inside(offsets, spans) else IGNORE_INDEX
             for token, offsets in zip(ids, encoding["offset_mapping"], strict=True)
         ]
-        return self._expand(ids, labels, images, videos, max_frames=max_frames, fps=fps)
+        prompt = self._expand(ids, labels, images, videos, max_frames=max_frames, fps=fps)
+        prompt.tiles = prompt.tiles.materialize()  # media errors surface here, not later
+        return prompt
 
     def _expand(
         self,
@@ -179,27 +208,19 @@ class Processor:
         max_frames: int | None,
         fps: float | None,
     ) -> ProcessedPrompt:
-        """Load the media of the tags in `ids` and expand the tags into placeholders."""
+        """Plan the media of the tags in `ids` (headers only) and expand the tags."""
         images, videos = list(images or []), list(videos or [])
         self._check_media_counts(ids, len(images), len(videos))
-        tiles_per_tag: list[torch.Tensor] = []  # pixel tensors in tag order
+        segments: list[ImageTiles | VideoFrameTiles] = []  # one per tag, in tag order
         image_grids, video_frames = [], []
         image_iter, video_iter = iter(images), iter(videos)
         for token in ids:
             if token == self.tokens.image_tag:
-                tiled = tile_image(
-                    load_image(next(image_iter)), tile_size=self.tile_size, max_tiles=self.max_tiles
-                )
-                image_grids.append(tiled.grid)
-                tiles_per_tag.append(to_pixel_values(tiled.tiles, tile_size=self.tile_size))
+                segments.append(self._plan_image(next(image_iter)))
+                image_grids.append(segments[-1].grid)
             elif token == self.tokens.video_tag:
-                frames = load_video_frames(
-                    next(video_iter),
-                    max_frames=DEFAULT_MAX_FRAMES if max_frames is None else max_frames,
-                    max_fps=DEFAULT_MAX_FPS if fps is None else fps,
-                )
-                video_frames.append(len(frames))
-                tiles_per_tag.append(to_pixel_values(frames, tile_size=self.tile_size))
+                segments.append(self._plan_video(next(video_iter), max_frames, fps))
+                video_frames.append(segments[-1].num_tiles)
         expanded, expanded_labels = expand_tags(
             ids,
             tokens=self.tokens,
@@ -210,18 +231,29 @@ class Processor:
         )
         input_ids = torch.tensor(expanded, dtype=torch.int64)  # [seq]
         visual_mask = torch.isin(input_ids, torch.tensor(self.tokens.context))  # [seq]
-        size = self.tile_size
-        pixel_values = (
-            torch.cat(tiles_per_tag) if tiles_per_tag else torch.zeros(0, 3, size, size)
-        )  # [num_tiles, 3, S, S]
         return ProcessedPrompt(
             input_ids=input_ids,
-            pixel_values=pixel_values,
+            tiles=TileSource(segments, tile_size=self.tile_size),
             visual_mask=visual_mask,
             image_grids=image_grids,
             video_frames=video_frames,
             labels=None if expanded_labels is None else torch.tensor(expanded_labels),
         )
+
+    def _plan_image(self, image: ImageInput) -> ImageTiles:
+        width, height = image_size(image)
+        grid = choose_grid(width, height, tile_size=self.tile_size, max_tiles=self.max_tiles)
+        return ImageTiles(image, grid, tile_size=self.tile_size, max_tiles=self.max_tiles)
+
+    def _plan_video(
+        self, video: VideoInput, max_frames: int | None, fps: float | None
+    ) -> VideoFrameTiles:
+        indices = select_video_frames(
+            video,
+            max_frames=DEFAULT_MAX_FRAMES if max_frames is None else max_frames,
+            max_fps=DEFAULT_MAX_FPS if fps is None else fps,
+        )
+        return VideoFrameTiles(video, indices, tile_size=self.tile_size)
 
     def _check_media_counts(self, ids: Sequence[int], num_images: int, num_videos: int) -> None:
         num_image_tags = sum(1 for t in ids if t == self.tokens.image_tag)

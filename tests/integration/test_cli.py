@@ -46,7 +46,7 @@ def test_generate_json_matches_the_api(tiny_checkpoint, media, capsys):
     [
         (["--image", "missing.png"], "missing.png"),
         ([], "1 <image> tag(s) but 0 image(s)"),
-        (["--cp", "2"], "--cp 2"),
+        (["--cp", "0"], "--cp must be >= 1"),
     ],
 )
 def test_user_errors_print_one_line_and_exit_2(tiny_checkpoint, capsys, extra, message):
@@ -74,3 +74,22 @@ def test_console_script_bad_checkpoint(tmp_path):
     )
     assert result.returncode == 2
     assert "config.json" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.distributed
+def test_generate_cp2_matches_cp1(tiny_checkpoint, media, capsys):
+    common = ["generate", "--model", str(tiny_checkpoint), "--prompt", r"<image>\nWhat is this?",
+              "--image", str(media["wide"]), "--max-new-tokens", "5", "--json"]  # fmt: skip
+    assert main(common) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert main([*common, "--cp", "2", "--prefill-chunk", "64"]) == 0
+    sharded = json.loads(capsys.readouterr().out)
+    assert sharded["token_ids"] == single["token_ids"]
+    assert sharded["prompt_tokens"] == single["prompt_tokens"]
+    assert sum(sharded["kv_cache_bytes_per_rank"]) <= single["kv_cache_bytes"] + 1024
+
+
+def test_plan_command(tiny_checkpoint, capsys):
+    assert main(["plan", "--model", str(tiny_checkpoint), "--frames", "16", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record  # the plan's own tests check the numbers

@@ -7,6 +7,7 @@ import torch
 
 import longvita
 from longvita.errors import MediaError, PromptError
+from longvita.infer.plan import plan_memory
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,62 @@ def test_prompt_longer_than_positions_is_refused(pipe, media, monkeypatch):
     monkeypatch.setattr(pipe.config, "max_position_embeddings", 50)
     with pytest.raises(PromptError, match=r"\d+ tokens but the model accepts at most 50"):
         pipe.generate("<image>\nWhat is this?", images=[media["wide"]])
+
+
+def _forbid_work(pipe, monkeypatch):
+    """Make decoding any media or running the model fail the test."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("media decoded or model run before the prompt was refused")
+
+    monkeypatch.setattr("longvita.processing.tiles.load_image", forbidden)
+    monkeypatch.setattr("longvita.processing.tiles.iter_video_frames", forbidden)
+    monkeypatch.setattr(pipe.model, "forward", forbidden)
+
+
+def test_refusal_for_positions_comes_before_any_work(pipe, media, monkeypatch):
+    monkeypatch.setattr(pipe.config, "max_position_embeddings", 60)
+    _forbid_work(pipe, monkeypatch)
+    with pytest.raises(PromptError, match=r"\d+ tokens but the model accepts at most 60"):
+        pipe.generate("<video>\n<image>", images=[media["wide"]], videos=[media["video"]])
+
+
+def test_prompt_over_free_memory_is_refused_before_any_work(pipe, media, monkeypatch):
+    prompt = pipe.process("<video>\n<image>", [media["wide"]], [media["video"]])
+    plan = plan_memory(
+        pipe.config,
+        num_prompt_tokens=prompt.num_tokens,
+        max_new_tokens=8,
+        dtype=torch.float32,
+        prefill_chunk=16,
+        vision_batch=2,
+        device_type="cpu",
+    )
+    free = plan.kv_cache_bytes  # the cache fits, not the cache and the prefill together
+    monkeypatch.setattr("longvita.infer.pipeline.free_memory_bytes", lambda device: free)
+    _forbid_work(pipe, monkeypatch)
+    with pytest.raises(PromptError) as info:
+        pipe.generate(
+            "<video>\n<image>",
+            images=[media["wide"]],
+            videos=[media["video"]],
+            max_new_tokens=8,
+            prefill_chunk=16,
+            vision_batch=2,
+        )
+    message = str(info.value)
+    needed = plan.kv_cache_bytes + plan.activation_bytes
+    for part in [
+        f"the prompt has {prompt.num_tokens} tokens (+8 new)",
+        f"KV cache needs {plan.kv_cache_bytes} bytes",
+        f"prefill {plan.activation_bytes} bytes",
+        f"{needed} bytes",
+        f"but cpu has {free} bytes",
+        "fewer frames",
+        "smaller prefill_chunk (e.g. 4)",
+        "--cp",
+    ]:
+        assert part in message
 
 
 @pytest.mark.parametrize("kind", ["missing_image", "bad_video", "count"])

@@ -1,6 +1,7 @@
 """Video frame selection and decoding (longvita.processing.video), on synthetic videos."""
 
 import re
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -9,6 +10,12 @@ from PIL import Image
 
 from longvita.errors import MediaError
 from longvita.processing.video import (
+    _decode_seeking,
+    _decode_sequential,
+    _FrameTable,
+    _scan_frame_table,
+    _SeekMismatch,
+    decode_video_frames,
     frame_dir_indices,
     list_frame_files,
     load_video_frames,
@@ -172,3 +179,212 @@ def test_load_video_frames_audio_only_file(tmp_path):
             container.mux(packet)
     with pytest.raises(MediaError, match="no video stream"):
         load_video_frames(path)
+
+
+# --- decoding by seeking: the same pixels as sequential decoding ---------------------------------
+
+CODE_SIZE = (64, 48)  # frame k carries k in binary: 12 black/white 16x16 blocks, row-major
+
+
+def _coded_pixels(k):
+    width, height = CODE_SIZE
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)  # [H, W, 3]
+    for bit in range(12):
+        if k >> bit & 1:
+            row, col = divmod(bit, 4)
+            pixels[16 * row : 16 * row + 16, 16 * col : 16 * col + 16] = 255
+    pixels[..., 2] = (7 * k) % 200  # the blue plane changes every frame
+    return pixels
+
+
+def _coded_numbers(frames):
+    arrays = [np.asarray(f) for f in frames]
+    return [
+        sum(1 << b for b in range(12) if a[16 * (b // 4) + 8, 16 * (b % 4) + 8, 0] > 128)
+        for a in arrays
+    ]
+
+
+def _write_coded_video(path, *, codec, gop, bframes, keyframes=(), num_frames=240, fmt=None):
+    """Frames 0..num_frames-1 (see _coded_pixels) at 25 fps; a keyframe every gop frames (scene
+    cut detection off) and at each index in keyframes (forced IDR frames)."""
+    with av.open(str(path), "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.width, stream.height = CODE_SIZE
+        stream.pix_fmt = "yuv420p"
+        options = {"g": str(gop), "bf": str(bframes)}
+        if codec == "libx264":
+            options |= {"forced-idr": "1", "x264-params": "scenecut=0"}
+        else:
+            options |= {"sc_threshold": "1000000000"}
+            stream.bit_rate = 2_000_000
+        stream.options = options
+        for k in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(_coded_pixels(k), format="rgb24")
+            if k in keyframes:
+                frame.pict_type = av.video.frame.PictureType.I
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def _has_reordered_frames(path):
+    """Whether some packet is presented before the packet decoded just before it (B-frames)."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        pts = [p.pts for p in container.demux(stream) if p.size > 0]
+    return any(b < a for a, b in zip(pts, pts[1:], strict=False))
+
+
+def _assert_same_pixels(frames, expected):
+    assert len(frames) == len(expected)
+    for got, want in zip(frames, expected, strict=True):
+        assert got.mode == want.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+CODED_VIDEOS = {
+    # name: (file name, encoder settings, keyframe indices the table must show)
+    "mpeg4-gop12": ("a.mp4", dict(codec="mpeg4", gop=12, bframes=0), list(range(0, 240, 12))),
+    "mpeg4-bframes-gop12": ("b.mkv", dict(codec="mpeg4", gop=12, bframes=2), None),
+    "x264-bframes-gop12": ("c.mp4", dict(codec="libx264", gop=12, bframes=3), None),
+    "x264-bframes-gop60": ("d.mkv", dict(codec="libx264", gop=60, bframes=3), [0, 60, 120, 180]),
+    "x264-bframes-irregular": (
+        "e.mp4",
+        dict(codec="libx264", gop=100, bframes=3, keyframes={17, 40, 41, 150, 151, 200}),
+        [0, 17, 40, 41, 141, 150, 151, 200],
+    ),
+}
+INDEX_SETS = [
+    video_frame_indices(240, 25.0, max_frames=8, max_fps=1.0),  # [0, 26, 53, ..., 186]
+    [3, 4, 5, 100, 101, 150, 239],  # near and far frames, the last frame
+    [239],  # straight to the end: the decoder is flushed
+    [0, 0, 50, 50, 51, 200, 200],  # repeats
+    sorted(np.random.default_rng(0).choice(240, size=20, replace=False).tolist()),
+]
+
+
+@pytest.fixture(scope="module", params=list(CODED_VIDEOS))
+def coded_video(request, tmp_path_factory):
+    name, settings, keyframes = CODED_VIDEOS[request.param]
+    path = _write_coded_video(tmp_path_factory.mktemp("coded") / name, **settings)
+    return path, settings, keyframes
+
+
+def test_frame_table_of_coded_videos(coded_video):
+    path, settings, keyframes = coded_video
+    table = _scan_frame_table(str(path))
+    assert table is not None and len(table.pts) == 240
+    assert table.pts == sorted(table.pts)
+    if keyframes is not None:
+        assert table.keyframes == keyframes
+    gaps = np.diff(table.keyframes)
+    assert gaps.max() >= 12 and table.keyframe_before(239) == table.keyframes[-1]
+    if settings["codec"] == "libx264" or settings["bframes"]:
+        assert _has_reordered_frames(path), "the encoder wrote no B-frame: test is vacuous"
+
+
+@pytest.mark.parametrize("indices", INDEX_SETS, ids=lambda i: f"{len(i)}-frames")
+def test_seeking_gives_the_pixels_of_sequential_decoding(coded_video, indices):
+    path, _settings, _keyframes = coded_video
+    wanted = sorted(set(indices))
+    sequential = _decode_sequential(str(path), wanted)
+    assert _coded_numbers(sequential[i] for i in wanted) == wanted
+
+    seeking, num_seeks = _decode_seeking(str(path), wanted, _scan_frame_table(str(path)))
+    assert num_seeks > 0  # every set has a frame far past the previous one: no silent fallback
+    _assert_same_pixels([seeking[i] for i in wanted], [sequential[i] for i in wanted])
+
+    frames = decode_video_frames(path, indices)  # the public path, repeats kept
+    assert _coded_numbers(frames) == sorted(indices)
+    _assert_same_pixels(frames, decode_video_frames(path, indices, allow_seek=False))
+
+
+def test_load_video_frames_seeks_long_gop(tmp_path, caplog):
+    path = _write_coded_video(tmp_path / "long.mp4", codec="libx264", gop=60, bframes=3)
+    # 240 frames at 25 fps: step = max(25, 240/9) = 26.67 -> [0, 26, 53, 80, 106, 133, 160, 186]
+    with caplog.at_level("DEBUG", logger="longvita.processing.video"):
+        frames = load_video_frames(path, max_frames=8)
+    assert _coded_numbers(frames) == [0, 26, 53, 80, 106, 133, 160, 186]
+    # keyframes 0, 60, 120, 180: only keyframe 180 is more than SEEK_MIN_SKIP = 16 frames past
+    # the frame decoded before (160), so frame 186 is reached by a seek, the others by decoding on
+    assert any(re.search(r": 8 frames in 1 seeks$", r.getMessage()) for r in caplog.records)
+
+
+def test_variable_frame_rate_seeks_by_table(tmp_path):
+    # Frame durations of 20-119 ms: no constant-rate formula gives a frame's pts, the table does.
+    durations = np.random.default_rng(0).integers(20, 120, 240)
+    frame_pts = np.cumsum(durations).tolist()
+    path = tmp_path / "vfr.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height = CODE_SIZE
+        stream.pix_fmt = "yuv420p"
+        stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
+        stream.options = {"g": "30", "bf": "3", "x264-params": "scenecut=0"}
+        for k, pts in enumerate(frame_pts):
+            frame = av.VideoFrame.from_ndarray(_coded_pixels(k), format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    table = _scan_frame_table(str(path))
+    assert table.pts == frame_pts and table.keyframes == list(range(0, 240, 30))
+    wanted = [0, 50, 100, 150, 239]
+    seeking, num_seeks = _decode_seeking(str(path), wanted, table)
+    assert num_seeks == 4 and _coded_numbers(seeking[i] for i in wanted) == wanted
+    sequential = _decode_sequential(str(path), wanted)
+    _assert_same_pixels([seeking[i] for i in wanted], [sequential[i] for i in wanted])
+
+
+def test_dense_indices_skip_the_frame_table(tmp_path, monkeypatch):
+    path = _write_coded_video(tmp_path / "dense.mp4", codec="libx264", gop=12, bframes=3)
+
+    def no_scan(path):
+        raise AssertionError("dense indices must decode sequentially without a demux pass")
+
+    monkeypatch.setattr("longvita.processing.video._scan_frame_table", no_scan)
+    assert _coded_numbers(decode_video_frames(path, range(0, 100, 10))) == list(range(0, 100, 10))
+
+
+def test_stream_without_timestamps_decodes_sequentially(tmp_path):
+    # A raw H.264 stream: packets carry no pts, so there is no frame table to seek with.
+    path = _write_coded_video(tmp_path / "raw.h264", codec="libx264", gop=12, bframes=3, fmt="h264")
+    assert _scan_frame_table(str(path)) is None
+    indices = [0, 50, 120, 239]
+    frames = decode_video_frames(path, indices)
+    assert _coded_numbers(frames) == indices
+    _assert_same_pixels(frames, decode_video_frames(path, indices, allow_seek=False))
+
+
+def test_unpredicted_frame_falls_back_to_sequential(tmp_path, monkeypatch):
+    path = _write_coded_video(tmp_path / "clip.mp4", codec="libx264", gop=12, bframes=3)
+    table = _scan_frame_table(str(path))
+    # A table that misses frame 50's pts (as if its packet decoded to nothing): to reach frame
+    # 55 it seeks to keyframe 48, then sees frame 50 where the table expects frame 51's pts.
+    # (A wrong table is caught only where the seeking path decodes through the error.)
+    pts = table.pts[:50] + table.pts[51:]
+    wrong = _FrameTable(
+        pts=pts,
+        keyframes=[k - (k > 50) for k in table.keyframes],
+        keyframe_at_pts={p: k - (k > 50) for p, k in table.keyframe_at_pts.items()},
+    )
+    with pytest.raises(_SeekMismatch):
+        _decode_seeking(str(path), [0, 55], wrong)
+    monkeypatch.setattr("longvita.processing.video._scan_frame_table", lambda path: wrong)
+    assert _coded_numbers(decode_video_frames(path, [0, 55])) == [0, 55]
+
+
+def test_decode_video_frames_bad_input(tmp_path):
+    path = tmp_path / "garbage.mkv"
+    path.write_bytes(b"\x1a\x45\xdf\xa3 not really matroska" * 100)
+    with pytest.raises(MediaError, match="garbage.mkv"):
+        decode_video_frames(path, [0, 100])
+    truncated = _write_coded_video(tmp_path / "cut.mp4", codec="libx264", gop=12, bframes=3)
+    truncated.write_bytes(truncated.read_bytes()[:2000])  # the index (moov) is at the end: lost
+    with pytest.raises(MediaError, match="cut.mp4"):
+        load_video_frames(truncated, max_frames=8)
+    assert decode_video_frames(path, []) == []

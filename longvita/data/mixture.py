@@ -1,0 +1,241 @@
+"""Mixtures: the official mixture YAML, the samples it selects, and their order per epoch.
+
+    dataset:
+      LLaVA-ReCap:
+        ratio: 1.0          # fraction of each file; > 1 repeats; 0 disables the group
+        num: 300000         # optional cap, per file (as the official code applies it)
+        data_paths:
+          - datasets/jsonl/lmms-lab/LLaVA-ReCap-558K/data.jsonl
+
+Semantics, per data file of an active group (the official `dataset_base.load_data`):
+`used = min(int(len(file) * ratio), num)`; the file's records are permuted with a seed derived
+from the mixture seed and the file's group and path, and record `perm[k % len(file)]` is taken
+for k < used, so ratio 2 takes every record twice and ratio 0.5 a seeded half. The selection
+is fixed for the run; the selected entries (the "plan") are then shuffled again each epoch with
+(seed, epoch). Relative data paths are resolved against `data_root` (default: the current
+directory, as the official launcher does). Groups with ratio 0 or num 0 are skipped unread.
+
+Owns the plan and its order, and the split of an epoch's order over data-parallel ranks and
+loader workers. Knows nothing of tokens or packing; never imports torch.distributed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from longvita.data.samples import SampleFile
+
+logger = logging.getLogger(__name__)
+
+GROUP_KEYS = ("ratio", "num", "data_paths")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixtureGroup:
+    """One group of the mixture YAML."""
+
+    name: str
+    """The group's key under `dataset`."""
+    ratio: float = 1.0
+    """Fraction of each file to use; above 1 repeats records; 0 disables the group."""
+    num: int | None = None
+    """Cap on the records used from each file; None = no cap; 0 disables the group."""
+    data_paths: tuple[str, ...] = ()
+    """JSONL / JSON-list files, as written in the YAML."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, int | float):
+            raise ValueError(f"group {self.name!r}: ratio must be a number, got {self.ratio!r}")
+        if not self.ratio >= 0:
+            raise ValueError(f"group {self.name!r}: ratio must be >= 0, got {self.ratio}")
+        if self.num is not None and (
+            isinstance(self.num, bool) or not isinstance(self.num, int) or self.num < 0
+        ):
+            raise ValueError(f"group {self.name!r}: num must be an integer >= 0, got {self.num!r}")
+        if self.active and not self.data_paths:
+            raise ValueError(f"group {self.name!r} is active (ratio {self.ratio}) but has no paths")
+        bad = [p for p in self.data_paths if not isinstance(p, str) or not p]
+        if bad:
+            raise ValueError(f"group {self.name!r}: data_paths must be strings, got {bad!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.ratio > 0 and self.num != 0
+
+    def num_used(self, num_records: int) -> int:
+        """Records taken from a file of num_records records."""
+        used = int(num_records * self.ratio)
+        return used if self.num is None else min(used, self.num)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixtureConfig:
+    """The groups of a mixture YAML, in file order."""
+
+    groups: tuple[MixtureGroup, ...]
+    """At least one group."""
+
+    def __post_init__(self) -> None:
+        if not self.groups:
+            raise ValueError("a mixture needs at least one group under 'dataset'")
+
+    @classmethod
+    def from_dict(cls, data: object, *, source: str = "mixture") -> MixtureConfig:
+        """From the parsed YAML: a mapping with a `dataset` mapping of groups."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("dataset"), Mapping):
+            raise ValueError(f"{source}: expected a mapping with a 'dataset' mapping of groups")
+        ignored = sorted(k for k in data if k != "dataset")
+        if ignored:
+            logger.info("%s: ignoring top-level keys %s", source, ignored)
+        groups = []
+        for name, body in data["dataset"].items():
+            if not isinstance(body, Mapping):
+                raise ValueError(f"{source}: group {name!r} must be a mapping, got {body!r}")
+            unknown = sorted(set(body) - set(GROUP_KEYS))
+            if unknown:
+                logger.warning("%s: group %r: ignoring keys %s", source, name, unknown)
+            paths = body.get("data_paths") or []
+            if isinstance(paths, str) or not isinstance(paths, list):
+                raise ValueError(f"{source}: group {name!r}: data_paths must be a list")
+            groups.append(
+                MixtureGroup(
+                    name=str(name),
+                    ratio=body.get("ratio", 1.0),
+                    num=body.get("num"),
+                    data_paths=tuple(p.strip() if isinstance(p, str) else p for p in paths),
+                )
+            )
+        return cls(groups=tuple(groups))
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> MixtureConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"mixture file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"mixture file {str(path)!r} is not valid YAML: {err}") from err
+        return cls.from_dict(data, source=str(path))
+
+
+@dataclass(frozen=True)
+class MixtureFile:
+    """One data file of the mixture and what it contributes."""
+
+    group: str
+    path_as_written: str
+    file: SampleFile
+    num_used: int
+
+
+class Mixture:
+    """The selected samples of a mixture (the plan) and their seeded order per epoch.
+
+    Plan entries are global record ids: record r of file f has id `file_offsets[f] + r`.
+    """
+
+    def __init__(
+        self,
+        config: MixtureConfig,
+        *,
+        data_root: str | os.PathLike | None = None,
+        seed: int = 0,
+        allow_missing_files: bool = False,
+    ) -> None:
+        self.config = config
+        self.seed = seed
+        self.files = _index_files(config, Path(data_root or os.getcwd()), allow_missing_files)
+        if not self.files:
+            raise ValueError("the mixture selects no data file (every group inactive or missing)")
+        sizes = np.array([len(f.file) for f in self.files], dtype=np.int64)
+        self.file_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.plan = np.concatenate([self._select(i) for i in range(len(self.files))])  # [N]
+        logger.info("mixture: %d samples selected from %d files", len(self.plan), len(sizes))
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **kwargs) -> Mixture:
+        return cls(MixtureConfig.from_yaml(path), **kwargs)
+
+    def __len__(self) -> int:
+        return self.plan.shape[0]
+
+    def _select(self, i: int) -> np.ndarray:
+        entry = self.files[i]
+        num_records = len(entry.file)
+        if num_records == 0 or entry.num_used == 0:
+            return np.zeros(0, dtype=np.int64)
+        key = zlib.crc32(f"{entry.group}\0{entry.path_as_written}".encode())
+        perm = np.random.default_rng([self.seed, key]).permutation(num_records)
+        picked = perm[np.arange(entry.num_used) % num_records]  # [num_used]
+        return picked.astype(np.int64) + self.file_offsets[i]
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """[N] plan entries (global record ids) in the order of `epoch`."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        return self.plan[np.random.default_rng([self.seed, epoch, 1]).permutation(len(self))]
+
+    def locate(self, record_id: int) -> tuple[int, int]:
+        """(file index, record index in that file) of a global record id."""
+        file_index = int(np.searchsorted(self.file_offsets, record_id, side="right")) - 1
+        return file_index, int(record_id - self.file_offsets[file_index])
+
+    def group_summary(self) -> dict[str, dict[str, int]]:
+        """Per group: files, records in them, and samples selected."""
+        out: dict[str, dict[str, int]] = {}
+        for entry in self.files:
+            row = out.setdefault(entry.group, {"files": 0, "records": 0, "selected": 0})
+            row["files"] += 1
+            row["records"] += len(entry.file)
+            row["selected"] += entry.num_used
+        return out
+
+
+def shard(order: np.ndarray, *, dp_rank: int, dp_size: int, worker: int, num_workers: int):
+    """The part of an epoch's order that one loader worker of one data-parallel rank reads.
+
+    Rank r takes order[r::dp_size]; its worker w takes every num_workers-th of those:
+    order[r + dp_size * w :: dp_size * num_workers]. Disjoint, and together complete.
+    """
+    if not (0 <= dp_rank < dp_size and 0 <= worker < num_workers):
+        raise ValueError(
+            f"need 0 <= dp_rank < dp_size and 0 <= worker < num_workers, got {dp_rank=}, "
+            f"{dp_size=}, {worker=}, {num_workers=}"
+        )
+    return order[dp_rank + dp_size * worker :: dp_size * num_workers]
+
+
+def _index_files(config: MixtureConfig, root: Path, allow_missing: bool) -> list[MixtureFile]:
+    files, missing = [], []
+    for group in config.groups:
+        if not group.active:
+            logger.info("group %r: inactive (ratio %s, num %s)", group.name, group.ratio, group.num)
+            continue
+        for written in group.data_paths:
+            path = root / os.path.expanduser(written)
+            if not path.is_file():
+                missing.append(f"{group.name}: {path}")
+                continue
+            sample_file = SampleFile.index(path)
+            num_used = group.num_used(len(sample_file))
+            logger.info(
+                "group %r: %s: %d records, %d used", group.name, path, len(sample_file), num_used
+            )
+            files.append(MixtureFile(group.name, written, sample_file, num_used))
+    if missing and not allow_missing:
+        raise ValueError(
+            f"{len(missing)} data file(s) not found (relative paths are resolved against "
+            f"{str(root)!r}): {'; '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
+        )
+    for entry in missing:
+        logger.warning("data file not found, skipped: %s", entry)
+    return files

@@ -1,0 +1,249 @@
+"""Sample files: JSONL and JSON-list files indexed by byte span, read one record at a time.
+
+Owns the on-disk format (reference/LONGVITA.md section 4, the official DATA.md):
+
+    {"messages": [{"role": "user", "content": "<image>\\nWhat is it?"},
+                  {"role": "assistant", "content": "A cat."}],
+     "images": ["cat.jpg"], "videos": ["clip.mp4" or "frames_dir/"]}
+
+`conversations` with ShareGPT turns (`{"from": "human"/"gpt"/"system", "value": ...}`) is read
+as `messages`. Media paths are absolute or relative to the directory of the data file.
+
+A file is never loaded whole: indexing records the byte span and line number of each record
+(JSONL: one record per non-blank line, found with numpy over 16 MiB chunks; JSON list: each
+top-level element, found by a regex scan of a memory map, which runs a Python step per JSON
+string or bracket, so prefer JSONL for multi-GB files). Reading a record seeks to its span.
+A file whose first non-blank byte is `[` is a JSON list; anything else is JSONL.
+
+Knows nothing of tokens, media decoding, mixtures or packing. A bad record raises SampleError
+with its reason and `file:line`; it never stops the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from longvita.data.stats import SampleError
+from longvita.processing.chat import normalize_messages
+
+CHUNK_BYTES = 1 << 24
+SHAREGPT_KEYS = ("from", "value")
+# A JSON string (escapes included) or a bracket: enough to find the top-level elements.
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+_SEPARATORS = b" \t\r\n,"
+
+
+@dataclass(frozen=True)
+class RawSample:
+    """One record, validated: normalized messages and resolved media paths."""
+
+    messages: list[dict[str, str]]
+    """Turns with roles user/assistant/system, at least one assistant turn."""
+    images: list[str]
+    """Image paths, one per `<image>` tag, in order."""
+    videos: list[str]
+    """Video files or frame directories, one per `<video>` tag, in order."""
+    location: str
+    """`file:line` of the record."""
+
+
+class SampleFile:
+    """An indexed JSONL or JSON-list file: record i is bytes [starts[i], ends[i])."""
+
+    def __init__(
+        self, path: str | os.PathLike, *, starts: np.ndarray, ends: np.ndarray, lines: np.ndarray
+    ) -> None:
+        if not (starts.shape == ends.shape == lines.shape) or starts.ndim != 1:
+            raise ValueError(
+                f"starts, ends, lines must be equal 1-D arrays, got {starts.shape}, "
+                f"{ends.shape}, {lines.shape}"
+            )
+        self.path = Path(path)
+        self.starts = starts  # [num_records] int64 byte offsets
+        self.ends = ends  # [num_records] int64, exclusive
+        self.lines = lines  # [num_records] int64, 1-based line of each record's first byte
+
+    @classmethod
+    def index(cls, path: str | os.PathLike) -> SampleFile:
+        """Index a file; raises ValueError if it is missing or is a broken JSON list."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"data file {str(path)!r} does not exist or is not a file")
+        if _first_byte(path) == b"[":
+            starts, ends, lines = _index_json_list(path)
+        else:
+            starts, ends, lines = _index_jsonl(path)
+        return cls(path, starts=starts, ends=ends, lines=lines)
+
+    def __len__(self) -> int:
+        return self.starts.shape[0]
+
+    def location(self, i: int) -> str:
+        return f"{self.path}:{int(self.lines[i])}"
+
+    def read_record(self, i: int) -> object:
+        """The JSON value of record i; SampleError('malformed_json') if it does not parse."""
+        start, end = int(self.starts[i]), int(self.ends[i])
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise SampleError("malformed_json", f"not valid JSON: {err}") from err
+
+    def read(self, i: int) -> RawSample:
+        """Record i parsed and validated; raises SampleError with the reason."""
+        return parse_record(
+            self.read_record(i), base_dir=self.path.parent, location=self.location(i)
+        )
+
+
+def _first_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        while chunk := f.read(4096):
+            stripped = chunk.lstrip()
+            if stripped:
+                return stripped[:1]
+    return b""
+
+
+def _newline_offsets(path: Path) -> np.ndarray:
+    """Byte offsets of every b"\\n" in the file, [num_newlines] int64."""
+    found, offset = [], 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            found.append(np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10) + offset)
+            offset += len(chunk)
+    return np.concatenate(found).astype(np.int64) if found else np.zeros(0, dtype=np.int64)
+
+
+def _index_jsonl(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, ends, lines) of the non-blank lines."""
+    size = path.stat().st_size
+    newlines = _newline_offsets(path)  # [num_newlines]
+    starts = np.concatenate([[0], newlines + 1]).astype(np.int64)  # [num_newlines + 1]
+    ends = np.concatenate([newlines, [size]]).astype(np.int64)
+    lines = np.arange(1, starts.shape[0] + 1, dtype=np.int64)
+    keep = ends > starts
+    short = np.flatnonzero(keep & (ends - starts <= 8))  # maybe whitespace only ("\r", " ")
+    if short.size:
+        with open(path, "rb") as f:
+            for i in short:
+                f.seek(int(starts[i]))
+                if not f.read(int(ends[i] - starts[i])).strip():
+                    keep[i] = False
+    return starts[keep], ends[keep], lines[keep]
+
+
+def _index_json_list(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, ends, lines) of the top-level elements of a JSON list.
+
+    Objects and arrays are found by bracket depth; anything else between them (a number, a
+    string, garbage, text after the closing bracket) becomes a record of its own, which then
+    fails as malformed.
+    """
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        spans, list_end = _element_spans(mm, path)
+        starts: list[int] = []
+        ends: list[int] = []
+        previous_end = mm.find(b"[") + 1
+        for start, end in spans:
+            _add_gap(mm, previous_end, start, starts, ends)
+            starts.append(start)
+            ends.append(end)
+            previous_end = end
+        _add_gap(mm, previous_end, list_end, starts, ends)
+        _add_gap(mm, list_end + 1, len(mm), starts, ends)
+        lines, line, counted_to = [], 1, 0
+        for start in starts:
+            line += mm[counted_to:start].count(b"\n")
+            counted_to = start
+            lines.append(line)
+    return tuple(np.asarray(v, dtype=np.int64) for v in (starts, ends, lines))
+
+
+def _element_spans(mm: mmap.mmap, path: Path) -> tuple[list[tuple[int, int]], int]:
+    """Byte spans of the objects/arrays at depth 1 of the top-level list, and the offset of
+    the list's closing bracket."""
+    spans: list[tuple[int, int]] = []
+    depth, start = 0, -1
+    for match in _JSON_TOKEN.finditer(mm):
+        token = match.group()
+        if token[:1] == b'"':
+            continue
+        if token in (b"{", b"["):
+            depth += 1
+            if depth == 2:
+                start = match.start()
+            continue
+        depth -= 1
+        if depth == 1:
+            spans.append((start, match.end()))
+        elif depth == 0:
+            return spans, match.start()
+    raise ValueError(
+        f"data file {str(path)!r} starts with '[' but is not a complete JSON list "
+        f"(unbalanced brackets after {len(spans)} elements); fix it or convert it to JSONL"
+    )
+
+
+def _add_gap(mm: mmap.mmap, lo: int, hi: int, starts: list, ends: list) -> None:
+    """Text between two elements other than commas and blanks becomes a (malformed) record."""
+    gap = mm[lo:hi]
+    if gap.strip(_SEPARATORS):
+        offset = len(gap) - len(gap.lstrip(_SEPARATORS))
+        starts.append(lo + offset)
+        ends.append(lo + len(gap.rstrip(_SEPARATORS)))
+
+
+def parse_record(record: object, *, base_dir: str | os.PathLike, location: str) -> RawSample:
+    """Validate one JSON record; raises SampleError with the reason of the first problem."""
+    if not isinstance(record, Mapping):
+        raise SampleError(
+            "malformed_json", f"a record must be a JSON object, got {type(record).__name__}"
+        )
+    turns = record.get("messages", record.get("conversations"))
+    if not isinstance(turns, list) or not turns:
+        raise SampleError(
+            "invalid_sample",
+            f"needs a non-empty 'messages' or 'conversations' list, has keys {sorted(record)}",
+        )
+    try:
+        messages = normalize_messages([_as_message(turn) for turn in turns])
+    except ValueError as err:
+        raise SampleError("invalid_sample", str(err)) from err
+    if not any(turn["role"] == "assistant" for turn in messages):
+        raise SampleError("no_assistant_turn", "no assistant turn: nothing to supervise")
+    images = _media_paths(record, "images", base_dir)
+    videos = _media_paths(record, "videos", base_dir)
+    return RawSample(messages=messages, images=images, videos=videos, location=location)
+
+
+def _as_message(turn: object) -> object:
+    """A ShareGPT turn {"from", "value"} as {"role", "content"}; anything else unchanged."""
+    if isinstance(turn, Mapping) and "role" not in turn and all(k in turn for k in SHAREGPT_KEYS):
+        return {"role": turn["from"], "content": turn["value"]}
+    return turn
+
+
+def _media_paths(record: Mapping, key: str, base_dir: str | os.PathLike) -> list[str]:
+    """The record's `key` list (absent, null, one string or a list of strings), resolved."""
+    value = record.get(key)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
+        raise SampleError(
+            "invalid_sample", f"'{key}' must be a path or a list of paths, got {value!r}"
+        )
+    return [os.path.join(base_dir, os.path.expanduser(p)) for p in value]

@@ -1,0 +1,313 @@
+"""Memory per device of one generation, from config.json alone: what `longvita plan` prints.
+
+Owns the estimator (`plan_memory`), prompt token counts for a number of frames and images
+(`count_prompt_tokens`), the device's free memory (`free_memory_bytes`) and the check that a
+prompt fits it before any work (`check_memory`). Pure arithmetic on the config except
+`free_memory_bytes`; no weights are read.
+
+Notation: b bytes per element of the dtype; L decoder layers, h hidden, I MLP hidden, V vocab,
+Hq / Hkv query / key-value heads, d head dim; ViT Lv layers, Cv hidden, Iv MLP hidden, tiles of
+S x S pixels giving N = 1 + (S/patch)^2 ViT tokens and T = (N - 1) / 4 LLM tokens each; P prompt
+tokens, M new tokens, C prefill chunk, B vision batch, K the KV cache's key block.
+
+    weights      (exact parameter count of LLM + ViT + projector) x b, on every device (context
+                 parallelism replicates the weights)
+    kv_cache     2 x L x Hkv x d x b x kv_tokens, where kv_tokens = P + M at cp = 1; under cp,
+                 the tokens the most loaded rank caches in `parallel.cp_inference`'s layout
+                 (the prompt in rounds of 2cp chunks of c = min(C/2, ceil(P/2cp)) tokens cut
+                 zigzag, each new token to the rank holding the fewest): about (P + M) / cp
+    activations  peak beyond weights and KV cache, the largest of a decoder layer's phases or a
+                 ViT batch, plus what lives across them; c = the tokens one forward runs on a
+                 device: min(C, P) at cp = 1, 2*min(C/2, ceil(P/2cp)) under cp (a round):
+      norm   = c*h*(8 + b)                          RMSNorm in fp32
+      attn   = c*h*b + 2*c*(Hq + 2*Hkv)*d*b + 2*c*Hq*d*b + c*Hq*(d*(2b + 12) + 12)
+               [+ 2*Hq*min(K, kv_tokens)*d*b, CUDA] q/k/v before and after RoPE, RoPE
+                                                    temporaries, partial outputs and their fp32
+                                                    log-sum-exp merge [one key block with its
+                                                    K/V heads repeated by the CUDA kernel]
+      mlp    = c*h*b + 3*c*I*b                      SwiGLU: silu(gate), up, product
+      llm    = 3*c*h*b + max(norm, attn, mlp)       residual stream + the layer's largest phase
+      vit    = B'*(3*S^2*(8 + b) + N*(5*Cv + 2*Iv)*b + T*(13*Cv + h)*b), 0 without tiles
+                                                    pixels (numpy, tensor, cast); ViT tokens,
+                                                    qkv and MLP; pixel shuffle + projector;
+                                                    B' = min(B, c // T + 4) tiles, the most a
+                                                    forward needs, 0 for a text-only prompt
+      held   = 3*(c + B'*T)*h*b                     one forward's features, tiles straddling it
+      logits = V*(b + 8)                            the last position's logits, fp32 copies
+      shards = 4*c*Hkv*d*b + cp*c*Hq*(d*b + 24*(d + 1)) under cp > 1, else 0
+                                                    ring K/V blocks in flight; the round's
+                                                    queries gathered from every rank, their
+                                                    partial results over the local cache (fp32,
+                                                    merged, packed, sent and received)
+      total  = max(llm, vit) + held + logits + shards
+
+The coefficients are upper bounds of what the code allocates (tests/unit/test_plan.py measures
+chunked prefills on CPU against them at cp = 1; the shards term follows the design of
+`parallel.sharded_cache` and is not measured). Not counted: allocator fragmentation, the CUDA
+context (about 0.5 GiB), and in host memory the decoded video frames at their source
+resolution (up to vision_batch + 16 frames of W x H x 3 bytes).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from longvita.config import LongVITAConfig
+from longvita.errors import PromptError
+from longvita.model.kv_cache import DEFAULT_KV_BLOCK
+from longvita.processing.image import candidate_grids
+from longvita.processing.processor import MAX_TILES, image_token_count, video_token_count
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEXT_TOKENS = 64
+"""Text tokens assumed around the media: the chat template (8 tokens) and a question."""
+DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+GIB = 1024**3
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryPlan:
+    """Bytes per device of one generation (see the module docstring for the formulas)."""
+
+    num_prompt_tokens: int
+    max_new_tokens: int
+    cp: int
+    dtype: str
+    prefill_chunk: int
+    vision_batch: int
+    kv_tokens: int
+    """Tokens whose keys/values the most loaded device holds."""
+    weight_bytes: int
+    kv_cache_bytes: int
+    activation_bytes: int
+    """Peak of prefill (or decode) working memory beyond weights and KV cache."""
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_cache_bytes + self.activation_bytes
+
+    def to_dict(self) -> dict[str, int | str]:
+        return {**asdict(self), "total_bytes": self.total_bytes}
+
+
+def count_parameters(config: LongVITAConfig) -> int:
+    """Exact number of parameters of LongVITAForCausalLM(config), tied head counted once."""
+    h, inner, d = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    layer = (h + 1) * q + 2 * (h + 1) * kv + q * h + 3 * h * inner + 2 * h
+    head = 0 if config.tie_word_embeddings else config.vocab_size * h
+    llm = config.vocab_size * h + config.num_hidden_layers * layer + h + head
+    v = config.vision
+    cv, iv, patch = v.hidden_size, v.intermediate_size, v.patch_size
+    embeddings = cv + (3 * patch * patch + 1) * cv + (1 + v.num_patches) * cv
+    qkv = cv * 3 * cv + (3 * cv if v.qkv_bias else 0)
+    block = qkv + (cv + 1) * cv + (cv + 1) * iv + (iv + 1) * cv + 4 * cv + 2 * cv
+    projector = 2 * v.projector_input_size + v.projector_input_size * cv + cv * h
+    return llm + embeddings + v.num_hidden_layers * block + projector
+
+
+def tokens_per_forward(num_prompt_tokens: int, cp: int, prefill_chunk: int) -> int:
+    """Prompt tokens one prefill forward runs on a device: a chunk, or under cp a rank's share
+    of a round (`parallel.cp_inference.PromptLayout`)."""
+    if cp == 1:
+        return min(prefill_chunk, num_prompt_tokens)
+    from longvita.parallel.cp_inference import PromptLayout
+
+    return 2 * PromptLayout.build(num_prompt_tokens, cp, prefill_chunk).chunk_len
+
+
+def kv_tokens_per_device(
+    num_prompt_tokens: int, max_new_tokens: int, cp: int, prefill_chunk: int
+) -> int:
+    """Tokens cached on the most loaded device: all of them at cp = 1, else the largest shard
+    of `parallel.cp_inference`'s layout (the one the context-parallel engine allocates)."""
+    if cp == 1:
+        return num_prompt_tokens + max_new_tokens
+    from longvita.parallel.cp_inference import PromptLayout
+
+    layout = PromptLayout.build(num_prompt_tokens, cp, prefill_chunk)
+    owners = layout.decode_owners(max_new_tokens)
+    return max(layout.kv_capacity(rank, owners) for rank in range(cp))
+
+
+def plan_memory(
+    config: LongVITAConfig,
+    *,
+    num_prompt_tokens: int,
+    max_new_tokens: int,
+    cp: int = 1,
+    dtype: torch.dtype = torch.bfloat16,
+    prefill_chunk: int,
+    vision_batch: int,
+    has_tiles: bool = True,
+    kv_block: int = DEFAULT_KV_BLOCK,
+    device_type: str = "cuda",
+) -> MemoryPlan:
+    """Weights, KV cache and peak activation bytes per device (formulas: module docstring).
+
+    has_tiles: False for a text-only prompt (no ViT). device_type: "cuda" counts the key block
+    that the CUDA attention kernel repeats; "cpu" does not.
+    """
+    for name, value in [
+        ("num_prompt_tokens", num_prompt_tokens),
+        ("max_new_tokens", max_new_tokens),
+        ("cp", cp),
+        ("prefill_chunk", prefill_chunk),
+        ("vision_batch", vision_batch),
+    ]:
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype} not one of {sorted(map(str, DTYPE_BYTES))}")
+    b = DTYPE_BYTES[dtype]
+    kv_tokens = kv_tokens_per_device(num_prompt_tokens, max_new_tokens, cp, prefill_chunk)
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    chunk = tokens_per_forward(num_prompt_tokens, cp, prefill_chunk)
+    key_block = min(kv_block, kv_tokens) if device_type == "cuda" else 0
+    llm = _llm_chunk_bytes(config, chunk, key_block, b)
+    tokens_per_tile = config.vision.tokens_per_tile
+    batch = min(vision_batch, chunk // tokens_per_tile + 4) if has_tiles else 0
+    vit = _vit_batch_bytes(config, batch, b)
+    held = 3 * (chunk + batch * tokens_per_tile) * config.hidden_size * b
+    logits = config.vocab_size * (b + 8)
+    shards = 0
+    if cp > 1:
+        hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        shards = 4 * chunk * hkv * d * b + cp * chunk * hq * (d * b + 24 * (d + 1))
+    return MemoryPlan(
+        num_prompt_tokens=num_prompt_tokens,
+        max_new_tokens=max_new_tokens,
+        cp=cp,
+        dtype=str(dtype).removeprefix("torch."),
+        prefill_chunk=prefill_chunk,
+        vision_batch=vision_batch,
+        kv_tokens=kv_tokens,
+        weight_bytes=count_parameters(config) * b,
+        kv_cache_bytes=kv_per_token * kv_tokens * b,
+        activation_bytes=max(llm, vit) + held + logits + shards,
+    )
+
+
+def _llm_chunk_bytes(config: LongVITAConfig, chunk: int, key_block: int, b: int) -> int:
+    h, d = config.hidden_size, config.head_dim
+    hq, hkv = config.num_attention_heads, config.num_key_value_heads
+    norm = chunk * h * (8 + b)
+    attn = (
+        chunk * h * b
+        + 2 * chunk * (hq + 2 * hkv) * d * b
+        + 2 * chunk * hq * d * b
+        + chunk * hq * (d * (2 * b + 12) + 12)
+        + 2 * hq * key_block * d * b
+    )
+    mlp = chunk * h * b + 3 * chunk * config.intermediate_size * b
+    return 3 * chunk * h * b + max(norm, attn, mlp)
+
+
+def _vit_batch_bytes(config: LongVITAConfig, batch: int, b: int) -> int:
+    v = config.vision
+    num_tokens, tokens_per_tile = 1 + v.num_patches, v.tokens_per_tile
+    pixels = 3 * v.image_size**2 * (8 + b)  # numpy float32, tensor, cast to dtype
+    encoder = num_tokens * (5 * v.hidden_size + 2 * v.intermediate_size) * b
+    projector = tokens_per_tile * (13 * v.hidden_size + config.hidden_size) * b
+    return batch * (pixels + encoder + projector)
+
+
+def count_prompt_tokens(
+    config: LongVITAConfig,
+    *,
+    frames: int = 0,
+    images: int = 0,
+    text_tokens: int = DEFAULT_TEXT_TOKENS,
+    max_tiles: int = MAX_TILES,
+) -> int:
+    """Prompt tokens for `frames` video frames (258 each with the official tiles), `images`
+    images counted at their largest tiling (12 tiles + thumbnail: 3,366 tokens each) and
+    `text_tokens` of text."""
+    if min(frames, images, text_tokens) < 0:
+        raise ValueError(f"counts must be >= 0: {frames=}, {images=}, {text_tokens=}")
+    tokens_per_tile = config.vision.tokens_per_tile
+    per_image = max(
+        image_token_count(grid, tokens_per_tile=tokens_per_tile)
+        for grid in candidate_grids(max_tiles)
+    )
+    video = video_token_count(frames, tokens_per_tile=tokens_per_tile)
+    return video + images * per_image + text_tokens
+
+
+def free_memory_bytes(device: torch.device | str) -> int | None:
+    """Bytes the process can still allocate on `device`; None where unknown.
+
+    CUDA: free device memory (`torch.cuda.mem_get_info`) plus what PyTorch's caching allocator
+    holds unused. CPU: MemAvailable of /proc/meminfo (Linux).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        free, _total = torch.cuda.mem_get_info(index)
+        cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+        return free + cached
+    if device.type == "cpu":
+        meminfo = Path("/proc/meminfo")
+        if not meminfo.is_file():
+            return None
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # kB
+    return None
+
+
+def check_memory(plan: MemoryPlan, free_bytes: int | None, *, device: str) -> None:
+    """PromptError with the numbers unless the KV cache and activations fit `free_bytes`.
+
+    The weights are taken as already loaded (they are not in the free memory any more).
+    """
+    needed = plan.kv_cache_bytes + plan.activation_bytes
+    if free_bytes is None:
+        logger.info("free memory of %s unknown: not checking the %d bytes needed", device, needed)
+        return
+    if needed <= free_bytes:
+        return
+    smaller_chunk = max(1, plan.prefill_chunk // 4)
+    raise PromptError(
+        f"the prompt has {plan.num_prompt_tokens} tokens (+{plan.max_new_tokens} new): its KV "
+        f"cache needs {plan.kv_cache_bytes} bytes ({plan.kv_cache_bytes / GIB:.2f} GiB) and "
+        f"prefill {plan.activation_bytes} bytes ({plan.activation_bytes / GIB:.2f} GiB, "
+        f"prefill_chunk={plan.prefill_chunk}, vision_batch={plan.vision_batch}), "
+        f"{needed} bytes ({needed / GIB:.2f} GiB) in all, but {device} has {free_bytes} bytes "
+        f"({free_bytes / GIB:.2f} GiB) free; use fewer frames (max_frames) or images, a "
+        f"smaller prefill_chunk (e.g. {smaller_chunk}), or more devices (--cp N holds 1/N of "
+        "the KV cache on each); `longvita plan` shows the numbers"
+    )
+
+
+def format_bytes(num_bytes: int) -> str:
+    """1,234.56 GiB, or MiB / KiB below a GiB."""
+    for unit, size in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if num_bytes >= size:
+            return f"{num_bytes / size:,.2f} {unit}"
+    return f"{num_bytes} B"
+
+
+def plan_summary(plan: MemoryPlan) -> str:
+    """The human-readable table `longvita plan` prints."""
+    rows = [
+        ("weights", plan.weight_bytes, "replicated on every device"),
+        ("KV cache", plan.kv_cache_bytes, f"{plan.kv_tokens:,} tokens"),
+        (
+            "activations",
+            plan.activation_bytes,
+            f"peak; prefill chunk {plan.prefill_chunk:,}, vision batch {plan.vision_batch}",
+        ),
+        ("total", plan.total_bytes, ""),
+    ]
+    lines = [
+        f"{plan.num_prompt_tokens:,} prompt tokens + {plan.max_new_tokens:,} new, "
+        f"cp={plan.cp}, {plan.dtype}; memory per device:"
+    ]
+    lines += [f"  {name:<12} {format_bytes(n):>14}  {note}".rstrip() for name, n, note in rows]
+    return "\n".join(lines)

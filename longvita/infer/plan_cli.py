@@ -1,0 +1,94 @@
+"""`longvita plan`: the memory per device a generation needs, before running it.
+
+Owns the subcommand's arguments and output; the numbers come from `infer.plan`. Reads only the
+checkpoint's config.json (no weights, no tokenizer), so it runs anywhere in a second. `cli.py`
+wires `add_parser` into the `longvita` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from longvita.config import LongVITAConfig
+from longvita.infer.engine import DEFAULT_PREFILL_CHUNK, DEFAULT_VISION_BATCH
+from longvita.infer.pipeline import resolve_dtype
+from longvita.infer.plan import (
+    DEFAULT_TEXT_TOKENS,
+    count_prompt_tokens,
+    plan_memory,
+    plan_summary,
+)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `plan` to the `longvita` subcommands."""
+    p = subparsers.add_parser(
+        "plan",
+        help="print the memory per device (weights, KV cache, activations) of a prompt",
+        description=(
+            "Estimate the memory per device of one generation from the checkpoint's config.json "
+            "alone: weights, KV cache and peak prefill activations, for a prompt of --frames "
+            "video frames, --images images (counted at 12 tiles + thumbnail) and --text-tokens "
+            "text tokens, or exactly --prompt-tokens tokens."
+        ),
+        epilog="example: longvita plan --model Long-VITA-1M_HF --frames 4096 --cp 8 --dtype bf16",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory (reads config.json)")
+    p.add_argument("--frames", type=int, default=0, help="video frames (default 0)")
+    p.add_argument("--images", type=int, default=0, help="images (default 0)")
+    p.add_argument(
+        "--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS, help="default: %(default)s"
+    )
+    p.add_argument(
+        "--prompt-tokens", type=int, default=None, help="the prompt's tokens, instead of counts"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=64, help="default: %(default)s")
+    p.add_argument("--cp", type=int, default=1, help="context-parallel devices (default 1)")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16, float32")
+    p.add_argument(
+        "--device-type", default="cuda", choices=["cuda", "cpu"], help="default: %(default)s"
+    )
+    p.add_argument(
+        "--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="default: %(default)s"
+    )
+    p.add_argument(
+        "--vision-batch", type=int, default=DEFAULT_VISION_BATCH, help="default: %(default)s"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_plan)
+    return p
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    config = LongVITAConfig.from_pretrained(args.model)
+    tokens = args.prompt_tokens
+    if tokens is None:
+        tokens = count_prompt_tokens(
+            config, frames=args.frames, images=args.images, text_tokens=args.text_tokens
+        )
+    plan = plan_memory(
+        config,
+        num_prompt_tokens=tokens,
+        max_new_tokens=args.max_new_tokens,
+        cp=args.cp,
+        dtype=resolve_dtype(args.dtype, torch.device(args.device_type)),
+        prefill_chunk=args.prefill_chunk,
+        vision_batch=args.vision_batch,
+        has_tiles=args.prompt_tokens is not None or args.frames + args.images > 0,
+        device_type=args.device_type,
+    )
+    limit = config.max_position_embeddings
+    fits = tokens + args.max_new_tokens <= limit
+    if args.json:
+        print(json.dumps({**plan.to_dict(), "max_position_embeddings": limit, "fits": fits}))
+        return 0
+    print(plan_summary(plan))
+    if not fits:
+        print(
+            f"note: {tokens:,} prompt + {args.max_new_tokens:,} new tokens exceed the model's "
+            f"{limit:,} positions (config.json max_position_embeddings): the prompt is refused"
+        )
+    return 0

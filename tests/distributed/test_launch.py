@@ -1,0 +1,188 @@
+"""`launch` and `generate_cp`: local ranks started by the library itself, a torchrun job
+joined, and a rank that raises, dies or stalls ending the job with an error, not a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import longvita
+from longvita.errors import MediaError, PromptError
+from longvita.parallel.launch import RankFailedError, generate_cp, launch
+from longvita.parallel.state import ParallelState
+
+pytestmark = pytest.mark.distributed
+
+TIMEOUT_S = 5  # collective timeout in the failure tests
+DEADLINE_S = 40  # a failure must end the job within this, spawn included
+
+
+# -- rank functions: module level, the spawned ranks import them --------------------------------
+
+
+def _sum_of_ranks(state: ParallelState, offset: int) -> dict:
+    total = torch.tensor([float(state.cp_rank + offset)])
+    if state.cp_group is not None:
+        dist.all_reduce(total, group=state.cp_group)
+    return {"cp_rank": state.cp_rank, "cp_size": state.cp_size, "sum": total.item()}
+
+
+def _rank_one_fails(state: ParallelState, how: str) -> None:
+    if state.cp_rank == 1:
+        if how == "raises_value_error":
+            raise ValueError("rank 1 cannot read photo.png")
+        if how == "raises":
+            raise RuntimeError("rank 1 ran out of memory")
+        if how == "dies":
+            os._exit(3)
+        if how == "vanishes":
+            os._exit(0)  # no error code: only its peer's timeout can tell
+        if how == "stalls":
+            time.sleep(10 * DEADLINE_S)
+    dist.barrier(group=state.cp_group)
+
+
+# -- launching ----------------------------------------------------------------------------------
+
+
+def test_spawned_ranks_return_rank_zeros_result():
+    assert launch(_sum_of_ranks, cp=3, args=(10,), timeout_s=60) == {
+        "cp_rank": 0,
+        "cp_size": 3,
+        "sum": 33.0,  # 10 + 11 + 12: every rank took part
+    }
+
+
+def test_cp_one_runs_in_this_process():
+    assert launch(_sum_of_ranks, cp=1, args=(7,)) == {"cp_rank": 0, "cp_size": 1, "sum": 7.0}
+    assert not dist.is_initialized()
+
+
+def test_bad_arguments_fail_before_any_process_starts():
+    with pytest.raises(ValueError, match="--cp must be >= 1"):
+        launch(_sum_of_ranks, cp=0)
+    with pytest.raises(ValueError, match="timeout_s must be > 0"):
+        launch(_sum_of_ranks, cp=2, timeout_s=0)
+
+
+@pytest.mark.parametrize(
+    ("how", "error", "message"),
+    [
+        ("raises_value_error", ValueError, "rank 1 cannot read photo.png"),
+        ("raises", RankFailedError, "rank 1 failed(.|\n)*rank 1 ran out of memory"),
+        ("dies", RankFailedError, "rank 1 of 2 exited with code 3"),
+        ("vanishes", RankFailedError, "rank 0 failed"),  # its barrier loses the peer
+        ("stalls", RankFailedError, "rank 0 failed"),  # its barrier times out
+    ],
+)
+def test_a_failing_rank_ends_the_job_with_an_error(how, error, message):
+    start = time.monotonic()
+    with pytest.raises(error, match=message):
+        launch(_rank_one_fails, cp=2, args=(how,), timeout_s=TIMEOUT_S)
+    assert time.monotonic() - start < DEADLINE_S
+
+
+# -- generate --cp N ----------------------------------------------------------------------------
+
+
+def test_generate_cp_equals_the_pipeline(tiny_checkpoint, media):
+    prompt, images, videos = "<video>\nWhat happens?", [], [media["video"]]
+    reference = longvita.load(tiny_checkpoint).generate(
+        prompt, images, videos, max_new_tokens=6, return_scores=True
+    )
+    record = generate_cp(
+        tiny_checkpoint,
+        prompt,
+        images,
+        videos,
+        cp=2,
+        max_new_tokens=6,
+        return_scores=True,
+        prefill_chunk=8,  # 46 tokens in rounds of 16: frames decoded lazily, rank by rank
+    )
+    assert record["token_ids"] == reference.token_ids and record["text"] == reference.text
+    torch.testing.assert_close(record["scores"], reference.scores)
+    assert record["prompt_tokens"] == reference.prompt_tokens
+    assert record["num_tiles"] == reference.num_tiles and record["cp"] == 2
+    assert record["video_frames"] == reference.video_frames
+    assert record["stop_reason"] == reference.stop_reason and record["prefill_rounds"] == 3
+    cached = record["kv_cache_tokens_per_rank"]
+    assert sum(cached) == reference.prompt_tokens + 5 and max(cached) - min(cached) <= 4
+    kv_bytes = record["kv_cache_bytes_per_rank"]
+    assert kv_bytes[0] * cached[1] == kv_bytes[1] * cached[0] > 0  # sized to the tokens it holds
+    assert sum(record["tiles_encoded_per_rank"]) >= reference.num_tiles
+    json.dumps({k: v for k, v in record.items() if k != "scores"})  # the --json record
+
+
+@pytest.mark.parametrize("mistake", ["missing_image", "too_long_for_positions"])
+def test_generate_cp_reports_user_errors_as_the_pipeline_does(tiny_checkpoint, tmp_path, mistake):
+    checkpoint, images = tiny_checkpoint, []
+    if mistake == "missing_image":
+        images = [tmp_path / "missing.png"]
+    else:  # a copy of the checkpoint that accepts 20 positions
+        checkpoint = tmp_path / "short"
+        shutil.copytree(tiny_checkpoint, checkpoint)
+        config = json.loads((checkpoint / "config.json").read_text())
+        config["max_position_embeddings"] = 20
+        (checkpoint / "config.json").write_text(json.dumps(config))
+    prompt = "<image>\nWhat?" if images else "Describe a quiet morning."
+    error = MediaError if images else PromptError
+    with pytest.raises(error) as single:
+        longvita.load(checkpoint).generate(prompt, images)
+    with pytest.raises(error) as sharded:
+        generate_cp(checkpoint, prompt, images, cp=2, timeout_s=30)
+    assert str(sharded.value) == str(single.value)
+
+
+def test_generate_cp_checks_its_arguments_before_starting_processes(tiny_checkpoint):
+    with pytest.raises(ValueError, match="top_p must be in"):
+        generate_cp(tiny_checkpoint, "Hi", cp=2, top_p=0.0)
+    with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
+        generate_cp(tiny_checkpoint, "Hi", cp=2, prefill_chunk=0)
+
+
+def test_generate_cp_refuses_a_torchrun_world_of_another_size(tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match="torchrun started 4 processes but --cp is 2"):
+        generate_cp(tiny_checkpoint, "Hi", cp=2)
+
+
+_TORCHRUN_SCRIPT = """
+import json, sys
+from longvita.parallel.launch import generate_cp
+record = generate_cp(sys.argv[1], "Describe a quiet morning.", cp=2, max_new_tokens=5)
+if record is not None:
+    print("RECORD " + json.dumps(record))
+"""
+
+
+def test_generate_cp_joins_a_torchrun_job(tiny_checkpoint, tmp_path):
+    script = tmp_path / "generate.py"
+    script.write_text(_TORCHRUN_SCRIPT)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--master-addr", "127.0.0.1", "--master-port", str(port), str(script), str(tiny_checkpoint),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [line for line in done.stdout.splitlines() if line.startswith("RECORD ")]
+    assert len(records) == 1  # printed by global rank 0 only
+    record = json.loads(records[0].removeprefix("RECORD "))
+    reference = longvita.load(tiny_checkpoint).generate(
+        "Describe a quiet morning.", max_new_tokens=5
+    )
+    assert record["token_ids"] == reference.token_ids and record["cp"] == 2

@@ -1,0 +1,151 @@
+"""`longvita data inspect`, called through argparse as the CLI wires it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from longvita.data.inspect import add_parser
+from longvita.data.synthetic import conversation, write_jsonl, write_mixture
+from longvita.synthetic import make_image, write_tiny_tokenizer
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="longvita")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+@pytest.fixture(scope="module")
+def mixture(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inspect")
+    make_image(root / "a.png", (96, 64))
+    write_jsonl(
+        root / "text.jsonl",
+        [conversation(f"q {i}", "The fox." * (1 + i)) for i in range(6)] + ["{bad"],
+    )
+    write_jsonl(
+        root / "img.jsonl",
+        [conversation("<image>\nq", "A.", images=["a.png"])] * 3
+        + [conversation("<image>\nq", "A.", images=["gone.png"])],
+    )
+    groups = {
+        "text": {"data_paths": ["text.jsonl"]},
+        "images": {"ratio": 0.5, "data_paths": ["img.jsonl"]},
+        "off": {"ratio": 0, "data_paths": ["not/there.jsonl"]},
+    }
+    return write_mixture(root / "mix.yaml", groups), root
+
+
+def test_json_report(mixture, tmp_path, capsys):
+    path, root = mixture
+    tokenizer = write_tiny_tokenizer(tmp_path / "tok")
+    args = _parse(
+        [
+            "data",
+            "inspect",
+            str(path),
+            "--seq-len",
+            "4096",
+            "--tokenizer",
+            str(tokenizer),
+            "--data-root",
+            str(root),
+            "--json",
+            "--no-progress",
+        ]
+    )
+    assert args.func(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["samples_read"] == 7 + 2  # images: int(4 * 0.5) = 2
+    assert report["groups"]["text"] == {"files": 1, "records": 7, "selected": 7, "packed": 6}
+    assert report["groups"]["images"]["selected"] == 2
+    assert report["skipped"]["malformed_json"] == 1
+    assert report["skip_examples"]["malformed_json"][0].startswith(f"{root / 'text.jsonl'}:7:")
+    lengths = report["token_lengths"]
+    assert lengths["p0"] <= lengths["p50"] <= lengths["p90"] <= lengths["p100"] < 4096
+    assert 0 < report["packing_efficiency"] <= 1 and report["sequences"] >= 1
+
+
+def test_text_report_with_model_and_progress_bar(mixture, tiny_checkpoint, capsys):
+    path, root = mixture
+    args = _parse(
+        [
+            "data",
+            "inspect",
+            str(path),
+            "--seq-len",
+            "256",
+            "--model",
+            str(tiny_checkpoint),
+            "--data-root",
+            str(root),
+            "--max-samples",
+            "4",
+            "--packing",
+            "cross-source",
+        ]
+    )
+    assert args.func(args) == 0
+    out, err = capsys.readouterr()
+    assert "token lengths of" in out and "packing (cross_source, seq_len 256)" in out
+    assert "samples read: 4" in out and "inspect" in err  # the tqdm bar goes to stderr
+
+
+def test_help_explains(capsys):
+    with pytest.raises(SystemExit):
+        _parse(["data", "inspect", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "packing efficiency" in text and "--seq-len" in text and "--max-samples" in text
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--tokenizer", "/no/such/dir"], "is not a directory"),
+        ([], "exactly one of --tokenizer DIR or --model DIR"),
+    ],
+)
+def test_bad_arguments_are_one_line_value_errors(mixture, extra, match):
+    path, root = mixture
+    args = _parse(
+        ["data", "inspect", str(path), "--seq-len", "64", "--data-root", str(root), *extra]
+    )
+    with pytest.raises(ValueError, match=match) as err:
+        args.func(args)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_mixture_and_data_files(mixture, tmp_path):
+    path, root = mixture
+    tokenizer = str(write_tiny_tokenizer(tmp_path / "tok"))
+    args = _parse(
+        [
+            "data",
+            "inspect",
+            str(tmp_path / "nope.yaml"),
+            "--seq-len",
+            "64",
+            "--tokenizer",
+            tokenizer,
+        ]
+    )
+    with pytest.raises(ValueError, match="nope.yaml' does not exist"):
+        args.func(args)
+    args = _parse(
+        [
+            "data",
+            "inspect",
+            str(path),
+            "--seq-len",
+            "64",
+            "--tokenizer",
+            tokenizer,
+            "--data-root",
+            str(tmp_path),
+        ]
+    )
+    with pytest.raises(ValueError, match="data file\\(s\\) not found"):
+        args.func(args)

@@ -1,0 +1,149 @@
+"""Mixture YAML: ratio / num semantics per file, seeded selection and epoch order, sharding."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from longvita.data.mixture import Mixture, MixtureConfig, MixtureGroup, shard
+from longvita.data.synthetic import write_jsonl, write_mixture
+
+# The shape of the official stage configs: extra top-level keys, commented paths, an inactive
+# group whose files do not exist, a path with a trailing space, `num` caps.
+OFFICIAL_STYLE = """
+xlsx_sample_num: 5
+
+dataset:
+
+  LLaVA:
+    ratio: 0
+    data_paths:
+      #- datasets/jsonl/liuhaotian/LLaVA-Pretrain/blip_laion_cc_sbu_558k.jsonl
+      - datasets/jsonl/liuhaotian/LLaVA-Instruct-150K/llava_v1_5_mix665k.jsonl
+
+  ShareGPT4V:
+    ratio: 1.0
+    data_paths:
+      - a.jsonl
+      - b.jsonl 
+
+  OpenHermes:
+    ratio: 2.5
+    num: 12
+    data_paths:
+      - c.jsonl
+"""  # noqa: W291
+
+
+def _files(directory, sizes: dict[str, int]) -> None:
+    for name, size in sizes.items():
+        write_jsonl(directory / name, [{"name": name, "i": i} for i in range(size)])
+
+
+def _selected(mixture: Mixture) -> Counter:
+    """(file name, record index) -> times selected."""
+    out = Counter()
+    for record_id in mixture.plan:
+        file_index, index = mixture.locate(int(record_id))
+        out[(mixture.files[file_index].file.path.name, index)] += 1
+    return out
+
+
+def test_official_style_config_ratio_and_num_per_file(tmp_path):
+    _files(tmp_path, {"a.jsonl": 10, "b.jsonl": 4, "c.jsonl": 7})
+    (tmp_path / "mix.yaml").write_text(OFFICIAL_STYLE)
+    mixture = Mixture.from_yaml(tmp_path / "mix.yaml", data_root=tmp_path, seed=3)
+    counts = _selected(mixture)
+    per_file = Counter()
+    for (name, _), times in counts.items():
+        per_file[name] += times
+    # ratio 1: every record once; ratio 2.5 on 7 records = 17, capped by num 12 per file.
+    assert per_file == {"a.jsonl": 10, "b.jsonl": 4, "c.jsonl": 12}
+    assert all(times == 1 for (name, _), times in counts.items() if name != "c.jsonl")
+    c_times = sorted(times for (name, _), times in counts.items() if name == "c.jsonl")
+    assert c_times == [1, 1, 2, 2, 2, 2, 2]  # 12 = one full pass + 5 repeats, no triple
+    summary = mixture.group_summary()
+    assert summary["OpenHermes"] == {"files": 1, "records": 7, "selected": 12}
+    assert "LLaVA" not in summary  # inactive: not even opened
+
+
+@pytest.mark.parametrize(("size", "ratio", "num"), [(10, 0.35, None), (10, 3, None), (5, 1.0, 2)])
+def test_used_is_min_of_int_ratio_and_num(tmp_path, size, ratio, num):
+    _files(tmp_path, {"a.jsonl": size})
+    group = {"ratio": ratio, "data_paths": ["a.jsonl"]} | ({"num": num} if num else {})
+    mixture = Mixture.from_yaml(
+        write_mixture(tmp_path / "m.yaml", {"g": group}), data_root=tmp_path
+    )
+    expected = min(int(size * ratio), num or 10**9)
+    assert len(mixture) == expected
+    times = Counter(_selected(mixture).values())
+    assert max(times) - min(times) <= 1 and len(_selected(mixture)) == min(size, expected)
+
+
+def test_selection_and_order_are_seeded(tmp_path):
+    _files(tmp_path, {"a.jsonl": 50, "b.jsonl": 30})
+    path = write_mixture(
+        tmp_path / "m.yaml",
+        {"A": {"ratio": 0.5, "data_paths": ["a.jsonl"]}, "B": {"data_paths": ["b.jsonl"]}},
+    )
+    one, same, other = (Mixture.from_yaml(path, data_root=tmp_path, seed=s) for s in (1, 1, 2))
+    assert np.array_equal(one.plan, same.plan) and not np.array_equal(one.plan, other.plan)
+    assert np.array_equal(one.epoch_order(4), same.epoch_order(4))
+    assert not np.array_equal(one.epoch_order(0), one.epoch_order(1))
+    assert sorted(one.epoch_order(1).tolist()) == sorted(one.plan.tolist())
+
+
+def test_missing_files_error_or_warn(tmp_path, caplog):
+    _files(tmp_path, {"a.jsonl": 3})
+    groups = {"A": {"data_paths": ["a.jsonl", "gone.jsonl"]}}
+    path = write_mixture(tmp_path / "m.yaml", groups)
+    with pytest.raises(ValueError, match="gone.jsonl"):
+        Mixture.from_yaml(path, data_root=tmp_path)
+    with caplog.at_level(logging.WARNING):
+        mixture = Mixture.from_yaml(path, data_root=tmp_path, allow_missing_files=True)
+    assert len(mixture) == 3 and "gone.jsonl" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"datasets": {}}, "'dataset'"),
+        ({"dataset": {}}, "at least one group"),
+        ({"dataset": {"g": {"ratio": -1, "data_paths": ["a"]}}}, "ratio must be >= 0"),
+        ({"dataset": {"g": {"ratio": "x", "data_paths": ["a"]}}}, "ratio must be a number"),
+        ({"dataset": {"g": {"num": 1.5, "data_paths": ["a"]}}}, "num must be an integer"),
+        ({"dataset": {"g": {"ratio": 1}}}, "no paths"),
+        ({"dataset": {"g": {"data_paths": "a.jsonl"}}}, "must be a list"),
+    ],
+)
+def test_bad_mixture_configs_name_the_problem(data, match):
+    with pytest.raises(ValueError, match=match):
+        MixtureConfig.from_dict(data)
+
+
+def test_inactive_group_may_have_no_paths():
+    config = MixtureConfig.from_dict({"dataset": {"g": {"ratio": 0, "data_paths": None}}})
+    assert config.groups == (MixtureGroup(name="g", ratio=0),)
+
+
+@given(
+    n=st.integers(0, 60),
+    dp_size=st.integers(1, 4),
+    num_workers=st.integers(1, 3),
+)
+def test_shards_are_disjoint_and_complete(n, dp_size, num_workers):
+    order = np.random.default_rng(n).permutation(n)
+    parts = [
+        shard(order, dp_rank=r, dp_size=dp_size, worker=w, num_workers=num_workers)
+        for r in range(dp_size)
+        for w in range(num_workers)
+    ]
+    flat = np.concatenate(parts)
+    assert len(flat) == n and sorted(flat.tolist()) == list(range(n))
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1

@@ -1,0 +1,114 @@
+"""Sample files: indexing JSONL and JSON lists by byte span, and validating records."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from longvita.data import samples as samples_module
+from longvita.data.samples import SampleFile, parse_record
+from longvita.data.stats import SampleError
+from longvita.data.synthetic import conversation, write_json_list, write_jsonl
+
+json_text = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20
+)  # any unicode but lone surrogates: brackets, quotes, backslashes, newlines included
+records = st.lists(
+    st.fixed_dictionaries(
+        {"messages": st.lists(st.fixed_dictionaries({"role": json_text, "content": json_text}))},
+        optional={"images": st.lists(json_text, max_size=2), "extra": st.lists(st.integers())},
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(records=records, indent=st.sampled_from([None, 1]), tiny_chunks=st.booleans())
+def test_index_reads_back_every_record(tmp_path_factory, records, indent, tiny_chunks):
+    directory = tmp_path_factory.mktemp("idx")
+    jsonl = write_jsonl(directory / "a.jsonl", records)
+    listed = write_json_list(directory / "a.json", records, indent=indent)
+    chunk = samples_module.CHUNK_BYTES
+    samples_module.CHUNK_BYTES = 7 if tiny_chunks else chunk
+    try:
+        for path in (jsonl, listed):
+            indexed = SampleFile.index(path)
+            assert [indexed.read_record(i) for i in range(len(indexed))] == records
+    finally:
+        samples_module.CHUNK_BYTES = chunk
+
+
+def test_jsonl_skips_blank_lines_and_keeps_line_numbers(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'{"a": 1}\r\n\r\n   \n{"a": 2}\n\n{broken\n{"a": 3}')
+    indexed = SampleFile.index(path)
+    assert len(indexed) == 4
+    assert [indexed.location(i) for i in range(4)] == [f"{path}:{n}" for n in (1, 4, 6, 7)]
+    assert indexed.read_record(3) == {"a": 3}
+    with pytest.raises(SampleError, match="not valid JSON") as err:
+        indexed.read_record(2)
+    assert err.value.reason == "malformed_json"
+
+
+def test_json_list_elements_lines_and_garbage(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text('[\n  {"t": "]}[{\\""},\n  7,\n  {"t": [1, {"x": 2}]}\n]\n')
+    indexed = SampleFile.index(path)
+    assert len(indexed) == 3
+    assert [int(line) for line in indexed.lines] == [2, 3, 4]
+    assert indexed.read_record(0) == {"t": ']}[{"'}
+    assert indexed.read_record(2) == {"t": [1, {"x": 2}]}
+    with pytest.raises(SampleError) as err:  # 7 is read, but is no object
+        parse_record(indexed.read_record(1), base_dir=tmp_path, location="x")
+    assert err.value.reason == "malformed_json"
+
+
+def test_broken_json_list_and_missing_file_are_value_errors(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text('[{"a": 1}, {"a": ')
+    with pytest.raises(ValueError, match="not a complete JSON list"):
+        SampleFile.index(path)
+    with pytest.raises(ValueError, match="does not exist"):
+        SampleFile.index(tmp_path / "nope.jsonl")
+
+
+def test_empty_files_have_no_records(tmp_path):
+    (tmp_path / "e.jsonl").write_text("")
+    (tmp_path / "e.json").write_text(" [ ] ")
+    assert len(SampleFile.index(tmp_path / "e.jsonl")) == 0
+    assert len(SampleFile.index(tmp_path / "e.json")) == 0
+
+
+def test_parse_messages_and_sharegpt_with_resolved_media(tmp_path):
+    plain = conversation("<image>q", "a", images=["x.png", "/abs/y.png"], system="s")
+    sharegpt = conversation(
+        "<image>q", "a", images=["x.png", "/abs/y.png"], system="s", sharegpt=True
+    )
+    parsed = [parse_record(r, base_dir=tmp_path, location="f:1") for r in (plain, sharegpt)]
+    assert parsed[0] == parsed[1]
+    assert [t["role"] for t in parsed[0].messages] == ["system", "user", "assistant"]
+    assert parsed[0].images == [os.path.join(tmp_path, "x.png"), "/abs/y.png"]
+    single = parse_record({**plain, "videos": "frames/"}, base_dir=tmp_path, location="f:1")
+    assert single.videos == [os.path.join(tmp_path, "frames/")]
+
+
+@pytest.mark.parametrize(
+    ("record", "reason", "match"),
+    [
+        ([1, 2], "malformed_json", "JSON object"),
+        ({"text": "hi"}, "invalid_sample", "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "invalid_sample", "role"),
+        ({"messages": [{"role": "user", "content": 3}]}, "invalid_sample", "string"),
+        ({"messages": [{"role": "user", "content": "q"}]}, "no_assistant_turn", "assistant"),
+        ({**conversation("q", "a"), "images": [3]}, "invalid_sample", "images"),
+        ({**conversation("q", "a"), "videos": {"a": 1}}, "invalid_sample", "videos"),
+    ],
+)
+def test_bad_records_raise_sample_error_with_reason(tmp_path, record, reason, match):
+    with pytest.raises(SampleError, match=match) as err:
+        parse_record(json.loads(json.dumps(record)), base_dir=tmp_path, location="f:1")
+    assert err.value.reason == reason
