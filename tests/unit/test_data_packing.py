@@ -160,7 +160,7 @@ def test_per_source_official_rule():
 
 
 def test_cross_source_fills_the_fullest_bin_that_fits():
-    packer = GreedyPacker(10, mode="cross_source")  # 2 bins
+    packer = GreedyPacker(10, mode="cross_source", num_bins=2)  # the official count
     for name, n in [("x", 6), ("y", 5)]:  # y does not fit with x: second bin
         assert packer.add(name, num_tokens=n, key=name) == []
     packer.add("z", num_tokens=3, key="z")  # fits both: goes to the fuller (x, 6)
