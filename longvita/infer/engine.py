@@ -298,15 +298,17 @@ def generate(
         model, logits, cache, params=params, stop_ids=stop_ids, return_scores=return_scores
     )
     decode_seconds = time.perf_counter() - start
-    all_scores = None
-    if return_scores:
-        all_scores = torch.stack(scores) if scores else torch.zeros(0, model.config.vocab_size)
     return GenerationResult(
         token_ids=tokens,
-        scores=all_scores,
+        scores=stack_scores(scores, model.config.vocab_size) if return_scores else None,
         stop_reason=stop_reason,
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,
         kv_cache_bytes=cache.num_bytes,
         num_encoded_tiles=0 if stream is None else stream.num_encoded_tiles,
     )
+
+
+def stack_scores(scores: list[torch.Tensor], vocab_size: int) -> torch.Tensor:
+    """Per-step logits [vocab] -> float32 [steps, vocab] (an empty [0, vocab] for no step)."""
+    return torch.stack(scores) if scores else torch.zeros(0, vocab_size)

@@ -136,7 +136,7 @@ class Pipeline:
         )
         check_chunking(prefill_chunk, vision_batch)
         prompt = self.process(messages, images, videos, max_frames=max_frames, fps=fps)
-        params.max_new_tokens = self._fit_to_positions(prompt.num_tokens, params.max_new_tokens)
+        params.max_new_tokens = self.fit_to_positions(prompt.num_tokens, params.max_new_tokens)
         self._check_memory(prompt, params.max_new_tokens, prefill_chunk, vision_batch)
         result = generate(
             self.model,
@@ -180,7 +180,7 @@ class Pipeline:
         )
         check_memory(plan, free_memory_bytes(device), device=str(device))
 
-    def _fit_to_positions(self, prompt_tokens: int, max_new_tokens: int) -> int:
+    def fit_to_positions(self, prompt_tokens: int, max_new_tokens: int) -> int:
         """Refuse a prompt past the model's positions; trim max_new_tokens to what is left."""
         limit = self.config.max_position_embeddings
         if prompt_tokens >= limit:

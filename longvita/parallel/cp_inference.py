@@ -61,6 +61,7 @@ from longvita.infer.engine import (
     VisualFeatureStream,
     allocate_cache,
     check_chunking,
+    stack_scores,
 )
 from longvita.model.long_vita import LongVITAForCausalLM
 from longvita.model.qwen2 import AttentionFn
@@ -268,12 +269,10 @@ def generate_sharded(
         return_scores=return_scores,
     )
     decode_seconds = time.perf_counter() - start
-    all_scores = None
-    if return_scores and state.cp_rank == 0:
-        all_scores = torch.stack(scores) if scores else torch.zeros(0, model.config.vocab_size)
+    keep_scores = return_scores and state.cp_rank == 0
     return ShardedGenerationResult(
         token_ids=tokens,
-        scores=all_scores,
+        scores=stack_scores(scores, model.config.vocab_size) if keep_scores else None,
         stop_reason=stop_reason,
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,

@@ -277,7 +277,7 @@ def _generate_on_rank(state: ParallelState, request: GenerateRequest) -> dict | 
         fps=request.fps,
     )
     sampling = {k: v for k, v in asdict(request).items() if k in _SAMPLING_FIELDS}
-    sampling["max_new_tokens"] = pipe._fit_to_positions(prompt.num_tokens, request.max_new_tokens)
+    sampling["max_new_tokens"] = pipe.fit_to_positions(prompt.num_tokens, request.max_new_tokens)
     _check_memory(pipe, prompt, sampling["max_new_tokens"], request, state)
     result = generate_sharded(
         pipe.model,
