@@ -24,7 +24,7 @@ forward, each decode step one single-token forward (median reported).
 - `--cp` sizes at `--cp-len` (`longvita.parallel.launch` + `generate_sharded` on token ids):
   time to first token, per-rank KV cache bytes and peak; `--threads` cores shared by the ranks.
 
-    python benchmarks/long_context.py            # issue 5's numbers, ~20+ min on 2 cores
+    python benchmarks/long_context.py            # issue 5's numbers, ~17 min on 2 cores
     python benchmarks/long_context.py --quick    # small model and prompts, under a minute
 
 Prints one JSON object to stdout; progress goes to stderr.
@@ -48,6 +48,17 @@ PROMPT_SEED = 0
 WARMUP_TOKENS = 64
 MAX_NEW_TOKENS = 8
 BASELINE_KEYS = ("lm_head.", "model.embed_tokens.", "model.layers.", "model.norm.")
+SHARED_FIELDS = (  # Qwen2Config fields that take our config's values
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
+)  # fmt: skip
+MODEL_SIZES = {  # flag -> default (the model of issue 5)
+    "hidden": 1024, "intermediate": 2816, "layers": 8, "heads": 16, "kv_heads": 4, "vocab": 152064,
+}  # fmt: skip
+STUB_VISION = {  # text-only prompts never run the ViT
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+    "num_attention_heads": 2, "image_size": 56,
+}  # fmt: skip
 
 
 # -- model and memory -----------------------------------------------------------------------
@@ -65,38 +76,25 @@ def model_config(args: argparse.Namespace):
         num_key_value_heads=args.kv_heads,
         max_position_embeddings=1 << 20,
         torch_dtype="float32",
-        vision=VisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=56,
-        ),  # text-only prompts: the ViT is never run
+        vision=VisionConfig(**STUB_VISION),
     )
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def _proc_kib(field: str, path: str = "/proc/self/status") -> int:
+    for line in Path(path).read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _mem_available_bytes() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("MemAvailable not in /proc/meminfo")
+    raise RuntimeError(f"{field} not in {path}")
 
 
 def reset_peak() -> int:
     """VmHWM := VmRSS; returns that resident size in bytes."""
     Path("/proc/self/clear_refs").write_text("5")
-    return _status_kib("VmRSS") * 1024
+    return _proc_kib("VmRSS") * 1024
 
 
 def peak_since(base_bytes: int) -> int:
-    return _status_kib("VmHWM") * 1024 - base_bytes
+    return _proc_kib("VmHWM") * 1024 - base_bytes
 
 
 def prompt_ids(length: int, vocab: int) -> torch.Tensor:
@@ -147,16 +145,7 @@ def load_baseline(checkpoint: str):
 
     config = LongVITAConfig.from_pretrained(checkpoint)
     hf_config = transformers.Qwen2Config(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        rms_norm_eps=config.rms_norm_eps,
-        rope_theta=config.rope_theta,
-        max_position_embeddings=config.max_position_embeddings,
+        **{name: getattr(config, name) for name in SHARED_FIELDS},
         tie_word_embeddings=False,
         use_sliding_window=False,
         attn_implementation="sdpa",
@@ -307,7 +296,7 @@ def fits(points: dict[int, int], seq_len: int) -> bool:
     if len(points) < 2:
         return True
     intercept, slope = fit_line(points)
-    return intercept + slope * seq_len < 0.8 * _mem_available_bytes()
+    return intercept + slope * seq_len < 0.8 * _proc_kib("MemAvailable", "/proc/meminfo") * 1024
 
 
 def decode_rate(run: dict) -> float:
@@ -438,12 +427,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--budget-gib", type=float, default=8.0)
     parser.add_argument("--cp", type=int, nargs="*", default=[1, 2], help="empty: skip CP")
     parser.add_argument("--cp-len", type=int, default=32768)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--intermediate", type=int, default=2816)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=152064)
+    for name, default in MODEL_SIZES.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     parser.add_argument("--prefill-chunk", type=int, default=4096, help="ours (engine default)")
     parser.add_argument("--threads", type=int, default=2, help="cores, shared by the CP ranks")
     parser.add_argument("--checkpoint", help="reuse this checkpoint instead of writing one")
