@@ -177,18 +177,7 @@ def prefill(
     seq = input_ids.numel()
     if seq == 0:
         raise ValueError("the prompt has no token")
-    stream = None
-    if visual_mask is not None and bool(visual_mask.any()):
-        if tiles is None:
-            raise ValueError("the prompt has visual placeholders but no tiles were given")
-        stream = VisualFeatureStream(
-            model.model.encode_tiles,
-            tiles,
-            visual_mask,
-            tokens_per_tile=model.config.vision.tokens_per_tile,
-            vision_batch=vision_batch,
-            device=device,
-        )
+    stream = feature_stream(model, tiles, visual_mask, vision_batch=vision_batch)
     no_logits = torch.zeros(0, dtype=torch.long, device=device)
     logits = None
     for start in range(0, seq, prefill_chunk):
@@ -312,3 +301,25 @@ def generate(
 def stack_scores(scores: list[torch.Tensor], vocab_size: int) -> torch.Tensor:
     """Per-step logits [vocab] -> float32 [steps, vocab] (an empty [0, vocab] for no step)."""
     return torch.stack(scores) if scores else torch.zeros(0, vocab_size)
+
+
+def feature_stream(
+    model: LongVITAForCausalLM,
+    tiles: TileSource | None,
+    visual_mask: torch.Tensor | None,
+    *,
+    vision_batch: int,
+) -> VisualFeatureStream | None:
+    """The ViT feature stream of a prompt, or None when it has no visual placeholder."""
+    if visual_mask is None or not bool(visual_mask.any()):
+        return None
+    if tiles is None:
+        raise ValueError("the prompt has visual placeholders but no tiles were given")
+    return VisualFeatureStream(
+        model.model.encode_tiles,
+        tiles,
+        visual_mask,
+        tokens_per_tile=model.config.vision.tokens_per_tile,
+        vision_batch=vision_batch,
+        device=model.lm_head.weight.device,
+    )

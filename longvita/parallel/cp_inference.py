@@ -61,6 +61,7 @@ from longvita.infer.engine import (
     VisualFeatureStream,
     allocate_cache,
     check_chunking,
+    feature_stream,
     stack_scores,
 )
 from longvita.model.long_vita import LongVITAForCausalLM
@@ -225,23 +226,13 @@ def generate_sharded(
     [num_tiles, 3, S, S] tensor; visual_mask: [N] bool.
     """
     check_chunking(prefill_chunk, vision_batch)
-    device = model.lm_head.weight.device
     layout = PromptLayout.build(input_ids.numel(), state.cp_size, prefill_chunk)
     owners = layout.decode_owners(params.max_new_tokens - 1)  # the last token is not fed back
     storage = allocate_cache(model, layout.kv_capacity(state.cp_rank, owners))
     cache = ShardedKVCache(storage, group=state.cp_group, cp_rank=state.cp_rank)
     if torch.is_tensor(tiles):
         tiles = TileSource.from_tensor(tiles)
-    stream = None
-    if visual_mask is not None and bool(visual_mask.any()):
-        stream = VisualFeatureStream(
-            model.model.encode_tiles,
-            tiles,
-            visual_mask,
-            tokens_per_tile=model.config.vision.tokens_per_tile,
-            vision_batch=vision_batch,
-            device=device,
-        )
+    stream = feature_stream(model, tiles, visual_mask, vision_batch=vision_batch)
     start = time.perf_counter()
     logits = _prefill(
         model,
