@@ -26,33 +26,13 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from common import peak_since, reset_peak, text_model_config
 
-from longvita.config import LongVITAConfig, VisionConfig
+from longvita.data.packed import PackedSequence
 from longvita.ops.loss import IGNORE_INDEX, shift_labels
 from longvita.parallel.context_parallel import all_reduce_gradients, sequence_loss
-from longvita.parallel.sharding import PackedSequence
 from longvita.parallel.state import ParallelState
 from longvita.synthetic import random_model
-
-
-def wide_config(args: argparse.Namespace) -> LongVITAConfig:
-    return LongVITAConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=1 << 20,
-        torch_dtype="float32",
-        vision=VisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=56,
-        ),  # fmt: skip
-    )
 
 
 def text_sequence(seq_len: int, vocab: int, supervised: float) -> PackedSequence:
@@ -69,21 +49,13 @@ def text_sequence(seq_len: int, vocab: int, supervised: float) -> PackedSequence
     )
 
 
-def _rss_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _rank_main(rank: int, cp: int, workdir: str, args: argparse.Namespace) -> None:
     torch.set_num_threads(max(1, args.threads // cp))
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(cp), LOCAL_RANK=str(rank))
     state = ParallelState.init(cp, init_method=f"file://{workdir}/rendezvous", timeout_s=600)
-    model = random_model(wide_config(args), seed=0).train()
+    model = random_model(text_model_config(args), seed=0).train()
     seq = text_sequence(args.seq_len, args.vocab, args.supervised)
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM
-    before_kb = _rss_kb("VmRSS")
+    before_bytes = reset_peak()
     times, losses = [], []
     for _ in range(args.steps):
         model.zero_grad(set_to_none=True)
@@ -95,8 +67,8 @@ def _rank_main(rank: int, cp: int, workdir: str, args: argparse.Namespace) -> No
         losses.append(float(result.mean))
     record = {
         "rank": rank,
-        "step_peak_mb": (_rss_kb("VmHWM") - before_kb) / 1024,
-        "rss_before_mb": before_kb / 1024,
+        "step_peak_mb": peak_since(before_bytes) / 2**20,
+        "rss_before_mb": before_bytes / 2**20,
         "seconds": times,
         "loss": losses[-1],
     }

@@ -43,6 +43,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import peak_since, reset_peak, text_model_config
+
+from longvita.infer.plan import free_memory_bytes
 
 PROMPT_SEED = 0
 WARMUP_TOKENS = 64
@@ -55,46 +58,9 @@ SHARED_FIELDS = (  # Qwen2Config fields that take our config's values
 MODEL_SIZES = {  # flag -> default (the model of issue 5)
     "hidden": 1024, "intermediate": 2816, "layers": 8, "heads": 16, "kv_heads": 4, "vocab": 152064,
 }  # fmt: skip
-STUB_VISION = {  # text-only prompts never run the ViT
-    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-    "num_attention_heads": 2, "image_size": 56,
-}  # fmt: skip
 
 
 # -- model and memory -----------------------------------------------------------------------
-
-
-def model_config(args: argparse.Namespace):
-    from longvita.config import LongVITAConfig, VisionConfig
-
-    return LongVITAConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=1 << 20,
-        torch_dtype="float32",
-        vision=VisionConfig(**STUB_VISION),
-    )
-
-
-def _proc_kib(field: str, path: str = "/proc/self/status") -> int:
-    for line in Path(path).read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in {path}")
-
-
-def reset_peak() -> int:
-    """VmHWM := VmRSS; returns that resident size in bytes."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _proc_kib("VmRSS") * 1024
-
-
-def peak_since(base_bytes: int) -> int:
-    return _proc_kib("VmHWM") * 1024 - base_bytes
 
 
 def prompt_ids(length: int, vocab: int) -> torch.Tensor:
@@ -296,7 +262,7 @@ def fits(points: dict[int, int], seq_len: int) -> bool:
     if len(points) < 2:
         return True
     intercept, slope = fit_line(points)
-    return intercept + slope * seq_len < 0.8 * _proc_kib("MemAvailable", "/proc/meminfo") * 1024
+    return intercept + slope * seq_len < 0.8 * free_memory_bytes("cpu")
 
 
 def decode_rate(run: dict) -> float:
@@ -485,7 +451,7 @@ def main() -> None:
         checkpoint = args.checkpoint
         if checkpoint is None:
             print("writing the random checkpoint", file=sys.stderr, flush=True)
-            checkpoint = str(make_tiny_checkpoint(tmp, config=model_config(args)))
+            checkpoint = str(make_tiny_checkpoint(tmp, config=text_model_config(args)))
         report = run_all(args, checkpoint)
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=2))

@@ -27,29 +27,15 @@ import sys
 import time
 
 import torch
+from common import peak_since, reset_peak
 
+from longvita.infer.plan import free_memory_bytes
 from longvita.ops.loss import IGNORE_INDEX, full_logits_loss, masked_lm_loss, shift_labels
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Live [N, V] float32-sized tensors the full path was measured to hold at its peak (plus slack):
 # logits, log-softmax and their gradients. Used only to skip runs that would not fit.
 FULL_PATH_FP32_COPIES = 3.5
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _mem_available_bytes() -> int:
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("MemAvailable not in /proc/meminfo")
 
 
 def make_inputs(seq_len: int, hidden_size: int, vocab_size: int, fraction: float, dtype, seed=0):
@@ -81,9 +67,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         return {"loss_sum": loss_sum.item(), "count": count}
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # VmHWM := VmRSS
-    base_kib = _status_kib("VmRSS")
+    base_bytes = reset_peak()
     start = time.perf_counter()
     if args.path == "masked":
         loss_sum, count = masked_lm_loss(hidden, weight, targets, chunk_size=args.chunk_size)
@@ -91,11 +75,11 @@ def run_worker(args: argparse.Namespace) -> dict:
         loss_sum, count = full_logits_loss(hidden, weight, targets)
     loss_sum.backward()
     seconds = time.perf_counter() - start
-    peak_kib = _status_kib("VmHWM")
+    peak_bytes = peak_since(base_bytes)
     return {
         "loss_sum": loss_sum.item(),
         "count": int(count),
-        "peak_bytes": (peak_kib - base_kib) * 1024,
+        "peak_bytes": peak_bytes,
         "seconds": round(seconds, 3),
     }
 
@@ -117,7 +101,7 @@ def spawn(args: argparse.Namespace, path: str, seq_len: int, fraction: float) ->
 
 def full_path_fits(args: argparse.Namespace, seq_len: int) -> bool:
     estimate = FULL_PATH_FP32_COPIES * seq_len * args.vocab_size * 4
-    return estimate < 0.8 * _mem_available_bytes()
+    return estimate < 0.8 * free_memory_bytes("cpu")
 
 
 def extrapolate(points: list[tuple[int, int]], seq_len: int) -> int:

@@ -1,0 +1,55 @@
+"""What the benchmark scripts share: the process memory probe and the text-only model config.
+
+Imported by the scripts in this folder (run as `python benchmarks/NAME.py`, so this folder is on
+sys.path); not part of the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from longvita.config import LongVITAConfig, VisionConfig
+
+STUB_VISION = {  # text-only prompts never run the ViT: keep it as small as a ViT can be
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "image_size": 56,
+}
+
+
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM...)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak() -> int:
+    """Reset this process's resident high-water mark (VmHWM := VmRSS); returns VmRSS in bytes."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return status_kib("VmRSS") * 1024
+
+
+def peak_since(base_bytes: int) -> int:
+    """Bytes the resident high-water mark rose above `base_bytes` (from `reset_peak`)."""
+    return status_kib("VmHWM") * 1024 - base_bytes
+
+
+def text_model_config(args: argparse.Namespace) -> LongVITAConfig:
+    """An fp32 LongVITA from the script's --vocab/--hidden/--intermediate/--layers/--heads/
+    --kv-heads flags, with a stub ViT."""
+    return LongVITAConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=1 << 20,
+        torch_dtype="float32",
+        vision=VisionConfig(**STUB_VISION),
+    )
