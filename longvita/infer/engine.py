@@ -157,6 +157,7 @@ class VisualFeatureStream:
         return features
 
 
+@torch.inference_mode()
 def prefill(
     model: LongVITAForCausalLM,
     input_ids: torch.Tensor,
@@ -209,6 +210,7 @@ def _oom_message(start: int, end: int, seq: int, prefill_chunk: int, vision_batc
     )
 
 
+@torch.inference_mode()
 def decode(
     model: LongVITAForCausalLM,
     logits: torch.Tensor,

@@ -8,14 +8,15 @@ of [chunk, context] is ever built; the cached part is read in blocks of `kv_bloc
 the scratch memory of a chunk is bounded by chunk x kv_block whatever the context length (the
 CUDA kernel repeats K/V heads for grouped-query attention: per block, not per cache). The
 engine calls `advance` once per forward, after every layer has written. Allocated once for the
-known prompt + max_new_tokens, in the model dtype.
+known prompt + max_new_tokens, in the model dtype. Inference only: partial results are merged in
+place, so no gradient flows through the cache.
 """
 
 from __future__ import annotations
 
 import torch
 
-from longvita.ops.attention import attention, block_attention, merge_partials
+from longvita.ops.attention import attention, block_attention, merge_partials_
 
 DEFAULT_KV_BLOCK = 16384
 """Cached tokens attended per kernel call by a prefill chunk (see the module docstring)."""
@@ -72,18 +73,15 @@ class KVCache:
         k_all, v_all = self.update(layer_idx, k, v)  # [batch, kv_heads, cached + new, head_dim]
         if cached == 0 or q.shape[-2] == 1:  # first chunk (causal) or one token (sees all)
             return attention(q, k_all, v_all, causal=True, q_offset=cached)
-        out_cache, lse_cache = None, None  # over the cached tokens, block by block
-        for start in range(0, cached, self.kv_block):
+        out, lse = block_attention(q, k, v, causal=True)  # the chunk over itself
+        out, lse = out.float(), lse.float()  # the accumulator, merged in place block by block
+        for start in range(0, cached, self.kv_block):  # the chunk over the cache
             end = min(start + self.kv_block, cached)
-            out, lse = block_attention(
+            block_out, block_lse = block_attention(
                 q, k_all[:, :, start:end], v_all[:, :, start:end], causal=False
             )  # [batch, heads, new, head_dim], [batch, heads, new]
-            if out_cache is None:
-                out_cache, lse_cache = out, lse
-            else:
-                out_cache, lse_cache = merge_partials(out_cache, lse_cache, out, lse)
-        out_new, lse_new = block_attention(q, k, v, causal=True)
-        out, _ = merge_partials(out_cache, lse_cache, out_new, lse_new)
+            merge_partials_(out, lse, block_out, block_lse)
+            del block_out, block_lse
         return out.to(q.dtype)
 
     def advance(self, num_tokens: int) -> None:

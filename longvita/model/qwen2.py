@@ -26,6 +26,10 @@ from longvita.config import LongVITAConfig
 from longvita.ops.attention import attention
 from longvita.ops.rope import apply_rope, rope_cos_sin
 
+MLP_ROW_BLOCK = 1024
+"""Rows per MLP call without autograd (see `Qwen2MLP`): bounds a prefill chunk's widest
+tensors; large enough that the matmuls run at full speed."""
+
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 """The attention strategy of a forward: (q [B, Hq, S, D], k, v [B, Hkv, S, D], layer_idx) ->
 [B, Hq, S, D]. Plain causal attention by default; packed samples (`ops.attention`), a KV cache
@@ -105,7 +109,23 @@ class Qwen2MLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if torch.is_grad_enabled():  # training: autograd keeps the [rows, inner] tensors anyway
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self._forward_in_row_blocks(x)
+
+    def _forward_in_row_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference: the same per-row function, `MLP_ROW_BLOCK` rows at a time, in place.
+
+        The widest tensors of a prefill chunk are the MLP's [rows, inner] ones (three of them
+        live at once, eager); here two of [MLP_ROW_BLOCK, inner] are, whatever the chunk size.
+        """
+        rows = x.reshape(-1, x.shape[-1])  # [rows, hidden]
+        out = rows.new_empty(rows.shape[0], self.down_proj.out_features)  # [rows, hidden]
+        for start in range(0, rows.shape[0], MLP_ROW_BLOCK):
+            block = rows[start : start + MLP_ROW_BLOCK]
+            inner = F.silu(self.gate_proj(block), inplace=True).mul_(self.up_proj(block))
+            out[start : start + MLP_ROW_BLOCK] = self.down_proj(inner)
+        return out.view(*x.shape[:-1], -1)
 
 
 class Qwen2DecoderLayer(nn.Module):

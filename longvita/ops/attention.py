@@ -137,17 +137,32 @@ def merge_partials(
     caller casts once at the end); a row that saw nothing on one side (lse -inf) takes the other
     side unchanged, and a row that saw nothing on both stays out 0, lse -inf.
     """
-    lse_max = torch.maximum(lse_a, lse_b).float()  # [..., q_len]
-    lse_max = lse_max.masked_fill(lse_max == float("-inf"), 0.0)
-    weight_a = torch.exp(lse_a.float() - lse_max)  # [..., q_len], 0 where lse_a = -inf
-    weight_b = torch.exp(lse_b.float() - lse_max)
-    total = weight_a + weight_b
-    lse = lse_max + torch.log(total)  # -inf where both sides are empty
-    total = total.masked_fill(total == 0, 1.0)
-    out = (out_a.float() * weight_a[..., None] + out_b.float() * weight_b[..., None]) / total[
-        ..., None
-    ]
+    out = out_a.to(torch.float32, copy=True)
+    lse = lse_a.to(torch.float32, copy=True)
+    merge_partials_(out, lse, out_b, lse_b)
     return out, lse
+
+
+def merge_partials_(
+    acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> None:
+    """`merge_partials` into the accumulator: acc_out/acc_lse (float32, owned by the caller)
+    become the merge of themselves with (out, lse), which are left unchanged.
+
+    No [..., q_len, head_dim] temporary is made (a prefill chunk's attention holds two such
+    tensors, not five); no autograd: the accumulators must not require grad.
+    """
+    if acc_out.dtype != torch.float32 or acc_lse.dtype != torch.float32:
+        raise ValueError(f"accumulators must be float32, got {acc_out.dtype}, {acc_lse.dtype}")
+    lse = lse.float()
+    lse_max = torch.maximum(acc_lse, lse)  # [..., q_len]
+    lse_max.masked_fill_(lse_max == float("-inf"), 0.0)
+    weight_acc = torch.exp(acc_lse - lse_max)  # [..., q_len], 0 where acc_lse = -inf
+    weight = torch.exp(lse - lse_max)
+    total = weight_acc + weight
+    torch.add(lse_max, torch.log(total), out=acc_lse)  # -inf where both sides are empty
+    total.masked_fill_(total == 0, 1.0)
+    acc_out.mul_((weight_acc / total)[..., None]).addcmul_(out, (weight / total)[..., None])
 
 
 class _AttentionWithLse(torch.autograd.Function):

@@ -14,6 +14,7 @@ import transformers
 from torch import nn
 
 from longvita.config import LongVITAConfig
+from longvita.model import qwen2
 from longvita.model.kv_cache import KVCache
 from longvita.model.qwen2 import Qwen2Model, RMSNorm
 
@@ -241,3 +242,21 @@ def test_position_ids_shape_is_checked():
     model = Qwen2Model(config)
     with pytest.raises(ValueError, match="position_ids"):
         model(torch.zeros(2, 4, config.hidden_size), torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_inference_mlp_in_row_blocks_matches_transformers(monkeypatch, batch):
+    """Without autograd the MLP runs MLP_ROW_BLOCK rows at a time, in place: same logits."""
+    monkeypatch.setattr(qwen2, "MLP_ROW_BLOCK", 5)  # 17 rows x batch: full and partial blocks
+    config = our_config("mha-groups-2")
+    hf = hf_model(config, "sdpa")
+    ours = ours_from_hf(config, hf)
+    ids = torch.randint(
+        config.vocab_size, (batch, SEQ_LEN), generator=torch.Generator().manual_seed(4)
+    )
+    pos = positions(batch, 0, SEQ_LEN)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, position_ids=pos, use_cache=False).logits
+        blocked = ours(ids, pos)
+    torch.testing.assert_close(blocked, expected)
+    torch.testing.assert_close(blocked, ours(ids, pos).detach())  # the autograd path

@@ -17,6 +17,7 @@ from longvita.ops.attention import (
     block_attention,
     block_attention_backward,
     merge_partials,
+    merge_partials_,
     packed_attention_fn,
     packed_causal_attention,
     reference_attention,
@@ -127,6 +128,32 @@ def test_merge_handles_empty_sides():
     torch.testing.assert_close(out[1], out_b[1])
     assert (out[2] == 0).all() and lse[2] == float("-inf")
     torch.testing.assert_close(lse[:2], torch.tensor([0.5, 1.5]))
+
+
+def test_in_place_merge_equals_merge_and_leaves_the_new_side_alone():
+    gen = torch.Generator().manual_seed(5)
+    out_a, out_b = torch.randn(2, 4, 6, 8, generator=gen), torch.randn(2, 4, 6, 8, generator=gen)
+    lse_a, lse_b = torch.randn(2, 4, 6, generator=gen), torch.randn(2, 4, 6, generator=gen)
+    lse_a[0, 0, :2] = float("-inf")  # rows that saw nothing on one side, or on both
+    lse_b[0, 0, 1:3] = float("-inf")
+    out_a[0, 0, :2] = 0.0
+    out_b[0, 0, 1:3] = 0.0
+    expected_out, expected_lse = merge_partials(out_a, lse_a, out_b, lse_b)
+    b_before = out_b.clone()
+    merge_partials_(out_a, lse_a, out_b, lse_b)
+    torch.testing.assert_close(out_a, expected_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse_a, expected_lse)
+    assert torch.equal(out_b, b_before)
+    assert (out_a[0, 0, 1] == 0).all() and lse_a[0, 0, 1] == float("-inf")
+
+
+def test_in_place_merge_needs_float32_accumulators():
+    with pytest.raises(ValueError, match="float32"):
+        merge_partials_(
+            torch.zeros(2, 3, dtype=torch.bfloat16),
+            torch.zeros(2),
+            *(torch.zeros(2, 3), torch.zeros(2)),
+        )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
