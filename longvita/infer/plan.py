@@ -25,7 +25,9 @@ tokens, M new tokens, C prefill chunk, B vision batch, K the KV cache's key bloc
                                                     temporaries, partial outputs and their fp32
                                                     log-sum-exp merge [one key block with its
                                                     K/V heads repeated by the CUDA kernel]
-      mlp    = c*h*b + 3*c*I*b                      SwiGLU: silu(gate), up, product
+      mlp    = c*h*b + r*(2*I + h)*b                SwiGLU in blocks of r = min(c, 1024) rows
+                                                    (`model.qwen2.MLP_ROW_BLOCK`): output,
+                                                    silu(gate) * up in place, up, down
       llm    = 3*c*h*b + max(norm, attn, mlp)       residual stream + the layer's largest phase
       vit    = B'*(3*S^2*(8 + b) + N*(5*Cv + 2*Iv)*b + T*(13*Cv + h)*b), 0 without tiles
                                                     pixels (numpy, tensor, cast); ViT tokens,
@@ -59,6 +61,7 @@ import torch
 from longvita.config import LongVITAConfig
 from longvita.errors import PromptError
 from longvita.model.kv_cache import DEFAULT_KV_BLOCK
+from longvita.model.qwen2 import MLP_ROW_BLOCK
 from longvita.processing.image import candidate_grids
 from longvita.processing.processor import MAX_TILES, image_token_count, video_token_count
 
@@ -204,7 +207,8 @@ def _llm_chunk_bytes(config: LongVITAConfig, chunk: int, key_block: int, b: int)
         + chunk * hq * (d * (2 * b + 12) + 12)
         + 2 * hq * key_block * d * b
     )
-    mlp = chunk * h * b + 3 * chunk * config.intermediate_size * b
+    rows = min(chunk, MLP_ROW_BLOCK)
+    mlp = chunk * h * b + rows * (2 * config.intermediate_size + h) * b
     return 3 * chunk * h * b + max(norm, attn, mlp)
 
 
