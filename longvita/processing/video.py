@@ -129,21 +129,6 @@ def _probe(path: str) -> tuple[int, float]:
     return num_frames, float(rate)
 
 
-def _decode_sequential(path: str, wanted: Sequence[int]) -> dict[int, Image.Image]:
-    """Decode from the start, keeping the frames at wanted (ascending); stop after the last."""
-    wanted_set, last = set(wanted), wanted[-1]
-    images: dict[int, Image.Image] = {}
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for index, frame in enumerate(container.decode(stream)):
-            if index in wanted_set:
-                images[index] = frame.to_image()  # RGB
-            if index >= last:
-                break
-    return images
-
-
 class _SeekMismatch(Exception):
     """The seeking decoder did not see the frame the frame table predicted."""
 
@@ -272,30 +257,11 @@ def decode_video_frames(
     wanted = sorted(set(indices))
     if not wanted:
         return []
-    try:
-        images = _decode_by_seeking(path, wanted) if allow_seek else None
-        if images is None:
-            images = _decode_sequential(path, wanted)
+    try:  # one seeking batch: the caller holds every frame anyway
+        images = dict(_iter_wanted_frames(path, wanted, len(wanted), allow_seek=allow_seek))
     except av.FFmpegError as e:
         raise MediaError(f"cannot decode video {path!r}: {e}") from e
     return [images[i] for i in sorted(indices) if i in images]
-
-
-def _decode_by_seeking(path: str, wanted: list[int]) -> dict[int, Image.Image] | None:
-    """The seeking path, or None when it does not apply or fails (decode sequentially then)."""
-    if not _worth_seeking(wanted):
-        return None
-    table = _scan_frame_table(path)
-    if table is None:
-        logger.debug("%s: packets without distinct pts; decoding sequentially", path)
-        return None
-    try:
-        images, num_seeks = _decode_seeking(path, [i for i in wanted if i < len(table.pts)], table)
-    except (_SeekMismatch, av.FFmpegError) as e:
-        logger.debug("%s: seeking failed (%s); decoding sequentially", path, e)
-        return None
-    logger.debug("%s: %d frames in %d seeks", path, len(images), num_seeks)
-    return images
 
 
 def _load_video_file(path: str, max_frames: int, max_fps: float) -> list[Image.Image]:
@@ -402,12 +368,16 @@ def iter_video_frames(
 
 
 def _iter_wanted_frames(
-    path: str, wanted: list[int], batch_size: int
+    path: str, wanted: list[int], batch_size: int, *, allow_seek: bool = True
 ) -> Iterator[tuple[int, Image.Image]]:
     """(index, frame) for the wanted frames (ascending, distinct): `_decode_seeking` batch by
-    batch when worth it, then (or else) sequentially from the start for the ones not yet given."""
+    batch when allowed and worth it, then (or else) sequentially from the start for the ones
+    not yet given. A frame past the end of the stream is not given."""
     done = -1  # the last index given
-    table = _scan_frame_table(path) if wanted and _worth_seeking(wanted) else None
+    seek = allow_seek and wanted and _worth_seeking(wanted)
+    table = _scan_frame_table(path) if seek else None
+    if seek and table is None:
+        logger.debug("%s: packets without distinct pts; decoding sequentially", path)
     if table is not None:
         reachable = [i for i in wanted if i < len(table.pts)]
         try:

@@ -11,7 +11,6 @@ from PIL import Image
 from longvita.errors import MediaError
 from longvita.processing.video import (
     _decode_seeking,
-    _decode_sequential,
     _FrameTable,
     _scan_frame_table,
     _SeekMismatch,
@@ -286,11 +285,16 @@ def test_frame_table_of_coded_videos(coded_video):
         assert _has_reordered_frames(path), "the encoder wrote no B-frame: test is vacuous"
 
 
+def _decode_sequential(path, wanted):
+    """{index: frame} decoded from the start, without seeking."""
+    return dict(zip(wanted, decode_video_frames(path, wanted, allow_seek=False), strict=True))
+
+
 @pytest.mark.parametrize("indices", INDEX_SETS, ids=lambda i: f"{len(i)}-frames")
 def test_seeking_gives_the_pixels_of_sequential_decoding(coded_video, indices):
     path, _settings, _keyframes = coded_video
     wanted = sorted(set(indices))
-    sequential = _decode_sequential(str(path), wanted)
+    sequential = _decode_sequential(path, wanted)
     assert _coded_numbers(sequential[i] for i in wanted) == wanted
 
     seeking, num_seeks = _decode_seeking(str(path), wanted, _scan_frame_table(str(path)))
@@ -336,7 +340,7 @@ def test_variable_frame_rate_seeks_by_table(tmp_path):
     wanted = [0, 50, 100, 150, 239]
     seeking, num_seeks = _decode_seeking(str(path), wanted, table)
     assert num_seeks == 4 and _coded_numbers(seeking[i] for i in wanted) == wanted
-    sequential = _decode_sequential(str(path), wanted)
+    sequential = _decode_sequential(path, wanted)
     _assert_same_pixels([seeking[i] for i in wanted], [sequential[i] for i in wanted])
 
 
@@ -388,3 +392,14 @@ def test_decode_video_frames_bad_input(tmp_path):
     with pytest.raises(MediaError, match="cut.mp4"):
         load_video_frames(truncated, max_frames=8)
     assert decode_video_frames(path, []) == []
+
+
+def test_allow_seek_false_never_scans_or_seeks(tmp_path, monkeypatch):
+    path = _write_coded_video(tmp_path / "sparse.mp4", codec="libx264", gop=12, bframes=3)
+
+    def no_scan(path):
+        raise AssertionError("allow_seek=False must decode sequentially without a demux pass")
+
+    monkeypatch.setattr("longvita.processing.video._scan_frame_table", no_scan)
+    frames = decode_video_frames(path, [0, 120, 239], allow_seek=False)
+    assert _coded_numbers(frames) == [0, 120, 239]
