@@ -20,10 +20,11 @@ tokens, M new tokens, C prefill chunk, B vision batch, K the KV cache's key bloc
                  ViT batch, plus what lives across them; c = the tokens one forward runs on a
                  device: min(C, P) at cp = 1, 2*min(C/2, ceil(P/2cp)) under cp (a round):
       norm   = c*h*(8 + b)                          RMSNorm in fp32
-      attn   = c*h*b + 2*c*(Hq + 2*Hkv)*d*b + 2*c*Hq*d*b + c*Hq*(d*(2b + 12) + 12)
+      attn   = c*h*b + 2*c*(Hq + 2*Hkv)*d*b + 2*c*Hq*d*b + c*Hq*(d*(2b + 4) + 24)
                [+ 2*Hq*min(K, kv_tokens)*d*b, CUDA] q/k/v before and after RoPE, RoPE
-                                                    temporaries, partial outputs and their fp32
-                                                    log-sum-exp merge [one key block with its
+                                                    temporaries, two partial outputs merged in
+                                                    place into an fp32 accumulator, log-sum-exps
+                                                    and merge weights [one key block with its
                                                     K/V heads repeated by the CUDA kernel]
       mlp    = c*h*b + r*(2*I + h)*b                SwiGLU in blocks of r = min(c, 1024) rows
                                                     (`model.qwen2.MLP_ROW_BLOCK`): output,
@@ -204,7 +205,7 @@ def _llm_chunk_bytes(config: LongVITAConfig, chunk: int, key_block: int, b: int)
         chunk * h * b
         + 2 * chunk * (hq + 2 * hkv) * d * b
         + 2 * chunk * hq * d * b
-        + chunk * hq * (d * (2 * b + 12) + 12)
+        + chunk * hq * (d * (2 * b + 4) + 24)
         + 2 * hq * key_block * d * b
     )
     rows = min(chunk, MLP_ROW_BLOCK)
