@@ -374,7 +374,7 @@ def _iter_wanted_frames(
     batch when allowed and worth it, then (or else) sequentially from the start for the ones
     not yet given. A frame past the end of the stream is not given."""
     done = -1  # the last index given
-    seek = allow_seek and wanted and _worth_seeking(wanted)
+    seek = allow_seek and bool(wanted) and _worth_seeking(wanted)
     table = _scan_frame_table(path) if seek else None
     if seek and table is None:
         logger.debug("%s: packets without distinct pts; decoding sequentially", path)
