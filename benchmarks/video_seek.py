@@ -46,6 +46,7 @@ from longvita.processing.video import (
     load_video_frames,
     video_frame_indices,
 )
+from longvita.synthetic import encode_frames
 
 CACHE_DIR = Path(__file__).resolve().parent / "results" / "tmp"
 
@@ -62,11 +63,8 @@ def write_video(path: Path, *, seconds: int, fps: int, gop: int, size: tuple[int
     texture = rng.integers(0, 32, (height, 2 * width, 3), dtype=np.uint8)  # scrolls sideways
     xs = np.arange(width, dtype=np.float32)
     ys = np.arange(height, dtype=np.float32)[:, None]
-    partial = path.with_suffix(".partial.mp4")
-    with av.open(str(partial), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"g": str(gop), "crf": "23"}
+
+    def frames():
         for k in range(num_frames):
             phase = k / fps
             pixels = np.empty((height, width, 3), dtype=np.float32)  # [H, W, 3]
@@ -76,13 +74,16 @@ def write_video(path: Path, *, seconds: int, fps: int, gop: int, size: tuple[int
             shift = (3 * k) % width
             pixels += texture[:, shift : shift + width]
             pixels[:8, : (k * width) // num_frames + 1] = 255  # a progress bar
-            frame = av.VideoFrame.from_ndarray(pixels.astype(np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
+            yield av.VideoFrame.from_ndarray(pixels.astype(np.uint8), format="rgb24")
             if k % (60 * fps) == 0:
                 _log(f"  encoded {k // fps} s of {seconds} s")
-        for packet in stream.encode():
-            container.mux(packet)
+
+    partial = path.with_suffix(".partial.mp4")
+    with av.open(str(partial), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"g": str(gop), "crf": "23"}
+        encode_frames(container, stream, frames())
     os.replace(partial, path)
 
 

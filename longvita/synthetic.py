@@ -10,6 +10,7 @@ path runs every time.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -117,17 +118,25 @@ def make_video(
     import av
 
     width, height = size
-    path = Path(path)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+
+    def frames():
         for k in range(num_frames):
             pixels = np.full((height, width, 3), (8 * k) % 256, dtype=np.uint8)
             bar = (k * 4) % max(width - 8, 1)
             pixels[:, bar : bar + 8] = (255, 64, 0)
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+            yield av.VideoFrame.from_ndarray(pixels, format="rgb24")
+
+    path = Path(path)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        encode_frames(container, stream, frames())
     return path
+
+
+def encode_frames(container, stream, frames: Iterable) -> None:
+    """Encode PyAV `frames` into `stream` of the open output `container`, mux every packet, and
+    flush the encoder at the end (the last packets come out only then)."""
+    for frame in frames:
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode())

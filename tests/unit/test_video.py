@@ -20,6 +20,7 @@ from longvita.processing.video import (
     load_video_frames,
     video_frame_indices,
 )
+from longvita.synthetic import encode_frames
 
 GRAY_STEP = 8  # frame k is a solid gray of level GRAY_STEP * k
 
@@ -106,19 +107,18 @@ def test_load_video_frames_empty_directory(tmp_path):
         load_video_frames(tmp_path)
 
 
+def _rgb_frame(pixels):
+    return av.VideoFrame.from_ndarray(pixels, format="rgb24")
+
+
 def _write_video(path, num_frames, fps):
     """Solid gray frames (level GRAY_STEP * k), mpeg4 at a high bit rate so levels survive."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
         stream.bit_rate = 20_000_000
-        for k in range(num_frames):
-            pixels = np.full((24, 32, 3), GRAY_STEP * k, dtype=np.uint8)
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        pixels = (np.full((24, 32, 3), GRAY_STEP * k, dtype=np.uint8) for k in range(num_frames))
+        encode_frames(container, stream, (_rgb_frame(p) for p in pixels))
     return path
 
 
@@ -172,10 +172,7 @@ def test_load_video_frames_audio_only_file(tmp_path):
             np.zeros((1, 800), np.int16), format="s16", layout="mono"
         )
         frame.sample_rate = 8000
-        for packet in stream.encode(frame):
-            container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        encode_frames(container, stream, [frame])
     with pytest.raises(MediaError, match="no video stream"):
         load_video_frames(path)
 
@@ -218,14 +215,15 @@ def _write_coded_video(path, *, codec, gop, bframes, keyframes=(), num_frames=24
             options |= {"sc_threshold": "1000000000"}
             stream.bit_rate = 2_000_000
         stream.options = options
-        for k in range(num_frames):
-            frame = av.VideoFrame.from_ndarray(_coded_pixels(k), format="rgb24")
-            if k in keyframes:
-                frame.pict_type = av.video.frame.PictureType.I
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+
+        def frames():
+            for k in range(num_frames):
+                frame = _rgb_frame(_coded_pixels(k))
+                if k in keyframes:
+                    frame.pict_type = av.video.frame.PictureType.I
+                yield frame
+
+        encode_frames(container, stream, frames())
     return path
 
 
@@ -328,13 +326,10 @@ def test_variable_frame_rate_seeks_by_table(tmp_path):
         stream.pix_fmt = "yuv420p"
         stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
         stream.options = {"g": "30", "bf": "3", "x264-params": "scenecut=0"}
-        for k, pts in enumerate(frame_pts):
-            frame = av.VideoFrame.from_ndarray(_coded_pixels(k), format="rgb24")
+        frames = [_rgb_frame(_coded_pixels(k)) for k in range(len(frame_pts))]
+        for frame, pts in zip(frames, frame_pts, strict=True):
             frame.pts, frame.time_base = pts, Fraction(1, 1000)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        encode_frames(container, stream, frames)
     table = _scan_frame_table(str(path))
     assert table.pts == frame_pts and table.keyframes == list(range(0, 240, 30))
     wanted = [0, 50, 100, 150, 239]
