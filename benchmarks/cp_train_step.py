@@ -32,7 +32,7 @@ from longvita.data.packed import PackedSequence
 from longvita.ops.loss import IGNORE_INDEX, shift_labels
 from longvita.parallel.context_parallel import all_reduce_gradients, sequence_loss
 from longvita.parallel.state import ParallelState
-from longvita.synthetic import random_model
+from longvita.testing import random_model
 
 
 def text_sequence(seq_len: int, vocab: int, supervised: float) -> PackedSequence:

@@ -14,7 +14,7 @@ the official format, a mixture YAML with one group per kind, ratio 1):
 
 The samples go through the real pipeline: `PackedLoader` (mixture order, `SampleReader`, the
 Processor with the official 448-px vision settings, `long_vita_14b().vision`, and a Qwen2
-tokenizer: the tiny byte-level one from `longvita.synthetic` unless --tokenizer names another),
+tokenizer: the tiny byte-level one from `longvita.testing` unless --tokenizer names another),
 packed across sources (stages 3-4) into --seq-len token sequences, one epoch, with 0 and 2
 DataLoader workers. Reports samples/s and tokens/s (non-pad tokens) over the epoch's wall time.
 
@@ -49,9 +49,14 @@ from longvita.data.config import DataConfig
 from longvita.data.loader import PackedLoader
 from longvita.data.mixture import Mixture
 from longvita.data.packing import DEFAULT_NUM_BINS, PACKING_MODES, GreedyPacker
-from longvita.data.synthetic import conversation, write_jsonl, write_mixture
 from longvita.processing.processor import Processor
-from longvita.synthetic import make_image, write_tiny_tokenizer
+from longvita.testing import (
+    conversation,
+    make_image,
+    write_jsonl,
+    write_mixture,
+    write_tiny_tokenizer,
+)
 
 DATA_DIR = Path(__file__).resolve().parent / "results" / "tmp" / "data_throughput"
 IMAGE_SIZES = [(640, 480)] * 4 + [(640, 640), (640, 320), (320, 640), (480, 480)]

@@ -3,7 +3,7 @@
 Text-only prompts of random token ids, random weights, 8 greedy tokens. Ours is the engine
 (`longvita.infer.engine.generate`: chunked prefill into a KV cache allocated once, logits of the
 last prompt position only) on the model `longvita.load` reads from a checkpoint written by
-`longvita.synthetic.make_tiny_checkpoint`. The baseline is transformers' `Qwen2ForCausalLM`
+`longvita.testing.make_tiny_checkpoint`. The baseline is transformers' `Qwen2ForCausalLM`
 (sdpa) holding the same weights (`model.embed_tokens/layers/norm` and `lm_head`, 1:1), run with
 `model.generate(max_new_tokens=8, do_sample=False)`; both must give the same tokens.
 
@@ -444,7 +444,7 @@ def main() -> None:
         result = run_cp_worker(args) if args.path == "cp" else run_worker(args)
         print(json.dumps(result))
         return
-    from longvita.synthetic import make_tiny_checkpoint
+    from longvita.testing import make_tiny_checkpoint
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="longvita-bench-ckpt-") as tmp:

@@ -46,7 +46,7 @@ from longvita.processing.video import (
     load_video_frames,
     video_frame_indices,
 )
-from longvita.synthetic import encode_frames
+from longvita.testing import encode_frames
 
 CACHE_DIR = Path(__file__).resolve().parent / "results" / "tmp"
 

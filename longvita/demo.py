@@ -32,7 +32,7 @@ def _step(name: str, fn: Callable[[], T]) -> T:
 
 def run(output: str | Path, *, max_new_tokens: int = 16) -> None:
     import longvita
-    from longvita.synthetic import make_image, make_tiny_checkpoint, make_video
+    from longvita.testing import make_image, make_tiny_checkpoint, make_video
 
     output = Path(output)
     media = output / "media"

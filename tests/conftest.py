@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from longvita.synthetic import make_image, make_tiny_checkpoint, make_video
+from longvita.testing import make_image, make_tiny_checkpoint, make_video
 
 SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared/reference/qwen2-tokenizer"
 

@@ -10,7 +10,6 @@
     stats.py     skip reasons, SampleError, DataStats (epoch summaries)
     inspect.py   `longvita data inspect`
     packed.py    PackedSequence, the hand-off to the model step
-    synthetic.py small data sets in the official format, for tests and demos
 
 See docs/data.md. Submodules are imported explicitly (this package imports nothing), so that
 `longvita.data.packed` stays cheap for the model side.

@@ -3,13 +3,13 @@
 Owns the math of attention for the LLM (causal, grouped-query, with a cache offset) and the ViT
 (bidirectional), and the pieces that long sequences are built from: attention of one block that
 also returns its log-sum-exp (`block_attention`) with its backward given merged results
-(`block_attention_backward`), the log-sum-exp merge of partial results (`merge_partials`),
-packed samples that never see each other (`packed_causal_attention`), and the definition in
-fp32 for tests (`reference_attention`). Backends are chosen here, never in the model: PyTorch's
-fused flash kernel on CPU, its memory-efficient kernel on CUDA, explicit fp32 math anywhere
-(the kernels themselves are in `attention_kernels`). K/V heads are shared by groups of query
-heads and never repeated, except inside the CUDA kernel call, which needs equal head counts.
-Knows nothing of caches, layers or distributed state.
+(`block_attention_backward`), the log-sum-exp merge of partial results (`merge_partials`), and
+packed samples that never see each other (`packed_causal_attention`). Backends are chosen
+here, never in the model: PyTorch's fused flash kernel on CPU, its memory-efficient kernel on
+CUDA, explicit fp32 math anywhere (the kernels themselves are in `attention_kernels`; the
+fp32 definition that tests compare against is `longvita.testing.reference_attention`). K/V
+heads are shared by groups of query heads and never repeated, except inside the CUDA kernel
+call, which needs equal head counts. Knows nothing of caches, layers or distributed state.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from longvita.ops.attention_kernels import KERNELS, causal_mask, math_forward
+from longvita.ops.attention_kernels import KERNELS, causal_mask
 
 
 def attention(
@@ -253,36 +253,6 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | Sequence[int], seq_len: int) -> 
     if any(b > a for a, b in zip(bounds[1:], bounds[:-1], strict=True)):
         raise ValueError(f"cu_seqlens {bounds} must be non-decreasing")
     return bounds
-
-
-def segment_ids(cu_seqlens: torch.Tensor | Sequence[int], start: int, end: int) -> torch.Tensor:
-    """Sample index of each position start..end-1 of a packed sequence -> int64 [end - start]."""
-    bounds = torch.as_tensor(cu_seqlens, dtype=torch.int64, device="cpu")
-    positions = torch.arange(start, end, dtype=torch.int64)  # [end - start]
-    return torch.searchsorted(bounds[1:], positions, right=True)
-
-
-def reference_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    q_index: torch.Tensor,
-    k_index: torch.Tensor,
-    q_segment: torch.Tensor | None = None,
-    k_segment: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The definition, in fp32 with an explicit mask (tests only: the mask is [q_len, kv_len]).
-
-    Query i sees key j iff k_index[j] <= q_index[i] and (when segments are given) they share a
-    segment. Returns out in q's dtype and lse float32; autograd works, also for empty rows.
-    """
-    visible = k_index[None, :] <= q_index[:, None]  # [q_len, kv_len]
-    if q_segment is not None and k_segment is not None:
-        visible = visible & (q_segment[:, None] == k_segment[None, :])
-    scale = _check_block(q, k, v, False, visible, scale)
-    return math_forward(q, k, v, visible, False, scale)
 
 
 def _check_block(q, k, v, causal, mask, scale) -> float:

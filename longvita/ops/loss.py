@@ -14,7 +14,6 @@ parallelism), so that each answer's first token is predicted from the position b
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
@@ -133,18 +132,4 @@ def masked_lm_loss(
     selected_hidden = hidden.index_select(0, rows)  # [M, H]
     loss_sum = _ChunkedCrossEntropy.apply(selected_hidden, weight, selected_targets, chunk_size)
     count = torch.tensor(rows.numel(), dtype=torch.int64, device=targets.device)
-    return loss_sum, count
-
-
-def full_logits_loss(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The naive reference: full [N, V] logits, upcast to float32, then F.cross_entropy.
-
-    Same contract as `masked_lm_loss`; memory grows with N x V. For tests and benchmarks.
-    """
-    _check_inputs(hidden, weight, targets)
-    logits = (hidden @ weight.t()).float()  # [N, V]
-    loss_sum = F.cross_entropy(logits, targets.long(), ignore_index=IGNORE_INDEX, reduction="sum")
-    count = (targets != IGNORE_INDEX).sum().to(torch.int64)
     return loss_sum, count

@@ -16,7 +16,7 @@ from longvita.infer.engine import SamplingParams
 from longvita.model.checkpoint import load_model
 from longvita.parallel.cp_inference import PromptLayout, generate_sharded, shard_round
 from longvita.parallel.state import ParallelState
-from longvita.synthetic import random_model
+from longvita.testing import random_model
 from tests.distributed.spawn import RankFailed
 
 MAX_NEW_TOKENS = 8

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from longvita.ops.attention import reference_attention, segment_ids
 from longvita.parallel.ring_attention import make_ring_attention_fn, ring_attention
+from longvita.testing import reference_attention, segment_ids
 
 BATCH, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 2, 4, 2, 16
 CASES = {  # name: (unpadded length, packed with random sample boundaries)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import longvita
 from longvita.errors import CheckpointError
 from longvita.model.checkpoint import INDEX_FILE, SINGLE_FILE, load_model, save_model
-from longvita.synthetic import random_model
+from longvita.testing import random_model
 
 
 def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:

@@ -8,8 +8,13 @@ import json
 import pytest
 
 from longvita.data.inspect import add_parser
-from longvita.data.synthetic import conversation, write_jsonl, write_mixture
-from longvita.synthetic import make_image, write_tiny_tokenizer
+from longvita.testing import (
+    conversation,
+    make_image,
+    write_jsonl,
+    write_mixture,
+    write_tiny_tokenizer,
+)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

@@ -13,10 +13,17 @@ import torch
 from longvita.config import tiny
 from longvita.data.loader import DataConfig, PackedLoader
 from longvita.data.mixture import Mixture
-from longvita.data.synthetic import conversation, write_json_list, write_jsonl, write_mixture
 from longvita.processing.processor import Processor
 from longvita.processing.tokens import load_tokenizer
-from longvita.synthetic import make_image, make_video, write_tiny_tokenizer
+from longvita.testing import (
+    conversation,
+    make_image,
+    make_video,
+    write_json_list,
+    write_jsonl,
+    write_mixture,
+    write_tiny_tokenizer,
+)
 
 SEQ_LEN = 160
 NUM_TEXT = 30

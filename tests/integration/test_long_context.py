@@ -17,7 +17,7 @@ from longvita.processing import tiles as tiles_module
 from longvita.processing.image import to_pixel_values
 from longvita.processing.tiles import TileSource, VideoFrameTiles
 from longvita.processing.video import load_video_frames, select_video_frames
-from longvita.synthetic import make_image, make_video
+from longvita.testing import make_image, make_video
 
 WHOLE = 1 << 20  # a prefill chunk longer than any prompt here: one forward
 PROMPTS = {  # name: (text, image keys, video keys)

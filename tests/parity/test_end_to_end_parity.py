@@ -25,7 +25,7 @@ import longvita
 from longvita.cli import main as cli_main
 from longvita.config import LongVITAConfig, VisionConfig, tiny
 from longvita.model.checkpoint import load_model, save_model
-from longvita.synthetic import make_image, make_tiny_checkpoint, make_video
+from longvita.testing import make_image, make_tiny_checkpoint, make_video
 from tests.parity.reference import LongVITAReference
 
 MAX_NEW_TOKENS = 8

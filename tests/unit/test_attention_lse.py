@@ -20,9 +20,8 @@ from longvita.ops.attention import (
     merge_partials_,
     packed_attention_fn,
     packed_causal_attention,
-    reference_attention,
-    segment_ids,
 )
+from longvita.testing import reference_attention, segment_ids
 
 CPU_BACKENDS = ["math", "cpu_flash"]
 HEAD_DIM = 16

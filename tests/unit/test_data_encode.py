@@ -14,10 +14,15 @@ from longvita.data.encode import SampleReader, encode_sample
 from longvita.data.mixture import Mixture
 from longvita.data.samples import parse_record
 from longvita.data.stats import DataStats, SampleError
-from longvita.data.synthetic import conversation, write_jsonl, write_mixture
 from longvita.processing.processor import Processor
 from longvita.processing.tokens import load_tokenizer
-from longvita.synthetic import make_image, write_tiny_tokenizer
+from longvita.testing import (
+    conversation,
+    make_image,
+    write_jsonl,
+    write_mixture,
+    write_tiny_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")

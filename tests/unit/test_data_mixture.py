@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from longvita.data.mixture import Mixture, MixtureConfig, MixtureGroup, shard
-from longvita.data.synthetic import write_jsonl, write_mixture
+from longvita.testing import write_jsonl, write_mixture
 
 # The shape of the official stage configs: extra top-level keys, commented paths, an inactive
 # group whose files do not exist, a path with a trailing space, `num` caps.

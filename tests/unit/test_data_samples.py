@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from longvita.data import samples as samples_module
 from longvita.data.samples import SampleFile, parse_record
 from longvita.data.stats import SampleError
-from longvita.data.synthetic import conversation, write_json_list, write_jsonl
+from longvita.testing import conversation, write_json_list, write_jsonl
 
 json_text = st.text(
     alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20

@@ -4,7 +4,8 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from longvita.ops.loss import IGNORE_INDEX, full_logits_loss, masked_lm_loss, shift_labels
+from longvita.ops.loss import IGNORE_INDEX, masked_lm_loss, shift_labels
+from longvita.testing import full_logits_loss
 
 X = IGNORE_INDEX
 

@@ -34,7 +34,7 @@ from longvita.processing.processor import (
 )
 from longvita.processing.tiles import TileSource
 from longvita.processing.tokens import load_tokenizer, special_token_ids
-from longvita.synthetic import random_model, write_tiny_tokenizer
+from longvita.testing import random_model, write_tiny_tokenizer
 
 ESTIMATE_FACTOR = 2.5
 """The activation estimate is an upper bound of the measured peak, and at most this factor

@@ -10,7 +10,7 @@ from longvita.errors import PromptError
 from longvita.processing.chat import build_prompt
 from longvita.processing.processor import Processor, expand_tags
 from longvita.processing.tokens import LONG_VITA_TOKENS, SpecialTokenIds, load_tokenizer
-from longvita.synthetic import make_image, make_video, write_tiny_tokenizer
+from longvita.testing import make_image, make_video, write_tiny_tokenizer
 
 OFFICIAL_VISION = VisionConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
 

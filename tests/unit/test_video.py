@@ -20,7 +20,7 @@ from longvita.processing.video import (
     load_video_frames,
     video_frame_indices,
 )
-from longvita.synthetic import encode_frames
+from longvita.testing import encode_frames
 
 GRAY_STEP = 8  # frame k is a solid gray of level GRAY_STEP * k
 
