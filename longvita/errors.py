@@ -2,7 +2,7 @@
 
 
 class MediaError(ValueError):
-    """An image or video that is missing, unreadable or has no decodable frame."""
+    """An image or video that is missing, unreadable, too large or has no decodable frame."""
 
 
 class CheckpointError(ValueError):
@@ -11,3 +11,7 @@ class CheckpointError(ValueError):
 
 class PromptError(ValueError):
     """A prompt that cannot be run: media/tag count mismatch, too long for the model."""
+
+
+class ReservedTokenError(PromptError):
+    """Text that contains a token only the Processor may write (`<IMG_CONTEXT>`, `<vid>`...)."""

@@ -26,7 +26,7 @@ Messages = str | Sequence[Mapping[str, str]]
 def normalize_messages(messages: Messages) -> list[dict[str, str]]:
     """A plain string is one user turn; roles are mapped to user/assistant/system."""
     if isinstance(messages, str):
-        return [{"role": "user", "content": messages}]
+        messages = [{"role": "user", "content": messages}]
     if not messages:
         raise ValueError("messages is empty: give a string or at least one {role, content} turn")
     out = []
@@ -45,8 +45,22 @@ def normalize_messages(messages: Messages) -> list[dict[str, str]]:
             raise ValueError(f"message {i}: a system turn may only come first")
         if not isinstance(message["content"], str):
             raise ValueError(f"message {i}: content must be a string, got {message['content']!r}")
+        check_text(message["content"], f"message {i} content")
         out.append({"role": role, "content": message["content"]})
     return out
+
+
+def check_text(text: str, what: str) -> None:
+    """ValueError unless `text` is valid Unicode: no lone surrogate, which is what invalid UTF-8
+    bytes (a command-line argument, a JSON escape like "\\udce9") decode to."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start : err.end]
+        raise ValueError(
+            f"{what} is not valid Unicode text: {bad!r} at character {err.start} is a lone "
+            "surrogate (invalid UTF-8 input?)"
+        ) from None
 
 
 def render_turn(role: str, content: str) -> str:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from longvita.config import VisionConfig
-from longvita.errors import PromptError
+from longvita.errors import PromptError, ReservedTokenError
 from longvita.processing.chat import Messages, build_prompt, build_training_text
 from longvita.processing.image import choose_grid
 from longvita.processing.tiles import ImageTiles, TileSource, VideoFrameTiles, image_size
@@ -210,6 +210,7 @@ class Processor:
     ) -> ProcessedPrompt:
         """Plan the media of the tags in `ids` (headers only) and expand the tags."""
         images, videos = list(images or []), list(videos or [])
+        self._check_reserved(ids)
         self._check_media_counts(ids, len(images), len(videos))
         segments: list[ImageTiles | VideoFrameTiles] = []  # one per tag, in tag order
         image_grids, video_frames = [], []
@@ -254,6 +255,17 @@ class Processor:
             max_fps=DEFAULT_MAX_FPS if fps is None else fps,
         )
         return VideoFrameTiles(video, indices, tile_size=self.tile_size)
+
+    def _check_reserved(self, ids: Sequence[int]) -> None:
+        """ReservedTokenError naming the tokens of `RESERVED_TOKENS` found in the text."""
+        found = sorted(set(self.tokens.reserved).intersection(ids))
+        if found:
+            names = ", ".join(repr(name) for name in self.tokenizer.convert_ids_to_tokens(found))
+            raise ReservedTokenError(
+                f"the text contains {names}: tokens the Processor writes around image and video "
+                "placeholders, never accepted in messages; remove them (put an <image> or "
+                "<video> tag where a medium goes)"
+            )
 
     def _check_media_counts(self, ids: Sequence[int], num_images: int, num_videos: int) -> None:
         num_image_tags = sum(1 for t in ids if t == self.tokens.image_tag)

@@ -38,6 +38,8 @@ LONG_VITA_TOKENS = (
     IMAGE_TAG,
     VIDEO_TAG,
 )
+RESERVED_TOKENS = LONG_VITA_TOKENS[:9]
+"""What tag expansion writes around and into visual slots; never accepted in text."""
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -73,6 +75,22 @@ class SpecialTokenIds:
     def context(self) -> tuple[int, ...]:
         """Placeholder ids whose embeddings are overwritten by visual features."""
         return (self.img_context, self.patch_context, self.vid_context)
+
+    @property
+    def reserved(self) -> tuple[int, ...]:
+        """Ids only tag expansion may write (`RESERVED_TOKENS`): the placeholders and their
+        delimiters. In text they would desynchronise placeholders and tiles."""
+        return (
+            self.img_start,
+            self.img_end,
+            self.img_context,
+            self.vid_start,
+            self.vid_end,
+            self.vid_context,
+            self.patch_start,
+            self.patch_end,
+            self.patch_context,
+        )
 
 
 def add_long_vita_tokens(tokenizer) -> list[str]:
