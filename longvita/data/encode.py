@@ -2,9 +2,16 @@
 
 Owns the one call into the Processor for training (`Processor.encode_conversation`, which
 supervises every assistant turn as `{answer}<|im_end|>\\n` and leaves everything else at
--100), the mapping of its errors to skip reasons, and the over-long check. A bad sample never
-raises out of `SampleReader.read`: it is counted in the caller's DataStats and logged with its
-`file:line`. Knows nothing of packing or loaders.
+-100), the mapping of its errors to skip reasons, and the over-long check.
+
+Owns the line between a skip and a run error. Nothing about one record ever raises out of
+`SampleReader.read`: the expected failures keep their precise reasons, and any other
+`Exception` raised while reading, validating or encoding it (a bug, a surprise from the
+tokenizer, PIL, PyAV or numpy, a MemoryError from an allocation sized by a corrupt header,
+a RecursionError) is the skip `encode_error`. Every skip is counted in the caller's DataStats
+and logged with its `file:line`. Only `DataFileError` (the data file itself vanished or
+changed after indexing) and the BaseExceptions that are not Exceptions (KeyboardInterrupt,
+SystemExit) go through. Knows nothing of packing or loaders.
 """
 
 from __future__ import annotations
@@ -17,9 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from longvita.data.mixture import Mixture
-from longvita.data.samples import RawSample
-from longvita.data.stats import DataStats, SampleError
-from longvita.errors import MediaError, PromptError
+from longvita.data.samples import DataFileError, RawSample
+from longvita.data.stats import DataStats, SampleError, printable
+from longvita.errors import MediaError, PromptError, ReservedTokenError
 from longvita.processing.processor import Processor
 
 logger = logging.getLogger(__name__)
@@ -63,13 +70,15 @@ def encode_sample(
     max_frames: int | None = None,
     fps: float | None = None,
 ) -> EncodedSample:
-    """Encode through the Processor; media and tag problems raise SampleError."""
+    """Encode through the Processor; media, tag and text problems raise SampleError."""
     try:
         out = processor.encode_conversation(
             sample.messages, sample.images, sample.videos, max_frames=max_frames, fps=fps
         )
     except MediaError as err:
         raise SampleError("media_error", str(err)) from err
+    except ReservedTokenError as err:  # a PromptError, but about the text: check it first
+        raise SampleError("invalid_sample", str(err)) from err
     except PromptError as err:
         raise SampleError("tag_media_mismatch", str(err)) from err
     except ValueError as err:
@@ -113,7 +122,8 @@ class SampleReader:
         """The encoded sample of a global record id, or None after recording why it is skipped.
 
         `on_length` is called with the token count of every sample that encodes (over-long
-        ones included), for length statistics.
+        ones included), for length statistics. Raises only DataFileError (and the
+        BaseExceptions that are not Exceptions); see the module docstring.
         """
         file_index, index = self.mixture.locate(record_id)
         entry = self.mixture.files[file_index]
@@ -125,19 +135,26 @@ class SampleReader:
                 max_frames=self.max_frames,
                 fps=self.fps,
             )
-            if on_length is not None:
-                on_length(sample.num_tokens)
-            if sample.num_tokens > self.seq_len:
-                raise SampleError(
-                    "too_long", f"{sample.num_tokens} tokens > sequence length {self.seq_len}"
-                )
         except SampleError as err:
             self._skip(stats, err.reason, location, str(err))
+            return None
+        except DataFileError:
+            raise
+        except Exception as err:  # unforeseen, but about this one record: a skip like the rest
+            self._skip(stats, "encode_error", location, describe_exception(err))
+            logger.debug("the encode_error at %s", printable(location), exc_info=err)
+            return None
+        if on_length is not None:
+            on_length(sample.num_tokens)
+        if sample.num_tokens > self.seq_len:
+            message = f"{sample.num_tokens} tokens > sequence length {self.seq_len}"
+            self._skip(stats, "too_long", location, message)
             return None
         sample.group, sample.source = entry.group, str(entry.file.path)
         return sample
 
     def _skip(self, stats: DataStats, reason: str, location: str, message: str) -> None:
+        location, message = printable(location), printable(message)
         stats.record_skip(reason, location, message)
         self._warned[reason] += 1
         count = self._warned[reason]
@@ -145,3 +162,12 @@ class SampleReader:
         logger.log(level, "skipped sample (%s) %s: %s", reason, location, message)
         if count == MAX_WARNINGS:
             logger.warning("further %r skips of this reader are logged at DEBUG", reason)
+
+
+def describe_exception(err: BaseException) -> str:
+    """`module.Type: message` (just `Type` for builtins), for an unforeseen error."""
+    kind = type(err)
+    name = kind.__qualname__
+    if kind.__module__ != "builtins":
+        name = f"{kind.__module__}.{name}"
+    return f"{name}: {err}" if str(err) else name

@@ -1,9 +1,9 @@
 """`longvita data inspect MIXTURE.yaml --seq-len N`: what a mixture gives before training on it.
 
 Owns the command's arguments, the inspection loop (read, encode and pack the first samples of
-epoch 0's seeded order, with a tqdm bar on stderr) and the report: samples per group, the
-token-length distribution, skips by reason with their first `file:line`, and the packing
-efficiency (share of non-pad tokens). The command line wiring (`longvita.cli`) calls
+epoch 0's seeded order, with a tqdm bar when stderr is a terminal) and the report: samples per
+group, the token-length distribution, skips by reason with their first `file:line`, and the
+packing efficiency (share of non-pad tokens). The command line wiring (`longvita.cli`) calls
 `add_parser`; errors are raised as ValueError with a one-line message for it to print.
 """
 
@@ -128,6 +128,12 @@ def _progress(items, *, enabled: bool):
     return tqdm(items, desc="inspect", unit="sample", file=sys.stderr)
 
 
+def _is_terminal(stream) -> bool:
+    """Whether `stream` is an interactive terminal (not a file, pipe or captured stream)."""
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `data inspect` to the `longvita` command's subparsers; returns the inspect parser."""
     data = subparsers.add_parser(
@@ -170,7 +176,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--allow-missing-files", action="store_true", help="warn about missing data files"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (there is none when stderr is not a terminal)",
+    )
     p.set_defaults(func=run_inspect)
     return p
 
@@ -212,7 +222,7 @@ def run_inspect(args: argparse.Namespace) -> int:
             max_frames=args.max_frames,
             fps=args.fps,
             max_samples=args.max_samples,
-            progress=not args.no_progress,
+            progress=not args.no_progress and _is_terminal(sys.stderr),
         )
     print(json.dumps(report.to_dict()) if args.json else report.format())
     return 0

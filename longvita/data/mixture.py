@@ -118,11 +118,16 @@ class MixtureConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> MixtureConfig:
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(
+                f"mixture file {str(path)!r} is a directory; expected a mixture YAML file "
+                "(dataset: {group: {ratio, data_paths}})"
+            )
         if not path.is_file():
             raise ValueError(f"mixture file {str(path)!r} does not exist")
         try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ValueError(f"mixture file {str(path)!r} is not valid YAML: {err}") from err
         return cls.from_dict(data, source=str(path))
 
@@ -215,13 +220,18 @@ def shard(order: np.ndarray, *, dp_rank: int, dp_size: int, worker: int, num_wor
 
 
 def _index_files(config: MixtureConfig, root: Path, allow_missing: bool) -> list[MixtureFile]:
-    files, missing = [], []
+    """Index the files of the active groups. A directory is always an error; a missing file
+    is one unless `allow_missing` (then a warning)."""
+    files, missing, directories = [], [], []
     for group in config.groups:
         if not group.active:
             logger.info("group %r: inactive (ratio %s, num %s)", group.name, group.ratio, group.num)
             continue
         for written in group.data_paths:
             path = root / os.path.expanduser(written)
+            if path.is_dir():
+                directories.append(f"{group.name}: {path}")
+                continue
             if not path.is_file():
                 missing.append(f"{group.name}: {path}")
                 continue
@@ -231,11 +241,20 @@ def _index_files(config: MixtureConfig, root: Path, allow_missing: bool) -> list
                 "group %r: %s: %d records, %d used", group.name, path, len(sample_file), num_used
             )
             files.append(MixtureFile(group.name, written, sample_file, num_used))
+    if directories:
+        raise ValueError(
+            f"{len(directories)} data path(s) are directories; data_paths lists JSONL or "
+            f"JSON-list files: {_first_five(directories)}"
+        )
     if missing and not allow_missing:
         raise ValueError(
             f"{len(missing)} data file(s) not found (relative paths are resolved against "
-            f"{str(root)!r}): {'; '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
+            f"{str(root)!r}): {_first_five(missing)}"
         )
     for entry in missing:
         logger.warning("data file not found, skipped: %s", entry)
     return files
+
+
+def _first_five(entries: list[str]) -> str:
+    return "; ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")

@@ -13,10 +13,13 @@ A file is never loaded whole: indexing records the byte span and line number of 
 (JSONL: one record per non-blank line, found with numpy over 16 MiB chunks; JSON list: each
 top-level element, found by a regex scan of a memory map, which runs a Python step per JSON
 string or bracket, so prefer JSONL for multi-GB files). Reading a record seeks to its span.
-A file whose first non-blank byte is `[` is a JSON list; anything else is JSONL.
+A file whose first non-blank byte (after a UTF-8 byte-order mark, if any) is `[` is a JSON
+list; anything else is JSONL.
 
 Knows nothing of tokens, media decoding, mixtures or packing. A bad record raises SampleError
-with its reason and `file:line`; it never stops the caller.
+with its reason; it never stops the caller. A data file that can no longer be read as it was
+indexed (gone, unreadable, shorter) raises DataFileError: that is the run's problem, not the
+record's.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import mmap
 import os
 import re
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +39,19 @@ from longvita.data.stats import SampleError
 from longvita.processing.chat import normalize_messages
 
 CHUNK_BYTES = 1 << 24
+BOM = b"\xef\xbb\xbf"
+"""The UTF-8 byte-order mark some editors and exporters write at the start of a file."""
 SHAREGPT_KEYS = ("from", "value")
 # A JSON string (escapes included) or a bracket: enough to find the top-level elements.
 _JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
 _SEPARATORS = b" \t\r\n,"
+
+
+class DataFileError(ValueError):
+    """A data file that vanished, became unreadable or shrank after it was indexed.
+
+    Not a bad record: every record of the file would fail alike and the mixture's proportions
+    would change silently, so it stops the run (restore the file and resume)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,10 @@ class SampleFile:
     def index(cls, path: str | os.PathLike) -> SampleFile:
         """Index a file; raises ValueError if it is missing or is a broken JSON list."""
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(
+                f"data file {str(path)!r} is a directory; expected a JSONL or JSON-list file"
+            )
         if not path.is_file():
             raise ValueError(f"data file {str(path)!r} does not exist or is not a file")
         if _first_byte(path) == b"[":
@@ -90,15 +107,24 @@ class SampleFile:
         return f"{self.path}:{int(self.lines[i])}"
 
     def read_record(self, i: int) -> object:
-        """The JSON value of record i; SampleError('malformed_json') if it does not parse."""
+        """The JSON value of record i; SampleError('malformed_json') if it does not parse,
+        DataFileError if the file cannot be read as it was indexed."""
         start, end = int(self.starts[i]), int(self.ends[i])
-        with open(self.path, "rb") as f:
-            f.seek(start)
-            data = f.read(end - start)
         try:
-            return json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise SampleError("malformed_json", f"not valid JSON: {err}") from err
+            with open(self.path, "rb") as f:
+                f.seek(start)
+                data = f.read(end - start)
+        except OSError as err:
+            raise DataFileError(
+                f"data file {str(self.path)!r} can no longer be read (record {self.location(i)}): "
+                f"{err}; restore it and resume"
+            ) from err
+        if len(data) != end - start:
+            raise DataFileError(
+                f"data file {str(self.path)!r} is shorter than when it was indexed (record "
+                f"{self.location(i)} ends at byte {end}): it changed during the run"
+            )
+        return _decode_json(data)
 
     def read(self, i: int) -> RawSample:
         """Record i parsed and validated; raises SampleError with the reason."""
@@ -107,12 +133,27 @@ class SampleFile:
         )
 
 
+def _decode_json(data: bytes) -> object:
+    """The JSON value of one record's bytes; SampleError('malformed_json') for anything that is
+    not JSON: bad syntax or UTF-8, nesting deeper than the parser's recursion limit, integers
+    longer than Python converts."""
+    try:
+        return json.loads(data)
+    except RecursionError as err:
+        raise SampleError("malformed_json", f"not valid JSON: nested too deeply ({err})") from err
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+        raise SampleError("malformed_json", f"not valid JSON: {err}") from err
+
+
 def _first_byte(path: Path) -> bytes:
+    """The first non-blank byte, after a byte-order mark."""
     with open(path, "rb") as f:
-        while chunk := f.read(4096):
+        chunk = f.read(4096).removeprefix(BOM)
+        while chunk:
             stripped = chunk.lstrip()
             if stripped:
                 return stripped[:1]
+            chunk = f.read(4096)
     return b""
 
 
@@ -133,6 +174,9 @@ def _index_jsonl(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     starts = np.concatenate([[0], newlines + 1]).astype(np.int64)  # [num_newlines + 1]
     ends = np.concatenate([newlines, [size]]).astype(np.int64)
     lines = np.arange(1, starts.shape[0] + 1, dtype=np.int64)
+    with open(path, "rb") as f:
+        if f.read(len(BOM)) == BOM:
+            starts[0] = len(BOM)  # the first line is at least the mark
     keep = ends > starts
     short = np.flatnonzero(keep & (ends - starts <= 8))  # maybe whitespace only ("\r", " ")
     if short.size:
@@ -244,6 +288,22 @@ def _media_paths(record: Mapping, key: str, base_dir: str | os.PathLike) -> list
         value = [value]
     if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
         raise SampleError(
-            "invalid_sample", f"'{key}' must be a path or a list of paths, got {value!r}"
+            "invalid_sample",
+            f"'{key}' must be a path or a list of paths, got {reprlib.repr(value)}",
         )
+    for path in value:
+        _check_path(path, key)
     return [os.path.join(base_dir, os.path.expanduser(p)) for p in value]
+
+
+def _check_path(path: str, key: str) -> None:
+    """SampleError unless the OS can take `path` as a file name: no NUL character, and no lone
+    surrogate other than those that stand for undecodable file-name bytes."""
+    if "\0" in path:
+        raise SampleError("invalid_sample", f"'{key}' path {path!r} contains a NUL character")
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError as err:
+        raise SampleError(
+            "invalid_sample", f"'{key}' path {path!r} is not a valid file name: {err.reason}"
+        ) from None

@@ -20,14 +20,20 @@ SKIP_REASONS = (
     "media_error",
     "tag_media_mismatch",
     "too_long",
+    "encode_error",
 )
-"""Why a sample is skipped: not a JSON object; a record without usable messages (missing key,
-bad role, non-string content or media list); no assistant turn to supervise; a missing or
-unreadable image/video (or one without a decodable frame); `<image>`/`<video>` tags that do not
-match the number of media; more tokens than the sequence length."""
+"""Why a sample is skipped: not valid JSON (nested too deeply included) or not a JSON object; a
+record without usable messages (missing key, bad role, non-string content or content that is
+not valid Unicode, bad media list or media path, reserved tokens such as `<IMG_CONTEXT>` typed
+as text); no assistant turn to supervise; a missing or unreadable image/video (or one without a
+decodable frame); `<image>`/`<video>` tags that do not match the number of media; more tokens
+than the sequence length; any other exception raised while reading, validating or encoding the
+record (its type and message are kept: a bug or a library's surprise, not the run's end)."""
 
 MAX_EXAMPLES = 5
 """`file:line: message` examples kept per reason."""
+MAX_MESSAGE_CHARS = 500
+"""Longer skip messages are cut (a record's repr can be megabytes)."""
 
 
 class SampleError(ValueError):
@@ -38,6 +44,15 @@ class SampleError(ValueError):
             raise ValueError(f"unknown skip reason {reason!r}; expected one of {SKIP_REASONS}")
         super().__init__(message)
         self.reason = reason
+
+
+def printable(text: str, *, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text` safe to log, print and JSON-encode anywhere: lone surrogates (what invalid UTF-8
+    decodes to) as backslash escapes, and cut to `limit` characters."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 @dataclass

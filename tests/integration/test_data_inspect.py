@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import pytest
 
@@ -74,8 +75,9 @@ def test_json_report(mixture, tmp_path, capsys):
     assert 0 < report["packing_efficiency"] <= 1 and report["sequences"] >= 1
 
 
-def test_text_report_with_model_and_progress_bar(mixture, tiny_checkpoint, capsys):
+def test_text_report_with_model_and_progress_bar(mixture, tiny_checkpoint, capsys, monkeypatch):
     path, root = mixture
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     args = _parse(
         [
             "data",
@@ -96,7 +98,58 @@ def test_text_report_with_model_and_progress_bar(mixture, tiny_checkpoint, capsy
     assert args.func(args) == 0
     out, err = capsys.readouterr()
     assert "token lengths of" in out and "packing (cross_source, seq_len 256)" in out
-    assert "samples read: 4" in out and "inspect" in err  # the tqdm bar goes to stderr
+    assert "samples read: 4" in out and "inspect: 100%|" in err  # the tqdm bar, on stderr
+
+
+@pytest.mark.parametrize(("terminal", "no_progress"), [(False, False), (True, True)])
+def test_no_progress_bar_off_a_terminal_or_when_asked(
+    mixture, tmp_path, capsys, monkeypatch, terminal, no_progress
+):
+    path, root = mixture
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    tokenizer = str(write_tiny_tokenizer(tmp_path / "tok"))
+    argv = ["data", "inspect", str(path), "--seq-len", "256", "--tokenizer", tokenizer]
+    argv += ["--data-root", str(root), "--max-samples", "2"]
+    args = _parse(argv + (["--no-progress"] if no_progress else []))
+    assert args.func(args) == 0
+    out, err = capsys.readouterr()
+    assert "samples read: 2" in out and "%|" not in err  # no tqdm bar
+
+
+def test_garbage_is_reported_not_raised(tmp_path, capsys):
+    lines = [
+        conversation("q", "The fox."),
+        '{"messages": [{"role": "user", "content": "caf\\udce9"}, '
+        '{"role": "assistant", "content": "a"}]}',  # a JSON escape: a lone surrogate
+        "[" * 100_000 + "]" * 100_000,
+        conversation("What is <IMG_CONTEXT>?", "A."),
+        conversation("q", "A </vid>."),
+        '{"messages": ' + "7" * 5000 + "}",
+    ]
+    write_jsonl(tmp_path / "bad.jsonl", lines)
+    (tmp_path / "bom.json").write_bytes(
+        b"\xef\xbb\xbf" + json.dumps([conversation("r", "The dog.")] * 2).encode()
+    )
+    path = write_mixture(tmp_path / "m.yaml", {"g": {"data_paths": ["bad.jsonl", "bom.json"]}})
+    tokenizer = str(write_tiny_tokenizer(tmp_path / "tok"))
+    argv = ["data", "inspect", str(path), "--seq-len", "256", "--tokenizer", tokenizer]
+    args = _parse([*argv, "--data-root", str(tmp_path), "--json"])
+    assert args.func(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["samples_read"] == 8 and report["groups"]["g"]["packed"] == 3
+    assert {k: v for k, v in report["skipped"].items() if v} == {
+        "invalid_sample": 3,
+        "malformed_json": 2,
+    }
+    examples = report["skip_examples"]
+    assert sorted(e.split(": ")[0] for e in examples["invalid_sample"]) == [
+        f"{tmp_path / 'bad.jsonl'}:{line}" for line in (2, 4, 5)
+    ]
+    assert "nested too deeply" in examples["malformed_json"][0]
+    args = _parse([*argv, "--data-root", str(tmp_path)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "samples read: 8, skipped: 5" in out and "invalid_sample: 3" in out
 
 
 def test_help_explains(capsys):
@@ -138,6 +191,9 @@ def test_missing_mixture_and_data_files(mixture, tmp_path):
         ]
     )
     with pytest.raises(ValueError, match="nope.yaml' does not exist"):
+        args.func(args)
+    args.mixture = str(tmp_path)
+    with pytest.raises(ValueError, match="is a directory; expected a mixture YAML file"):
         args.func(args)
     args = _parse(
         [

@@ -237,3 +237,34 @@ def test_packed_sequences_carry_tiles_and_valid_targets(data_dir, processor):
         supervised = torch.nonzero(packed.targets != -100).flatten()
         assert torch.equal(packed.targets[supervised], packed.input_ids[supervised + 1])
         assert not bool(packed.visual_mask[packed.targets != -100].any())
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_keeps_going_past_garbage_records(tmp_path, processor, num_workers, caplog):
+    reserved = ["<IMG_CONTEXT>", "<VID_CONTEXT>", "<PATCH_CONTEXT>", "<img>", "</img>"]
+    reserved += ["<vid>", "</vid>", "<patch>", "</patch>"]
+    records = [conversation(f"sample {i}", "The fox.") for i in range(6)]
+    records += [conversation(f"What is {token}?", "A.") for token in reserved]  # lines 7-15
+    records += [conversation("q", f"It is {token}.") for token in reserved]  # lines 16-24
+    records += [
+        '{"messages": [{"role": "user", "content": "caf\\udce9"}, '
+        '{"role": "assistant", "content": "a"}]}',  # decodes to a lone surrogate
+        "[" * 100_000 + "]" * 100_000,
+        '{"messages": ' + "7" * 5000 + "}",
+    ]
+    write_jsonl(tmp_path / "bad.jsonl", records)
+    write_mixture(tmp_path / "mix.yaml", {"bad": {"data_paths": ["bad.jsonl"]}})
+    mixture = Mixture.from_yaml(tmp_path / "mix.yaml", data_root=tmp_path)
+    config = DataConfig(seq_len=SEQ_LEN, num_epochs=1, num_workers=num_workers)
+    loader = PackedLoader(mixture, processor, config)
+    with caplog.at_level(logging.WARNING, logger="longvita.data"):
+        numbers = [n for packed in loader for n in _sample_numbers(packed, processor)]
+    assert sorted(numbers) == list(range(6))
+    summary = loader.epoch_summaries[0]
+    assert dict(summary.skipped) == {"invalid_sample": 19, "malformed_json": 2}
+    assert summary.num_samples + summary.num_skipped == len(records)
+    if num_workers == 0:  # worker processes log in their own process
+        for k, token in enumerate(reserved):  # each kind, in user and in assistant text
+            for line in (7 + k, 16 + k):
+                logged = f"(invalid_sample) {tmp_path / 'bad.jsonl'}:{line}: the text contains"
+                assert f"{logged} {token!r}" in caplog.text

@@ -1,9 +1,11 @@
 """Training samples through the one Processor: labels on every assistant turn, errors mapped
-to skip reasons, over-long samples skipped, skips logged with file:line (rate-limited)."""
+to skip reasons (reserved tokens in text, anything unforeseen), over-long samples skipped, skips
+logged with file:line (rate-limited); only a vanished data file and interrupts go through."""
 
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from longvita.config import tiny
 from longvita.data import encode as encode_module
 from longvita.data.encode import SampleReader, encode_sample
 from longvita.data.mixture import Mixture
-from longvita.data.samples import parse_record
+from longvita.data.samples import DataFileError, parse_record
 from longvita.data.stats import DataStats, SampleError
 from longvita.processing.processor import Processor
 from longvita.processing.tokens import load_tokenizer
@@ -102,3 +104,130 @@ def test_reader_skips_too_long_and_rate_limits_warnings(processor, tmp_path, cap
     assert sum("(malformed_json)" in r.getMessage() for r in warnings) == 2
     assert any("logged at DEBUG" in r.getMessage() for r in warnings)
     assert f"{tmp_path / 'd.jsonl'}:5" in caplog.text  # the too-long record, with its line
+
+
+RESERVED = [
+    "<IMG_CONTEXT>",
+    "<VID_CONTEXT>",
+    "<PATCH_CONTEXT>",
+    "<img>",
+    "</img>",
+    "<vid>",
+    "</vid>",
+    "<patch>",
+    "</patch>",
+]
+
+
+def _reader(tmp_path, processor, records, *, seq_len: int = 4096):
+    """A reader over one JSONL file of `records` (record id = line - 1), and the file."""
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    mixture = Mixture.from_yaml(
+        write_mixture(tmp_path / "m.yaml", {"g": {"data_paths": ["d.jsonl"]}}), data_root=tmp_path
+    )
+    return SampleReader(mixture, processor, seq_len=seq_len), path
+
+
+@pytest.mark.parametrize("speaker", ["user", "assistant"])
+@pytest.mark.parametrize("token", RESERVED)
+def test_reserved_tokens_typed_as_text_are_invalid_samples(processor, tmp_path, token, speaker):
+    question, answer = (
+        (f"What is {token}?", "A.") if speaker == "user" else ("What?", f"A {token}.")
+    )
+    records = [conversation("q", "ok"), conversation(question, answer), conversation("r", "ok")]
+    reader, path = _reader(tmp_path, processor, records)
+    stats = DataStats()
+    results = [reader.read(i, stats) for i in range(3)]
+    assert [r is None for r in results] == [False, True, False]
+    assert dict(stats.skipped) == {"invalid_sample": 1}
+    assert stats.examples["invalid_sample"][0].startswith(f"{path}:2: the text contains {token!r}")
+
+
+def test_the_records_of_the_issue_are_skips(processor, tmp_path):
+    surrogate = (
+        '{"messages": [{"role": "user", "content": "caf\\udce9"}, '
+        '{"role": "assistant", "content": "a"}]}'
+    )  # the JSON text holds the escape: it decodes to a lone surrogate
+    deep = "[" * 100_000 + "]" * 100_000
+    reader, path = _reader(tmp_path, processor, [surrogate, deep, conversation("q", "a")])
+    stats = DataStats()
+    assert [reader.read(i, stats) is None for i in range(3)] == [True, True, False]
+    assert dict(stats.skipped) == {"invalid_sample": 1, "malformed_json": 1}
+    assert "lone surrogate" in stats.examples["invalid_sample"][0]
+    assert stats.examples["malformed_json"][0].startswith(f"{path}:2: not valid JSON: nested too")
+
+
+def test_a_surrogate_escaped_file_name_finds_its_file(processor, tmp_path):
+    make_image(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png"), (56, 56))  # not UTF-8
+    record = conversation("<image>\nq", "a", images=["caf\udce9.png"])
+    reader, _ = _reader(tmp_path, processor, [record])
+    sample = reader.read(0, DataStats())
+    assert sample is not None and sample.num_tiles == 1
+
+
+class Surprise(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("error", "described"),
+    [
+        (KeyError("boom"), "KeyError: 'boom'"),
+        (ZeroDivisionError(), "ZeroDivisionError"),
+        (RecursionError("maximum recursion depth exceeded"), None),
+        (MemoryError("Unable to allocate 74.5 GiB for an array"), None),
+        (Surprise("from a library"), f"{__name__}.Surprise: from a library"),
+    ],
+)
+def test_any_other_exception_is_an_encode_error_skip(
+    processor, tmp_path, monkeypatch, caplog, error, described
+):
+    def explode(*args, **kwargs):
+        raise error
+
+    reader, path = _reader(tmp_path, processor, [conversation("q", "a")] * 3)
+    monkeypatch.setattr(processor, "encode_conversation", explode)
+    stats = DataStats()
+    with caplog.at_level(logging.DEBUG, logger="longvita.data.encode"):
+        assert [reader.read(i, stats) for i in range(3)] == [None] * 3
+    assert dict(stats.skipped) == {"encode_error": 3}
+    described = described or f"{type(error).__name__}: {error}"
+    assert stats.examples["encode_error"][1] == f"{path}:2: {described}"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"skipped sample (encode_error) {path}:2: {described}" in warnings
+    debug = [r for r in caplog.records if r.levelno == logging.DEBUG and r.exc_info]
+    assert any(f"{path}:2" in r.getMessage() and r.exc_info[1] is error for r in debug)
+    assert "Traceback" in caplog.text and "in explode" in caplog.text
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), SystemExit(3)])
+def test_interrupts_go_through(processor, tmp_path, monkeypatch, error):
+    def explode(*args, **kwargs):
+        raise error
+
+    reader, _ = _reader(tmp_path, processor, [conversation("q", "a")])
+    monkeypatch.setattr(processor, "encode_conversation", explode)
+    stats = DataStats()
+    with pytest.raises(type(error)):
+        reader.read(0, stats)
+    assert stats.num_skipped == 0
+
+
+def test_a_data_file_gone_after_indexing_stops_the_run(processor, tmp_path):
+    reader, path = _reader(tmp_path, processor, [conversation("q", "a")])
+    path.unlink()
+    with pytest.raises(DataFileError, match=f"{path}:1"):
+        reader.read(0, DataStats())
+
+
+def test_skip_messages_are_printable_and_bounded(processor, tmp_path, monkeypatch):
+    def explode(*args, **kwargs):
+        raise Surprise("caf\udce9 " + "x" * 10_000)
+
+    reader, _ = _reader(tmp_path, processor, [conversation("q", "a")])
+    monkeypatch.setattr(processor, "encode_conversation", explode)
+    stats = DataStats()
+    reader.read(0, stats)
+    example = stats.examples["encode_error"][0]
+    assert "caf\\udce9" in example and example.encode("utf-8")
+    assert len(example) < 700 and example.endswith("characters)")

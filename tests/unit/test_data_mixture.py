@@ -109,6 +109,24 @@ def test_missing_files_error_or_warn(tmp_path, caplog):
     assert len(mixture) == 3 and "gone.jsonl" in caplog.text
 
 
+@pytest.mark.parametrize("allow_missing_files", [False, True])
+def test_a_directory_as_data_path_says_so(tmp_path, allow_missing_files):
+    _files(tmp_path, {"a.jsonl": 3})
+    (tmp_path / "shards").mkdir()
+    path = write_mixture(tmp_path / "m.yaml", {"A": {"data_paths": ["a.jsonl", "shards"]}})
+    with pytest.raises(ValueError, match="1 data path\\(s\\) are directories") as err:
+        Mixture.from_yaml(path, data_root=tmp_path, allow_missing_files=allow_missing_files)
+    assert f"A: {tmp_path / 'shards'}" in str(err.value) and "JSONL or JSON-list" in str(err.value)
+
+
+def test_a_directory_or_non_utf8_text_as_mixture_file_says_so(tmp_path):
+    with pytest.raises(ValueError, match="is a directory; expected a mixture YAML file"):
+        MixtureConfig.from_yaml(tmp_path)
+    (tmp_path / "m.yaml").write_bytes(b"dataset:\n  caf\xe9: {}\n")
+    with pytest.raises(ValueError, match="m.yaml' is not valid YAML"):
+        MixtureConfig.from_yaml(tmp_path / "m.yaml")
+
+
 @pytest.mark.parametrize(
     ("data", "match"),
     [

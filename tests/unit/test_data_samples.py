@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longvita.data import samples as samples_module
-from longvita.data.samples import SampleFile, parse_record
+from longvita.data.samples import BOM, DataFileError, SampleFile, parse_record
 from longvita.data.stats import SampleError
 from longvita.testing import conversation, write_json_list, write_jsonl
 
@@ -112,3 +112,93 @@ def test_bad_records_raise_sample_error_with_reason(tmp_path, record, reason, ma
     with pytest.raises(SampleError, match=match) as err:
         parse_record(json.loads(json.dumps(record)), base_dir=tmp_path, location="f:1")
     assert err.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"messages": [{"role": "user", "content": "q"}], "images": ["a\0.png"]},
+        {"messages": [{"role": "user", "content": "q"}], "videos": ["\ud800.mp4"]},
+    ],
+)
+def test_media_paths_the_os_cannot_take_are_invalid(tmp_path, record):
+    with pytest.raises(SampleError, match="NUL character|not a valid file name") as err:
+        parse_record({**record, **conversation("q", "a")}, base_dir=tmp_path, location="f:1")
+    assert err.value.reason == "invalid_sample"
+
+
+def test_surrogates_from_invalid_utf8_bytes_are_caught_where_they_matter(tmp_path):
+    path = tmp_path / "a.jsonl"  # json decodes surrogates encoded as UTF-8 bytes ("surrogatepass")
+    path.write_bytes(
+        json.dumps(conversation("caf\udce9", "a"), ensure_ascii=False).encode(
+            "utf-8", "surrogatepass"
+        )
+    )
+    with pytest.raises(SampleError, match="lone surrogate") as err:
+        SampleFile.index(path).read(0)
+    assert err.value.reason == "invalid_sample"
+
+
+def test_a_surrogate_standing_for_a_file_name_byte_is_a_valid_path(tmp_path):
+    record = {**conversation("<image>q", "a"), "images": ["caf\udce9.png"]}  # b"caf\xe9.png"
+    parsed = parse_record(record, base_dir=tmp_path, location="f:1")
+    assert os.fsencode(parsed.images[0]) == os.fsencode(tmp_path) + b"/caf\xe9.png"
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"messages": ' + b"7" * 5000 + b"}", "digits"),
+        (b'{"messages": "caf\xe9"}', "can't decode"),  # Latin-1, not UTF-8
+        (b"\xff\xfe{}", "can't decode|Expecting"),
+    ],
+)
+def test_records_json_cannot_take_are_malformed(tmp_path, line, match):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(line + b"\n")
+    with pytest.raises(SampleError, match=match) as err:
+        SampleFile.index(path).read(0)
+    assert err.value.reason == "malformed_json"
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_json_list_with_a_byte_order_mark_is_a_list(tmp_path, indent):
+    records = [conversation("q", "a"), conversation("r", "b")]
+    plain = SampleFile.index(write_json_list(tmp_path / "a.json", records, indent=indent))
+    path = tmp_path / "bom.json"
+    path.write_bytes(BOM + plain.path.read_bytes())
+    indexed = SampleFile.index(path)
+    assert [indexed.read_record(i) for i in range(len(indexed))] == records
+    assert indexed.lines.tolist() == plain.lines.tolist()
+
+
+@pytest.mark.parametrize("first_line", [b"", b"\r", b" "])
+def test_jsonl_with_a_byte_order_mark_reads_its_first_record(tmp_path, first_line):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(BOM + first_line + b'{"a": 1}\n{"a": 2}\n')
+    indexed = SampleFile.index(path)
+    assert [indexed.read_record(i) for i in range(len(indexed))] == [{"a": 1}, {"a": 2}]
+    assert indexed.location(0) == f"{path}:1"
+    path.write_bytes(BOM + first_line + b'\n{"a": 1}\n')  # a first line that is only the mark
+    indexed = SampleFile.index(path)
+    assert len(indexed) == 1 and indexed.location(0) == f"{path}:2"
+
+
+def test_a_directory_is_no_data_file(tmp_path):
+    with pytest.raises(ValueError, match="is a directory; expected a JSONL or JSON-list file"):
+        SampleFile.index(tmp_path)
+
+
+def test_a_data_file_that_vanishes_or_shrinks_after_indexing_is_a_data_file_error(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [conversation("q", "a")] * 3)
+    indexed = SampleFile.index(path)
+    path.write_text(json.dumps(conversation("q", "a")) + "\n")
+    assert indexed.read(0).location == f"{path}:1"
+    with pytest.raises(DataFileError, match="shorter than when it was indexed") as err:
+        indexed.read(2)
+    assert f"{path}:3" in str(err.value)
+    path.unlink()
+    with pytest.raises(DataFileError, match="can no longer be read") as err:
+        indexed.read(0)
+    assert isinstance(err.value, ValueError) and not isinstance(err.value, SampleError)
