@@ -7,10 +7,10 @@ interval, which is --gop frames (default 50: a keyframe every 2 s). Its content 
 
 Then, on the same file and in the same run, alternating the order each repetition:
 
-- seek: `load_video_frames(path, max_frames=64)`, which seeks to the keyframe before each far
-  selected frame and decodes forward from it;
-- sequential: what `load_video_frames` did before: probe, select the same indices, decode every
-  frame from the start up to the last selected one (`decode_video_frames(..., allow_seek=False)`).
+- seek: `plan_video(path, max_frames=64)` and `iter_video_frames(path, indices)`, which seeks to
+  the keyframe before each far selected frame and decodes forward from it;
+- sequential: the same plan, then every frame decoded from the start up to the last selected one
+  (`iter_video_frames(..., allow_seek=False)`, what the loader did before seeking).
 
 Reports the median seconds of each, the speedup (ratio of the medians, and the median of the
 per-repetition ratios, which is steadier on a shared machine), the 1-minute load average before
@@ -38,14 +38,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from longvita.processing.video import (
-    _decode_seeking,
-    _probe,
-    _scan_frame_table,
-    decode_video_frames,
-    load_video_frames,
-    video_frame_indices,
-)
+from longvita.processing.video import iter_video_frames, open_video, plan_video
+from longvita.processing.video_seek import FrameTable, scan_frame_table, seek_frames
 from longvita.testing import encode_frames
 
 CACHE_DIR = Path(__file__).resolve().parent / "results" / "tmp"
@@ -100,29 +94,44 @@ def cached_video(args: argparse.Namespace) -> Path:
     return path
 
 
-def sequential_frames(path: Path, max_frames: int):
-    """The old `load_video_frames`: probe, select, decode every frame up to the last index."""
-    num_frames, fps = _probe(str(path))
-    indices = video_frame_indices(num_frames, fps, max_frames=max_frames, max_fps=1.0)
-    return decode_video_frames(path, indices, allow_seek=False)
+def planned_frames(path: Path, max_frames: int, *, allow_seek: bool) -> list:
+    """Plan from the headers (probe, select), then decode the selected frames, all at once."""
+    indices = plan_video(path, max_frames=max_frames, max_fps=1.0).indices
+    return list(iter_video_frames(path, indices, allow_seek=allow_seek))
 
 
-def seek_frames(path: Path, max_frames: int):
-    return load_video_frames(path, max_frames=max_frames)
+def sequential_frames(path: Path, max_frames: int) -> list:
+    """The loader before seeking: decode every frame up to the last selected one."""
+    return planned_frames(path, max_frames, allow_seek=False)
+
+
+def seeking_frames(path: Path, max_frames: int) -> list:
+    return planned_frames(path, max_frames, allow_seek=True)
+
+
+def count_seeks(path: Path, wanted: list[int], table: FrameTable) -> int:
+    """The seeks `seek_frames` makes for wanted (ascending, distinct): its return value."""
+    with open_video(str(path)) as (container, stream):
+        frames = seek_frames(container, stream, wanted, table)
+        while True:
+            try:
+                next(frames)
+            except StopIteration as stop:
+                return stop.value
 
 
 def video_facts(path: Path, max_frames: int) -> dict:
     """Frame count, keyframes, selected indices and the seeks the seeking path makes."""
-    num_frames, fps = _probe(str(path))
-    indices = video_frame_indices(num_frames, fps, max_frames=max_frames, max_fps=1.0)
-    table = _scan_frame_table(str(path))
+    plan = plan_video(path, max_frames=max_frames, max_fps=1.0)
+    indices = plan.indices
+    table = scan_frame_table(str(path))
     if table is None:
         raise SystemExit(f"{path}: no usable frame table, the seeking path would not run")
-    _, num_seeks = _decode_seeking(str(path), sorted(set(indices)), table)
+    num_seeks = count_seeks(path, sorted(set(indices)), table)
     keyframe_gaps = np.diff(table.keyframes)
     return {
-        "num_frames": num_frames,
-        "fps": fps,
+        "num_frames": plan.source.num_frames,
+        "fps": plan.source.fps,
         "file_mb": round(path.stat().st_size / 1e6, 1),
         "num_keyframes": len(table.keyframes),
         "keyframe_interval_median": float(np.median(keyframe_gaps)) if len(keyframe_gaps) else None,
@@ -133,7 +142,7 @@ def video_facts(path: Path, max_frames: int) -> dict:
 
 
 def time_paths(path: Path, max_frames: int, repeats: int) -> tuple[dict, bool]:
-    paths = {"seek": seek_frames, "sequential": sequential_frames}
+    paths = {"seek": seeking_frames, "sequential": sequential_frames}
     seconds: dict[str, list[float]] = {name: [] for name in paths}
     frames = {name: fn(path, max_frames) for name, fn in paths.items()}  # warm-up, page cache
     identical = len(frames["seek"]) == len(frames["sequential"]) and all(

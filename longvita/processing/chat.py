@@ -10,6 +10,7 @@ tokens or media: `<image>` and `<video>` tags stay in the text for the Processor
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Mapping, Sequence
 
 ROLE_ALIASES = {
@@ -33,21 +34,31 @@ def normalize_messages(messages: Messages) -> list[dict[str, str]]:
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or "content" not in message:
             raise ValueError(
-                f"message {i} must be a mapping with 'role' and 'content': {message!r}"
+                f"message {i} must be a mapping with 'role' and 'content': {_short(message)}"
             )
         role = ROLE_ALIASES.get(str(message.get("role", "")).lower())
         if role is None:
             raise ValueError(
-                f"message {i} has role {message.get('role')!r}; "
+                f"message {i} has role {_short(message.get('role'))}; "
                 f"expected one of {sorted(ROLE_ALIASES)}"
             )
         if role == "system" and i != 0:
             raise ValueError(f"message {i}: a system turn may only come first")
         if not isinstance(message["content"], str):
-            raise ValueError(f"message {i}: content must be a string, got {message['content']!r}")
+            content = _short(message["content"])
+            raise ValueError(f"message {i}: content must be a string, got {content}")
         check_text(message["content"], f"message {i} content")
         out.append({"role": role, "content": message["content"]})
     return out
+
+
+def _short(value: object) -> str:
+    """A bounded repr for error messages (a record may hold anything, nested deep)."""
+    return _REPR.repr(value)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
 
 
 def check_text(text: str, what: str) -> None:

@@ -4,6 +4,19 @@ This module owns the path from an image file (or a PIL image) to float32 pixel t
 reproduces the official Long-VITA `ImageProcessor` ("dynamic" mode) bit for bit: the same grid
 choice, the same PIL resizes and the same float32 op order. It knows nothing about tokens,
 prompts or the model; video frame selection lives in `longvita.processing.video`.
+
+`load_image` is the one place a file becomes RGB pixels, for images and frame files alike:
+- the size is read from the header and checked against `max_pixels` before any pixel is
+  decoded (`check_pixels`: decompression bombs are refused, not decoded);
+- EXIF orientation (tags 2-8) is applied, and `image_size` reports the oriented size, so the
+  grid planned from the header is the grid tiled;
+- 16-bit greys (`I;16*`, `I`) are scaled from 0..65535 to 0..255 (`round(v / 257)`), not
+  clipped (Pillow itself keeps the high byte of 16-bit RGB(A) PNGs, also a scaling);
+- transparency (RGBA, LA, PA, P or L/RGB with a transparent colour) is composited on
+  `ALPHA_BACKGROUND`, white. A documented difference from the official code, which drops the
+  alpha channel (so a transparent area shows whatever colour its pixels hold, often black);
+  an opaque image is unchanged.
+A PIL image passed in is taken as it is oriented; its mode is converted the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 from longvita.errors import MediaError
 
@@ -23,6 +36,45 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # The official code pads with `tuple(int(x * 255) for x in self.mean)`: int() truncates, so the
 # fill is (123, 116, 103), not the rounded (124, 116, 104) given in LONGVITA.md. We follow the code.
 PAD_FILL = tuple(int(x * 255) for x in IMAGENET_MEAN)
+
+DEFAULT_MAX_PIXELS = 89_478_485
+"""Default of the `max_pixels` setting: the most pixels (width * height) an image or a video
+frame may have. Pillow's own default `Image.MAX_IMAGE_PIXELS` (1024**3 // 4 // 3, a 256 MiB
+image at 3 bytes per pixel); larger media are refused before a pixel is decoded. Pillow refuses
+images above twice its own limit whatever this setting says (this module never changes
+Pillow's globals)."""
+
+ALPHA_BACKGROUND = (255, 255, 255)
+"""The colour transparent pixels are composited on (white); see the module docstring."""
+
+PIL_RGB_BYTES = 4
+"""Bytes per pixel of a PIL image in mode RGB (stored as RGBX)."""
+
+# ImageOps.exif_transpose's table: EXIF orientation -> the transpose that undoes it.
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class PixelLimitError(MediaError):
+    """An image or video frame with more pixels than the `max_pixels` setting allows."""
+
+
+def check_pixels(name: str, width: int, height: int, max_pixels: int) -> None:
+    """PixelLimitError naming `name` (e.g. "image 'a.png'") when width * height > max_pixels."""
+    if width * height > max_pixels:
+        raise PixelLimitError(
+            f"{name} is {width}x{height} = {width * height:,} pixels, more than the limit of "
+            f"{max_pixels:,} pixels; refused before decoding (a possible decompression bomb). "
+            "To accept it, raise the max_pixels setting: Processor(..., max_pixels=N)"
+        )
 
 
 @dataclass(frozen=True)
@@ -40,21 +92,102 @@ class TiledImage:
         return len(self.tiles)
 
 
-def load_image(image: str | os.PathLike | Image.Image) -> Image.Image:
-    """Open an image file (or take a PIL image) and convert it to RGB.
+def _open_image(path: str, max_pixels: int) -> Image.Image:
+    """The image file opened (header read, no pixel decoded) and checked against max_pixels."""
+    try:
+        opened = Image.open(path)
+    except Image.DecompressionBombError as e:  # above 2x Pillow's own limit
+        raise PixelLimitError(
+            f"image {path!r} is larger than Pillow accepts ({e}); it cannot be loaded"
+        ) from e
+    except (OSError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
+        raise MediaError(f"cannot read image {path!r}: {e}") from e
+    try:
+        check_pixels(f"image {path!r}", *opened.size, max_pixels)
+    except PixelLimitError:
+        opened.close()
+        raise
+    return opened
 
-    Raises MediaError naming the path when the file is missing, unreadable, truncated or not an
-    image.
+
+def _orientation(opened: Image.Image) -> int:
+    """The EXIF orientation (1 to 8) read from the header; 1 when there is none.
+
+    A PNG whose eXIf chunk comes after the pixel data is taken as 1: reading it needs decoding,
+    and planning reads headers only (load_image uses this same answer, so sizes agree).
+    """
+    if opened.format == "PNG" and "exif" not in opened.info:
+        return 1
+    orientation = opened.getexif().get(ExifTags.Base.Orientation, 1)
+    return orientation if orientation in _EXIF_TRANSPOSE else 1
+
+
+def image_size(
+    image: str | os.PathLike | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[int, int]:
+    """(width, height) of an image as `load_image` returns it (EXIF orientation applied), read
+    from the file header without decoding the pixels.
+
+    Raises PixelLimitError (a MediaError) when width * height > max_pixels, MediaError naming
+    the path when the file is missing or not an image.
     """
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        check_pixels("image (PIL)", *image.size, max_pixels)
+        return image.size
     path = os.fspath(image)
-    try:
-        with Image.open(path) as opened:
+    with _open_image(path, max_pixels) as opened:
+        width, height = opened.size
+        try:
+            orientation = _orientation(opened)
+        except (OSError, SyntaxError) as e:
+            raise MediaError(f"cannot read image {path!r}: {e}") from e
+    return (height, width) if orientation >= 5 else (width, height)
+
+
+def load_image(
+    image: str | os.PathLike | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Open an image file (or take a PIL image) as 8-bit RGB; see the module docstring.
+
+    Raises PixelLimitError (a MediaError) when width * height > max_pixels, before decoding;
+    MediaError naming the path when the file is missing, unreadable, truncated or not an image.
+    """
+    if isinstance(image, Image.Image):
+        check_pixels("image (PIL)", *image.size, max_pixels)
+        return to_rgb(image)
+    path = os.fspath(image)
+    with _open_image(path, max_pixels) as opened:
+        try:
+            orientation = _orientation(opened)
             opened.load()  # decode now so that truncated files fail here
-            return opened.convert("RGB")
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise MediaError(f"cannot read image {path!r}: {e}") from e
+        except (OSError, SyntaxError) as e:
+            raise MediaError(f"cannot read image {path!r}: {e}") from e
+        rgb = to_rgb(opened)
+    if orientation != 1:
+        rgb = rgb.transpose(_EXIF_TRANSPOSE[orientation])
+    return rgb
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A new 8-bit RGB image: 16-bit greys scaled, transparency on ALPHA_BACKGROUND."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        image = _sixteen_to_eight_bits(image)
+    if not image.has_transparency_data:
+        return image.convert("RGB")
+    if image.mode not in ("RGBA", "LA"):  # P, PA, RGBa, La, or L/RGB with a transparent colour
+        image = image.convert("RGBA")
+    rgb = Image.new("RGB", image.size, ALPHA_BACKGROUND)
+    rgb.paste(image, mask=image)  # round(v * a / 255 + background * (1 - a / 255)) per channel
+    return rgb
+
+
+def _sixteen_to_eight_bits(image: Image.Image) -> Image.Image:
+    """A 16-bit grey (`I;16*`, or `I` taken as 0..65535) as 8-bit L, round(v * 255 / 65535)."""
+    values = np.asarray(image).astype(np.int32)  # [H, W], native byte order
+    np.clip(values, 0, 65535, out=values)
+    values += 128
+    values //= 257  # (v + 128) // 257 == round(v / 257): v / 257 is never a half
+    return Image.fromarray(values.astype(np.uint8))
 
 
 def candidate_grids(max_tiles: int = 12, min_tiles: int = 1) -> list[tuple[int, int]]:
@@ -133,7 +266,9 @@ def expand_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
 
 def _normalize(image: Image.Image, tile_size: int) -> np.ndarray:
     """One image to a float32 [S, S, 3] array, in the official op order (do not reorder)."""
-    image = expand_to_square(image.convert("RGB"), PAD_FILL)
+    if image.mode != "RGB":  # (converting an RGB image would only copy it)
+        image = image.convert("RGB")
+    image = expand_to_square(image, PAD_FILL)
     image = image.resize((tile_size, tile_size), resample=Image.Resampling.BICUBIC)
     x = np.array(image, dtype=np.float32)  # [S, S, 3]
     x = x * 1.0 / 255.0

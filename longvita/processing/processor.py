@@ -22,11 +22,12 @@ from PIL import Image
 
 from longvita.config import VisionConfig
 from longvita.errors import PromptError, ReservedTokenError
+from longvita.ops.loss import IGNORE_INDEX
 from longvita.processing.chat import Messages, build_prompt, build_training_text
-from longvita.processing.image import choose_grid
-from longvita.processing.tiles import ImageTiles, TileSource, VideoFrameTiles, image_size
+from longvita.processing.image import DEFAULT_MAX_PIXELS, choose_grid, image_size
+from longvita.processing.tiles import ImageTiles, TileSource, VideoFrameTiles
 from longvita.processing.tokens import SpecialTokenIds, load_tokenizer, special_token_ids
-from longvita.processing.video import DEFAULT_MAX_FPS, DEFAULT_MAX_FRAMES, select_video_frames
+from longvita.processing.video import DEFAULT_MAX_FPS, DEFAULT_MAX_FRAMES, plan_video
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,6 @@ ImageInput = str | Path | Image.Image
 VideoInput = str | Path
 
 MAX_TILES = 12
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -143,12 +143,23 @@ def expand_tags(
 class Processor:
     """Turns chat messages with `<image>`/`<video>` tags and their media into model inputs."""
 
-    def __init__(self, tokenizer, vision: VisionConfig, *, max_tiles: int = MAX_TILES) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        vision: VisionConfig,
+        *,
+        max_tiles: int = MAX_TILES,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        if max_pixels < 1:
+            raise ValueError(f"max_pixels must be positive, got {max_pixels=}")
         self.tokenizer = tokenizer
         self.tokens = special_token_ids(tokenizer)
         self.tile_size = vision.image_size
         self.tokens_per_tile = vision.tokens_per_tile
         self.max_tiles = max_tiles
+        self.max_pixels = max_pixels
+        """Images and video frames with more pixels are refused from their headers."""
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, vision: VisionConfig) -> Processor:
@@ -242,19 +253,29 @@ class Processor:
         )
 
     def _plan_image(self, image: ImageInput) -> ImageTiles:
-        width, height = image_size(image)
+        width, height = image_size(image, max_pixels=self.max_pixels)
         grid = choose_grid(width, height, tile_size=self.tile_size, max_tiles=self.max_tiles)
-        return ImageTiles(image, grid, tile_size=self.tile_size, max_tiles=self.max_tiles)
+        return ImageTiles(
+            image,
+            grid,
+            tile_size=self.tile_size,
+            max_tiles=self.max_tiles,
+            max_pixels=self.max_pixels,
+            size=(width, height),
+        )
 
     def _plan_video(
         self, video: VideoInput, max_frames: int | None, fps: float | None
     ) -> VideoFrameTiles:
-        indices = select_video_frames(
+        plan = plan_video(
             video,
             max_frames=DEFAULT_MAX_FRAMES if max_frames is None else max_frames,
             max_fps=DEFAULT_MAX_FPS if fps is None else fps,
+            max_pixels=self.max_pixels,
         )
-        return VideoFrameTiles(video, indices, tile_size=self.tile_size)
+        return VideoFrameTiles.from_plan(
+            video, plan, tile_size=self.tile_size, max_pixels=self.max_pixels
+        )
 
     def _check_reserved(self, ids: Sequence[int]) -> None:
         """ReservedTokenError naming the tokens of `RESERVED_TOKENS` found in the text."""

@@ -1,41 +1,69 @@
 """Video frames: which frames to take from a video file or a frame directory, and decoding them.
 
-This module owns frame selection (the official Long-VITA formulas, reproduced exactly) and
-turning a video file (PyAV) or a directory of jpg/png frames into RGB PIL images. It does not
-tile or normalise frames (`longvita.processing.image.to_pixel_values` does) and knows nothing
-about tokens.
+This module owns frame selection (the official Long-VITA formulas, reproduced exactly),
+planning from headers only (`plan_video`: the frames to take, the source resolution, the
+`max_pixels` check) and turning a video file (PyAV) or a directory of jpg/png frames into RGB
+PIL images, one frame at a time (`iter_video_frames`). It does not tile or normalise frames
+(`longvita.processing.image.to_pixel_values` does) and knows nothing about tokens. Seeking
+(the frame table and the seeking decoder) lives in `video_seek`, listing, header reading and
+decoding of frame files in `frame_dirs`; this module chooses between them.
 
 Frame k of a video file is the k-th frame in presentation order, the k-th frame a decoder
 outputs when it decodes the file from the start. Two paths decode the selected frames and give
 the same pixels: sequential (decode from the start up to the last selected frame) and seeking
-(jump to the keyframe before each far-away frame and decode forward from it); see
-`decode_video_frames`.
+(jump to the keyframe before each far-away frame and decode forward from it: `video_seek`).
+
+Memory: a stream of more than `max_pixels` pixels per frame is refused from its header, before
+decoding. A frame of up to DECODE_DOWNSCALE_PIXELS is converted to RGB at full size, exactly as
+the official code does; a larger one is scaled down by the RGB conversion itself (no full-size
+RGB copy exists) and decoded with slice threads only (frame threads each hold a full-size frame).
+A frame directory's files go through `image.load_image` (same limit); a file whose header cannot
+be read is dropped at planning, one that fails to decode later is replaced by its neighbour, and
+each is counted (`VideoPlan.num_skipped`, `DecodeReport.num_replaced`) with one warning a video.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
+import math
 import os
-import re
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import av
 from PIL import Image
 
 from longvita.errors import MediaError
-from longvita.processing.image import load_image
+from longvita.processing.frame_dirs import (
+    DecodeReport,
+    iter_frame_files,
+    list_frame_files,
+    read_frame_headers,
+)
+from longvita.processing.image import DEFAULT_MAX_PIXELS, check_pixels
+from longvita.processing.video_seek import (
+    SeekMismatch,
+    scan_frame_table,
+    seek_frames,
+    worth_seeking,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_FRAMES = 4096
 DEFAULT_MAX_FPS = 1.0
-FRAME_FILE_SUFFIXES = ("png", "jpeg", "jpg")
-# Seek only when it skips decoding more than this many frames; nearer frames are decoded through
-# (a seek flushes the decoder and its threads, which costs about as much as a few frames).
-SEEK_MIN_SKIP = 16
+DECODE_DOWNSCALE_PIXELS = 3840 * 2160
+"""Frames with more pixels (8,294,400: 4K UHD) are scaled down to fit it while being converted to
+RGB. Every common video (up to 4K UHD) decodes exactly as in the official code; above it (8K,
+huge screen recordings, decompression bombs) a frame ends as one 448-pixel tile anyway (padded
+to a square, so its longer side sets the scale), and the longer side keeps at least 2,880
+pixels (6.4x the tile) while each RGB copy costs at most 33 MB instead of, for an 8192x8192
+frame, 268 MB."""
+DECODE_INTERPOLATION = "AREA"
+"""swscale filter of that scaling (area averaging: the standard for strong downscaling)."""
+MAX_REFERENCE_FRAMES = 16
+"""The most reference frames a decoder keeps (H.264 and HEVC allow 16, VP9 and AV1 fewer)."""
 
 
 def _check_limits(max_frames: int, max_fps: float) -> None:
@@ -79,30 +107,66 @@ def frame_dir_indices(num_files: int, *, max_frames: int, max_fps: float) -> lis
     return [stride * k for k in range(target)]
 
 
-def _natural_key(text: str) -> tuple[tuple[object, ...], str]:
-    """Sort key comparing digit runs as integers: 'frame2' < 'frame10'. Ties fall back to text."""
-    parts = re.split(r"(\d+)", text)
-    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), text
+@dataclass(frozen=True)
+class VideoSource:
+    """What the headers say about a video's frames, for the decoding memory bound."""
+
+    width: int
+    height: int
+    """A file: its stream's frame size; a directory: its largest selected frame file's."""
+    num_frames: int = 0
+    """Frames in the file (0 for a directory)."""
+    fps: float = 1.0
+    """Average frame rate of the file (a directory is taken as 1 fps)."""
+    bytes_per_pixel: float = 1.5
+    """Bytes per pixel of a frame in the decoder's format (8-bit YUV 4:2:0: 1.5; a directory,
+    decoded by Pillow: 0)."""
+    is_directory: bool = False
 
 
-def list_frame_files(directory: str | os.PathLike) -> list[Path]:
-    """The png/jpeg/jpg files under directory (recursively), in natural order of the full path."""
-    paths = [
-        os.path.join(root, name)
-        for root, _dirs, files in os.walk(directory)
-        for name in files
-        if name.endswith(FRAME_FILE_SUFFIXES)
-    ]
-    return [Path(p) for p in sorted(paths, key=_natural_key)]
+@dataclass(frozen=True)
+class VideoPlan:
+    """The frames to take from a video, found from headers only (`plan_video`)."""
+
+    indices: list[int]
+    source: VideoSource
+    num_skipped: int = 0
+    """Selected frame files dropped because their header could not be read (directories)."""
 
 
-def _load_frame_dir(directory: str, max_frames: int, max_fps: float) -> list[Image.Image]:
-    files = list_frame_files(directory)
-    if not files:
-        raise MediaError(f"frame directory {directory!r} has no png/jpeg/jpg file")
-    indices = frame_dir_indices(len(files), max_frames=max_frames, max_fps=max_fps)
-    logger.debug("%s: %d frame files, taking %d", directory, len(files), len(indices))
-    return [load_image(files[i]) for i in indices]
+def plan_video(
+    path: str | os.PathLike,
+    *,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+    max_fps: float = DEFAULT_MAX_FPS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> VideoPlan:
+    """The frames of a video file or frame directory to take, without decoding a frame.
+
+    Raises PixelLimitError (a MediaError) naming the path when a frame has more than max_pixels
+    pixels; MediaError for a missing path, a file without a video stream, frame rate or frame,
+    or a directory without a readable frame file.
+    """
+    _check_limits(max_frames, max_fps)
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = list_frame_files(path)
+        if not files:
+            raise MediaError(f"frame directory {path!r} has no png/jpeg/jpg file")
+        indices = frame_dir_indices(len(files), max_frames=max_frames, max_fps=max_fps)
+        kept, (width, height) = read_frame_headers(path, files, indices, max_pixels)
+        source = VideoSource(width, height, bytes_per_pixel=0, is_directory=True)
+        return VideoPlan(indices=kept, source=source, num_skipped=len(indices) - len(kept))
+    if not os.path.isfile(path):
+        raise MediaError(f"video {path!r} does not exist")
+    try:
+        source = _probe(path, max_pixels)
+    except av.FFmpegError as e:
+        raise MediaError(f"cannot decode video {path!r}: {e}") from e
+    num_frames, fps = source.num_frames, source.fps
+    indices = video_frame_indices(num_frames, fps, max_frames=max_frames, max_fps=max_fps)
+    logger.debug("%s: %d frames at %.3f fps, taking %d", path, num_frames, fps, len(indices))
+    return VideoPlan(indices=indices, source=source)
 
 
 def _count_packets(path: str) -> int:
@@ -112,295 +176,155 @@ def _count_packets(path: str) -> int:
         return sum(1 for packet in container.demux(stream) if packet.size > 0)
 
 
-def _probe(path: str) -> tuple[int, float]:
-    """(num_frames, average fps) of the first video stream."""
+@contextmanager
+def open_video(
+    path: str, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Iterator[tuple[av.container.InputContainer, av.VideoStream]]:
+    """The opened file and its first video stream, checked against max_pixels, its decoder's
+    threads set: frame threads (as many frames as threads) unless its frames are downscaled
+    (slice threads). MediaError when the file has no video stream."""
     with av.open(path) as container:
         if not container.streams.video:
             raise MediaError(f"video {path!r} has no video stream")
         stream = container.streams.video[0]
+        width, height = stream.codec_context.width, stream.codec_context.height
+        check_pixels(f"video {path!r}", width, height, max_pixels)
+        stream.thread_type = "SLICE" if width * height > DECODE_DOWNSCALE_PIXELS else "AUTO"
+        yield container, stream
+
+
+def decoder_frames(source: VideoSource) -> int:
+    """An upper bound, in frames, of what a decoder of this stream holds as `open_video`
+    configures it: 2 per thread (a frame thread's own frame and context; FFmpeg's automatic
+    count is min(CPUs + 1, 16); 1 thread for downscaled streams: slice threads share the
+    frame), the reference frames and the frame being output. Measured with H.264 at 1080p
+    (3 reference frames, B-frames): 8 frames with 1 thread, 22 with 8, 38 with 16."""
+    threads = 1
+    if source.width * source.height <= DECODE_DOWNSCALE_PIXELS:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        cpus = min(cpus or 1, (source.height + 15) // 16)
+        threads = min(cpus + 1, 16) if cpus > 1 else 1
+    return 2 * threads + MAX_REFERENCE_FRAMES + 1
+
+
+def _probe(path: str, max_pixels: int) -> VideoSource:
+    """The first video stream's frame size, count and rate, from the container header."""
+    with open_video(path, max_pixels) as (_, stream):
+        context = stream.codec_context
         num_frames = stream.frames  # read while open: PyAV stream objects die with the container
         rate = stream.average_rate
+        width, height, pixel_format = context.width, context.height, context.format
     if not rate:
         raise MediaError(f"video {path!r} has no average frame rate")
     if num_frames <= 0:
         num_frames = _count_packets(path)
     if num_frames <= 0:
         raise MediaError(f"video {path!r} has no frame")
-    return num_frames, float(rate)
+    bytes_per_pixel = 1.5  # YUV 4:2:0, 8 bits, when the header does not say
+    if pixel_format is not None and width * height:
+        planes = sum(c.width * c.height * math.ceil(c.bits / 8) for c in pixel_format.components)
+        bytes_per_pixel = max(bytes_per_pixel, planes / (width * height))
+    return VideoSource(width, height, num_frames, float(rate), bytes_per_pixel)
 
 
-class _SeekMismatch(Exception):
-    """The seeking decoder did not see the frame the frame table predicted."""
+def downscaled_size(width: int, height: int) -> tuple[int, int]:
+    """The size a width x height frame is converted to RGB at: itself up to
+    DECODE_DOWNSCALE_PIXELS pixels, else the largest size within it with the same aspect."""
+    if width * height <= DECODE_DOWNSCALE_PIXELS:
+        return width, height
+    scale = math.sqrt(DECODE_DOWNSCALE_PIXELS / (width * height))
+    return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
 
 
-@dataclass(frozen=True)
-class _FrameTable:
-    """Where the frames of a video stream are, from one demux pass over its packets (no decoding).
-
-    pts[k] is the pts of frame k: the k-th smallest pts of the stream's non-empty, non-discarded
-    packets, as each such packet decodes to one frame and a decoder outputs them by pts.
-    """
-
-    pts: list[int]  # [num_frames], ascending, distinct
-    keyframes: list[int]  # frame indices of the keyframe packets, ascending
-    keyframe_at_pts: dict[int, int]  # pts of a keyframe -> its frame index
-
-    def keyframe_before(self, index: int) -> int | None:
-        """The last keyframe at or before frame index, None if there is none."""
-        position = bisect.bisect_right(self.keyframes, index)
-        return self.keyframes[position - 1] if position else None
+def frame_to_image(frame: av.VideoFrame) -> Image.Image:
+    """An RGB PIL image of a decoded frame, scaled down during the conversion when larger than
+    DECODE_DOWNSCALE_PIXELS (see `downscaled_size`)."""
+    width, height = downscaled_size(frame.width, frame.height)
+    if (width, height) == (frame.width, frame.height):
+        return frame.to_image()  # RGB, as the official decode
+    return frame.to_image(width=width, height=height, interpolation=DECODE_INTERPOLATION)
 
 
-def _scan_frame_table(path: str) -> _FrameTable | None:
-    """The frame table of the first video stream; None when a packet has no pts or two packets
-    share one (frames cannot then be told apart by pts)."""
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        packets = [
-            (packet.pts, packet.is_keyframe)
-            for packet in container.demux(stream)
-            if packet.size > 0 and not packet.is_discard
-        ]
-    if any(pts is None for pts, _ in packets):
-        return None
-    packets.sort()
-    pts = [p for p, _ in packets]
-    if len(set(pts)) != len(pts):
-        return None
-    keyframes = [k for k, (_, is_keyframe) in enumerate(packets) if is_keyframe]
-    return _FrameTable(pts=pts, keyframes=keyframes, keyframe_at_pts={pts[k]: k for k in keyframes})
+def _check_frame(path: str, index: int, frame: av.VideoFrame, max_pixels: int) -> None:
+    """The header's size was checked; a stream can change size midway (a new sequence header)."""
+    check_pixels(f"video {path!r} (frame {index})", frame.width, frame.height, max_pixels)
 
 
-def _frames_from_here(
-    container: av.container.InputContainer, stream: av.VideoStream, table: _FrameTable
+def _decoded_frames(
+    path: str, wanted: list[int], max_pixels: int, allow_seek: bool
 ) -> Iterator[tuple[int, av.VideoFrame]]:
-    """(frame index, frame) for the frames decoded from the container's current position.
-
-    Frames before the first keyframe are dropped (after a seek, pictures that need frames before
-    it); from that keyframe on, every frame must be the next one in the table, else _SeekMismatch.
-    """
-    index = None
-    for packet in container.demux(stream):
-        for frame in stream.decode(packet):  # the last, empty packet flushes the decoder
-            if index is None:
-                index = table.keyframe_at_pts.get(frame.pts)
-                if index is None:
-                    continue
-            else:
-                index += 1
-                if index >= len(table.pts) or frame.pts != table.pts[index]:
-                    raise _SeekMismatch(
-                        f"frame {index}: decoded pts {frame.pts} is not the table's"
-                    )
-            yield index, frame
-
-
-def _decode_up_to(frames: Iterator[tuple[int, av.VideoFrame]], target: int) -> av.VideoFrame:
-    for index, frame in frames:
-        if index >= target:
-            if index != target:
-                raise _SeekMismatch(f"frame {target} wanted, decoding started at frame {index}")
-            return frame
-    raise _SeekMismatch(f"the stream ended before frame {target}")
-
-
-def _decode_seeking(
-    path: str, wanted: Sequence[int], table: _FrameTable
-) -> tuple[dict[int, Image.Image], int]:
-    """The frames at wanted (ascending, distinct, all < len(table.pts)) and the number of seeks.
-
-    For each wanted frame whose keyframe lies more than SEEK_MIN_SKIP frames past the last frame
-    decoded, seek to that keyframe's pts (the demuxer lands on it or an earlier keyframe) and
-    decode forward; otherwise keep decoding. Raises _SeekMismatch when a decoded frame is not the
-    one the table predicts, so that the caller can decode sequentially instead. Every frame
-    decoded is checked against the table; frames skipped by a seek are not decoded, so the
-    one-frame-per-packet premise of the table is taken on trust there (a well-formed stream).
-    """
-    images: dict[int, Image.Image] = {}
-    num_seeks, position = 0, -1  # position: index of the last frame decoded
-    frames = None
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for target in wanted:
-            keyframe = table.keyframe_before(target)
-            if keyframe is not None and keyframe > position + SEEK_MIN_SKIP:
-                if frames is not None:
-                    frames.close()
-                container.seek(table.pts[keyframe], stream=stream, backward=True, any_frame=False)
-                frames, num_seeks = None, num_seeks + 1
-            if frames is None:
-                frames = _frames_from_here(container, stream, table)
-            images[target] = _decode_up_to(frames, target).to_image()  # RGB
-            position = target
-    return images, num_seeks
-
-
-def _worth_seeking(wanted: Sequence[int]) -> bool:
-    """Whether some wanted frame is more than SEEK_MIN_SKIP frames past the previous one."""
-    return any(b - a > SEEK_MIN_SKIP for a, b in zip([-1, *wanted[:-1]], wanted, strict=True))
-
-
-def decode_video_frames(
-    path: str | os.PathLike, indices: Sequence[int], *, allow_seek: bool = True
-) -> list[Image.Image]:
-    """The frames at indices of a video file's first video stream, as RGB PIL images.
-
-    Frames come in ascending index order, once per occurrence in indices; an index past the last
-    decodable frame gives no frame. With allow_seek, frames far apart are reached by seeking to
-    the keyframe before each one (`_decode_seeking`); when no two are far apart, when the stream's
-    timestamps are missing or repeated, or when seeking fails or lands on a frame other than the
-    one predicted, it decodes sequentially from the start. Both paths give the same pixels.
-    Raises MediaError naming the path when the file cannot be decoded.
-    """
-    path = os.fspath(path)
-    wanted = sorted(set(indices))
-    if not wanted:
-        return []
-    try:  # one seeking batch: the caller holds every frame anyway
-        images = dict(_iter_wanted_frames(path, wanted, len(wanted), allow_seek=allow_seek))
-    except av.FFmpegError as e:
-        raise MediaError(f"cannot decode video {path!r}: {e}") from e
-    return [images[i] for i in sorted(indices) if i in images]
-
-
-def _load_video_file(path: str, max_frames: int, max_fps: float) -> list[Image.Image]:
-    try:
-        num_frames, fps = _probe(path)
-    except av.FFmpegError as e:
-        raise MediaError(f"cannot decode video {path!r}: {e}") from e
-    indices = video_frame_indices(num_frames, fps, max_frames=max_frames, max_fps=max_fps)
-    frames = decode_video_frames(path, indices)
-    logger.debug("%s: %d frames at %.3f fps, taking %d", path, num_frames, fps, len(indices))
-    if not frames:
-        raise MediaError(f"video {path!r} has no decodable frame")
-    if len(frames) < len(indices):
-        logger.warning(
-            "%s: decoded only %d of the %d selected frames (container said %d frames)",
-            path,
-            len(frames),
-            len(indices),
-            num_frames,
-        )
-    return frames
-
-
-def load_video_frames(
-    path: str | os.PathLike,
-    *,
-    max_frames: int = DEFAULT_MAX_FRAMES,
-    max_fps: float = DEFAULT_MAX_FPS,
-) -> list[Image.Image]:
-    """The selected frames of a video file or a frame directory, as RGB PIL images.
-
-    Raises MediaError naming the path for a missing path, an unreadable file, a file without a
-    video stream or decodable frame, or a directory without frame files.
-    """
-    _check_limits(max_frames, max_fps)
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return _load_frame_dir(path, max_frames, max_fps)
-    if os.path.isfile(path):
-        return _load_video_file(path, max_frames, max_fps)
-    raise MediaError(f"video {path!r} does not exist")
-
-
-# --- streaming: frame indices without decoding, then the frames lazily, batch by batch ---------
-
-
-def select_video_frames(
-    path: str | os.PathLike,
-    *,
-    max_frames: int = DEFAULT_MAX_FRAMES,
-    max_fps: float = DEFAULT_MAX_FPS,
-) -> list[int]:
-    """The indices `load_video_frames` takes (frames of a file, files of a directory), found
-    without decoding a frame: from the container header (or a demux pass) or the file list.
-
-    Raises MediaError as `load_video_frames` does for a missing path, a file without a video
-    stream or frame rate, or a directory without frame files.
-    """
-    _check_limits(max_frames, max_fps)
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        num_files = len(list_frame_files(path))
-        if not num_files:
-            raise MediaError(f"frame directory {path!r} has no png/jpeg/jpg file")
-        return frame_dir_indices(num_files, max_frames=max_frames, max_fps=max_fps)
-    if not os.path.isfile(path):
-        raise MediaError(f"video {path!r} does not exist")
-    try:
-        num_frames, fps = _probe(path)
-    except av.FFmpegError as e:
-        raise MediaError(f"cannot decode video {path!r}: {e}") from e
-    return video_frame_indices(num_frames, fps, max_frames=max_frames, max_fps=max_fps)
-
-
-def iter_video_frames(
-    path: str | os.PathLike, indices: Sequence[int], *, batch_size: int = 16
-) -> Iterator[Image.Image]:
-    """The frames at indices of a video file or a frame directory, decoded lazily in one pass.
-
-    Yields the frames `decode_video_frames` returns (or the directory's files), in ascending
-    index order, once per occurrence, decoding only as the consumer pulls: far-apart frames
-    `batch_size` at a time by seeking (one frame table for the whole pass), otherwise one
-    sequential decoder that runs through the file once. A consumer taking frames in batches
-    holds only its batch. Stops early where the stream ends before an index. Raises MediaError
-    naming the path when the file cannot be decoded.
-    """
-    path = os.fspath(path)
-    order = sorted(indices)
-    if os.path.isdir(path):
-        files = list_frame_files(path)
-        yield from (load_image(files[i]) for i in order)
-        return
-    try:
-        decoded = _iter_wanted_frames(path, sorted(set(order)), batch_size)
-        current = None  # (index, image) last decoded
-        for index in order:
-            while current is None or current[0] < index:
-                current = next(decoded, None)
-                if current is None:
-                    return
-            yield current[1]
-    except av.FFmpegError as e:
-        raise MediaError(f"cannot decode video {path!r}: {e}") from e
-
-
-def _iter_wanted_frames(
-    path: str, wanted: list[int], batch_size: int, *, allow_seek: bool = True
-) -> Iterator[tuple[int, Image.Image]]:
-    """(index, frame) for the wanted frames (ascending, distinct): `_decode_seeking` batch by
-    batch when allowed and worth it, then (or else) sequentially from the start for the ones
-    not yet given. A frame past the end of the stream is not given."""
+    """(index, frame) for the wanted frames (ascending, distinct), one at a time: by seeking
+    when allowed and worth it, then (or else) sequentially from the start for the ones not yet
+    given. A frame past the end of the stream is not given; a frame of more than max_pixels
+    pixels (the stream's size changed) raises PixelLimitError."""
     done = -1  # the last index given
-    seek = allow_seek and bool(wanted) and _worth_seeking(wanted)
-    table = _scan_frame_table(path) if seek else None
+    seek = allow_seek and bool(wanted) and worth_seeking(wanted)
+    table = scan_frame_table(path) if seek else None
     if seek and table is None:
         logger.debug("%s: packets without distinct pts; decoding sequentially", path)
     if table is not None:
         reachable = [i for i in wanted if i < len(table.pts)]
         try:
-            for start in range(0, len(reachable), batch_size):
-                batch = reachable[start : start + batch_size]
-                images, num_seeks = _decode_seeking(path, batch, table)
-                logger.debug("%s: %d frames in %d seeks", path, len(batch), num_seeks)
-                for index in batch:
-                    yield index, images[index]
+            with open_video(path, max_pixels) as (container, stream):
+                for index, frame in seek_frames(container, stream, reachable, table):
+                    _check_frame(path, index, frame, max_pixels)
+                    yield index, frame
                     done = index
             return
-        except (_SeekMismatch, av.FFmpegError) as e:
+        except (SeekMismatch, av.FFmpegError) as e:
             logger.debug("%s: seeking failed (%s); decoding sequentially", path, e)
     rest = iter([i for i in wanted if i > done])
     target = next(rest, None)
     if target is None:
         return
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+    with open_video(path, max_pixels) as (container, stream):
         for index, frame in enumerate(container.decode(stream)):
             if index == target:
-                yield index, frame.to_image()  # RGB
+                _check_frame(path, index, frame, max_pixels)
+                yield index, frame
                 target = next(rest, None)
                 if target is None:
                     return
+
+
+def iter_video_frames(
+    path: str | os.PathLike,
+    indices: Sequence[int],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    allow_seek: bool = True,
+    report: DecodeReport | None = None,
+) -> Iterator[Image.Image]:
+    """The frames at indices of a video file or a frame directory, as RGB PIL images, decoded
+    lazily in one pass, one frame at a time.
+
+    Yields the frames in ascending index order, once per occurrence (a repeated index yields
+    the same image), decoding only as the consumer pulls, so a consumer holds only the frames
+    it keeps. A file's far-apart frames are reached by seeking to the keyframe before each one
+    (with allow_seek; one frame table for the whole pass), otherwise one sequential decoder
+    runs through the file once; both give the same pixels. Stops early where the stream ends
+    before an index. Frames above DECODE_DOWNSCALE_PIXELS are scaled down (`frame_to_image`).
+    A directory's files that fail to decode are replaced (see `frame_dirs.iter_frame_files`).
+    Raises PixelLimitError for a frame above max_pixels, MediaError naming the path when the
+    file cannot be decoded.
+    """
+    path = os.fspath(path)
+    order = sorted(indices)
+    if os.path.isdir(path):
+        yield from iter_frame_files(path, order, max_pixels, report or DecodeReport())
+        return
+    try:
+        decoded = _decoded_frames(path, sorted(set(order)), max_pixels, allow_seek)
+        index, image = -1, None  # the last frame converted
+        for wanted in order:
+            if wanted != index:
+                image = None  # drop the previous frame before decoding the next
+                item = next(decoded, None)
+                if item is None:
+                    return
+                index, image = item[0], frame_to_image(item[1])
+                del item  # the decoder's frame buffer goes back to its pool
+            yield image
+        next(decoded, None)  # nothing left to decode: the pass ends and closes the file
+    except av.FFmpegError as e:
+        raise MediaError(f"cannot decode video {path!r}: {e}") from e

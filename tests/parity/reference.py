@@ -130,10 +130,13 @@ def process_tile(image, image_size):
 
 def image_pixels(path_or_image, image_size):
     """One image -> ([tiles, 3, S, S], (cols, rows))."""
-    if isinstance(path_or_image, Image.Image):
-        image = path_or_image.convert("RGB")
-    else:
-        image = Image.open(path_or_image).convert("RGB")
+    image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
+    if image.has_transparency_data:
+        # Our documented difference: transparency is composited on white (the official code's
+        # .convert("RGB") drops the alpha channel). Opaque images are unchanged.
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    image = image.convert("RGB")
     tiles, grid = dynamic_preprocess(image, image_size)
     return torch.stack([process_tile(t, image_size) for t in tiles]), grid
 

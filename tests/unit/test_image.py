@@ -1,12 +1,16 @@
 """Image loading, dynamic tiling and pixel normalisation (longvita.processing.image)."""
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from longvita.errors import MediaError
 from longvita.processing.image import (
+    ALPHA_BACKGROUND,
     IMAGENET_MEAN,
     IMAGENET_STD,
     PAD_FILL,
@@ -14,10 +18,12 @@ from longvita.processing.image import (
     candidate_grids,
     choose_grid,
     expand_to_square,
+    image_size,
     load_image,
     tile_image,
     to_pixel_values,
 )
+from longvita.processing.tiles import ImageTiles
 
 TILE = 448
 
@@ -178,3 +184,123 @@ def test_load_image_truncated(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(MediaError, match="cut.png"):
         load_image(path)
+
+
+# --- orientation, bit depth, transparency, pixel limit -------------------------------------------
+
+
+def _marked(size=(40, 20)):
+    """A wide image whose quadrants differ, so that every flip and rotation shows."""
+    array = np.zeros((size[1], size[0], 3), dtype=np.uint8)  # [H, W, 3]
+    h, w = size[1] // 2, size[0] // 2
+    array[:h, :w], array[:h, w:], array[h:, :w] = (250, 0, 0), (0, 250, 0), (0, 0, 250)
+    return Image.fromarray(array)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_exif_orientation_is_applied_and_reported_by_image_size(tmp_path, orientation, suffix):
+    path = tmp_path / f"photo{suffix}"
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    _marked().save(path, exif=exif, quality=95)
+    expected = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+    assert image_size(path) == expected.size == ((20, 40) if orientation >= 5 else (40, 20))
+    image = load_image(path)
+    assert image.mode == "RGB" and np.array_equal(np.asarray(image), np.asarray(expected))
+
+
+def test_rotated_photo_is_tiled_on_the_planned_grid(tmp_path):
+    path = tmp_path / "portrait.jpg"
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # stored 1000x200, shown 200x1000
+    _marked((1000, 200)).save(path, exif=exif)
+    width, height = image_size(path)
+    grid = choose_grid(width, height, tile_size=TILE)
+    assert grid == (1, 5)
+    tiles = ImageTiles(path, grid, tile_size=TILE, max_tiles=12, size=(width, height))
+    assert tiles.load([0, 5]).shape == (2, 3, TILE, TILE)  # no "changed since planned" error
+
+
+@pytest.mark.parametrize("dtype", ["<u2", ">u2", "<i4"])
+def test_sixteen_bit_grey_is_scaled_to_eight_bits(tmp_path, dtype):
+    values = np.array([[0, 128, 129, 257, 32896, 65406, 65535, 1000]])  # [1, 8]
+    source = Image.fromarray(values.astype(dtype))
+    assert source.mode in ("I;16", "I;16B", "I")
+    path = tmp_path / ("deep.tif" if source.mode == "I" else "deep.png")
+    source.save(path)  # a 16-bit grey PNG opens as I;16
+    expected = [0, 0, 1, 1, 128, 254, 255, 4]  # round(v * 255 / 65535), not min(v, 255)
+    for image in (load_image(source), load_image(path)):
+        assert image.mode == "RGB"
+        assert np.asarray(image)[0, :, 0].tolist() == expected
+        assert np.array_equal(np.asarray(image)[..., 0], np.asarray(image)[..., 2])
+
+
+def _png_rgb16(path, pixels):
+    """A 16-bit RGB PNG written by hand (Pillow cannot write one): pixels uint16 [H, W, 3]."""
+
+    def chunk(kind, data):
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)  # filter 0
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_sixteen_bit_rgb_png_keeps_its_scale(tmp_path):
+    pixels = np.array([[[0, 0x00FF, 0x8000], [0xFFFF, 0x1234, 0x7FFF]]], dtype=np.uint16)
+    path = _png_rgb16(tmp_path / "deep_rgb.png", pixels)
+    image = load_image(path)  # Pillow keeps the high byte: floor(v / 256), a scaling
+    assert np.asarray(image).tolist() == [[[0, 0, 128], [255, 0x12, 0x7F]]]
+
+
+def _over_white(rgb, alpha):
+    return [round(int(c) * int(alpha) / 255 + 255 * (1 - int(alpha) / 255)) for c in rgb]
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    assert ALPHA_BACKGROUND == (255, 255, 255)
+    array = np.zeros((2, 3, 4), dtype=np.uint8)  # [H, W, RGBA]
+    array[0] = [(200, 100, 50, 255), (200, 100, 50, 128), (200, 100, 50, 0)]
+    array[1] = [(0, 0, 0, 255), (0, 0, 0, 128), (10, 20, 30, 1)]
+    path = tmp_path / "alpha.png"
+    Image.fromarray(array).save(path)
+    image = np.asarray(load_image(path)).astype(int).tolist()
+    for y in range(2):
+        for x in range(3):
+            assert image[y][x] == _over_white(array[y, x, :3], array[y, x, 3])
+
+
+def test_opaque_images_are_unchanged_by_compositing():
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    for image in (rgb.convert("RGBA"), rgb.convert("L").convert("LA"), rgb):
+        expected = image.convert("RGB")
+        assert np.array_equal(np.asarray(load_image(image)), np.asarray(expected))
+
+
+def test_grey_with_alpha_and_palette_with_transparency(tmp_path):
+    grey = Image.new("LA", (4, 1), (100, 255))
+    grey.putpixel((1, 0), (100, 0))
+    grey.putpixel((2, 0), (0, 51))  # 20 % opaque black
+    assert np.asarray(load_image(grey))[0, :, 0].tolist() == [100, 255, 204, 100]
+
+    palette = Image.new("P", (3, 1))
+    palette.putpalette([255, 0, 0, 0, 0, 255, 0, 255, 0])  # 0 red, 1 blue, 2 green
+    palette.putpixel((1, 0), 1)
+    palette.putpixel((2, 0), 2)
+    path = tmp_path / "palette.png"
+    palette.save(path, transparency=1)  # blue is transparent
+    loaded = Image.open(path)
+    assert loaded.mode == "P" and loaded.info["transparency"] == 1
+    assert np.asarray(load_image(path)).tolist() == [[[255, 0, 0], [255, 255, 255], [0, 255, 0]]]
+    pa = Image.new("PA", (1, 1), (0, 0))  # palette index 0 (black), fully transparent
+    assert np.asarray(load_image(pa)).tolist() == [[[255, 255, 255]]]

@@ -1,4 +1,5 @@
-"""Video frame selection and decoding (longvita.processing.video), on synthetic videos."""
+"""Video frame selection and decoding (longvita.processing.video, processing.video_seek), on
+synthetic videos."""
 
 import re
 from fractions import Fraction
@@ -6,20 +7,17 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
-from PIL import Image
 
 from longvita.errors import MediaError
 from longvita.processing.video import (
-    _decode_seeking,
-    _FrameTable,
-    _scan_frame_table,
-    _SeekMismatch,
-    decode_video_frames,
     frame_dir_indices,
-    list_frame_files,
-    load_video_frames,
+    frame_to_image,
+    iter_video_frames,
+    open_video,
+    plan_video,
     video_frame_indices,
 )
+from longvita.processing.video_seek import FrameTable, SeekMismatch, scan_frame_table, seek_frames
 from longvita.testing import encode_frames
 
 GRAY_STEP = 8  # frame k is a solid gray of level GRAY_STEP * k
@@ -79,32 +77,14 @@ def test_frame_dir_indices_rejects_empty_target():
         frame_dir_indices(1, max_frames=4, max_fps=0.5)  # target int(0.5) = 0
 
 
-def _gray(level, size=(32, 24)):
-    return Image.new("RGB", size, (level, level, level))
+def _decode(path, indices, *, allow_seek=True):
+    """Every frame `iter_video_frames` yields for indices, at once."""
+    return list(iter_video_frames(path, indices, allow_seek=allow_seek))
 
 
-def test_list_frame_files_natural_recursive(tmp_path):
-    for name in ["frame10.jpg", "frame2.jpg", "frame1.png", "notes.txt", "frame3.JPG"]:
-        (tmp_path / name).write_bytes(b"")
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "frame0.jpeg").write_bytes(b"")
-    names = [p.relative_to(tmp_path).as_posix() for p in list_frame_files(tmp_path)]
-    # ".JPG" is skipped: the suffix match is case-sensitive, as in the official code
-    assert names == ["frame1.png", "frame2.jpg", "frame10.jpg", "sub/frame0.jpeg"]
-
-
-def test_load_video_frames_from_directory(tmp_path):
-    for k in range(10):
-        _gray(GRAY_STEP * k).save(tmp_path / f"img_{k}.png")
-    frames = load_video_frames(tmp_path, max_frames=4)  # indices [0, 2, 4, 6]
-    assert [f.mode for f in frames] == ["RGB"] * 4
-    assert [f.getpixel((0, 0))[0] for f in frames] == [0, 16, 32, 48]
-
-
-def test_load_video_frames_empty_directory(tmp_path):
-    (tmp_path / "readme.txt").write_text("no frames here")
-    with pytest.raises(MediaError, match=re.escape(str(tmp_path))):
-        load_video_frames(tmp_path)
+def _planned_frames(path, **limits):
+    """The frames `plan_video` selects, decoded: what the Processor streams into tiles."""
+    return _decode(path, plan_video(path, **limits).indices)
 
 
 def _rgb_frame(pixels):
@@ -127,10 +107,10 @@ def _frame_numbers(frames):
 
 
 @pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
-def test_load_video_frames_from_file(tmp_path, suffix):
+def test_planned_frames_from_file(tmp_path, suffix):
     # 24 frames at 4 fps, max_fps 1: step = max(4, 24/9) = 4 -> [0, 4, 8, 12, 16, 20]
     path = _write_video(tmp_path / f"clip{suffix}", 24, 4)
-    frames = load_video_frames(path, max_frames=8, max_fps=1.0)
+    frames = _planned_frames(path, max_frames=8, max_fps=1.0)
     assert all(f.mode == "RGB" and f.size == (32, 24) for f in frames)
     assert _frame_numbers(frames) == [0, 4, 8, 12, 16, 20]
 
@@ -140,31 +120,31 @@ def test_mkv_has_no_frame_count_header(tmp_path):
     path = _write_video(tmp_path / "clip.mkv", 5, 4)
     with av.open(str(path)) as container:
         assert container.streams.video[0].frames == 0
-    assert len(load_video_frames(path)) == 2  # step = max(4, 5/4097) = 4 -> [0, 4]
+    assert len(_planned_frames(path)) == 2  # step = max(4, 5/4097) = 4 -> [0, 4]
 
 
-def test_load_video_frames_long_video_and_repeats(tmp_path):
+def test_planned_frames_long_video_and_repeats(tmp_path):
     path = _write_video(tmp_path / "clip.mp4", 30, 2)
     # step = max(2/1, 30/5) = 6 -> [0, 6, 12, 18]: frames 19..29 are never seen (known defect)
-    assert _frame_numbers(load_video_frames(path, max_frames=4)) == [0, 6, 12, 18]
+    assert _frame_numbers(_planned_frames(path, max_frames=4)) == [0, 6, 12, 18]
     # step = max(2/4, 30/101) = 0.5 -> int(k/2) for k < 100, kept while < 30: each frame twice
-    frames = load_video_frames(path, max_frames=100, max_fps=4.0)
+    frames = _planned_frames(path, max_frames=100, max_fps=4.0)
     assert _frame_numbers(frames) == [k // 2 for k in range(60)]
 
 
-def test_load_video_frames_missing_path(tmp_path):
+def test_planned_frames_missing_path(tmp_path):
     with pytest.raises(MediaError, match="nothing.mp4"):
-        load_video_frames(tmp_path / "nothing.mp4")
+        _planned_frames(tmp_path / "nothing.mp4")
 
 
-def test_load_video_frames_garbage_file(tmp_path):
+def test_planned_frames_garbage_file(tmp_path):
     path = tmp_path / "garbage.mp4"
     path.write_bytes(b"definitely not a video container" * 10)
     with pytest.raises(MediaError, match="garbage.mp4"):
-        load_video_frames(path)
+        _planned_frames(path)
 
 
-def test_load_video_frames_audio_only_file(tmp_path):
+def test_planned_frames_audio_only_file(tmp_path):
     path = tmp_path / "sound.wav"
     with av.open(str(path), "w") as container:
         stream = container.add_stream("pcm_s16le", rate=8000)
@@ -174,7 +154,7 @@ def test_load_video_frames_audio_only_file(tmp_path):
         frame.sample_rate = 8000
         encode_frames(container, stream, [frame])
     with pytest.raises(MediaError, match="no video stream"):
-        load_video_frames(path)
+        _planned_frames(path)
 
 
 # --- decoding by seeking: the same pixels as sequential decoding ---------------------------------
@@ -272,7 +252,7 @@ def coded_video(request, tmp_path_factory):
 
 def test_frame_table_of_coded_videos(coded_video):
     path, settings, keyframes = coded_video
-    table = _scan_frame_table(str(path))
+    table = scan_frame_table(str(path))
     assert table is not None and len(table.pts) == 240
     assert table.pts == sorted(table.pts)
     if keyframes is not None:
@@ -283,9 +263,22 @@ def test_frame_table_of_coded_videos(coded_video):
         assert _has_reordered_frames(path), "the encoder wrote no B-frame: test is vacuous"
 
 
+def _decode_seeking(path, wanted, table):
+    """({index: RGB image} decoded by the seeking path alone, its number of seeks)."""
+    images = {}
+    with open_video(str(path)) as (container, stream):  # the decoder iter_video_frames opens
+        frames = seek_frames(container, stream, wanted, table)
+        while True:
+            try:
+                index, frame = next(frames)
+            except StopIteration as stop:
+                return images, stop.value
+            images[index] = frame_to_image(frame)
+
+
 def _decode_sequential(path, wanted):
     """{index: frame} decoded from the start, without seeking."""
-    return dict(zip(wanted, decode_video_frames(path, wanted, allow_seek=False), strict=True))
+    return dict(zip(wanted, _decode(path, wanted, allow_seek=False), strict=True))
 
 
 @pytest.mark.parametrize("indices", INDEX_SETS, ids=lambda i: f"{len(i)}-frames")
@@ -295,20 +288,20 @@ def test_seeking_gives_the_pixels_of_sequential_decoding(coded_video, indices):
     sequential = _decode_sequential(path, wanted)
     assert _coded_numbers(sequential[i] for i in wanted) == wanted
 
-    seeking, num_seeks = _decode_seeking(str(path), wanted, _scan_frame_table(str(path)))
+    seeking, num_seeks = _decode_seeking(path, wanted, scan_frame_table(str(path)))
     assert num_seeks > 0  # every set has a frame far past the previous one: no silent fallback
     _assert_same_pixels([seeking[i] for i in wanted], [sequential[i] for i in wanted])
 
-    frames = decode_video_frames(path, indices)  # the public path, repeats kept
+    frames = _decode(path, indices)  # the public path, repeats kept
     assert _coded_numbers(frames) == sorted(indices)
-    _assert_same_pixels(frames, decode_video_frames(path, indices, allow_seek=False))
+    _assert_same_pixels(frames, _decode(path, indices, allow_seek=False))
 
 
-def test_load_video_frames_seeks_long_gop(tmp_path, caplog):
+def test_planned_frames_seek_long_gop(tmp_path, caplog):
     path = _write_coded_video(tmp_path / "long.mp4", codec="libx264", gop=60, bframes=3)
     # 240 frames at 25 fps: step = max(25, 240/9) = 26.67 -> [0, 26, 53, 80, 106, 133, 160, 186]
-    with caplog.at_level("DEBUG", logger="longvita.processing.video"):
-        frames = load_video_frames(path, max_frames=8)
+    with caplog.at_level("DEBUG", logger="longvita.processing.video_seek"):
+        frames = _planned_frames(path, max_frames=8)
     assert _coded_numbers(frames) == [0, 26, 53, 80, 106, 133, 160, 186]
     # keyframes 0, 60, 120, 180: only keyframe 180 is more than SEEK_MIN_SKIP = 16 frames past
     # the frame decoded before (160), so frame 186 is reached by a seek, the others by decoding on
@@ -330,10 +323,10 @@ def test_variable_frame_rate_seeks_by_table(tmp_path):
         for frame, pts in zip(frames, frame_pts, strict=True):
             frame.pts, frame.time_base = pts, Fraction(1, 1000)
         encode_frames(container, stream, frames)
-    table = _scan_frame_table(str(path))
+    table = scan_frame_table(str(path))
     assert table.pts == frame_pts and table.keyframes == list(range(0, 240, 30))
     wanted = [0, 50, 100, 150, 239]
-    seeking, num_seeks = _decode_seeking(str(path), wanted, table)
+    seeking, num_seeks = _decode_seeking(path, wanted, table)
     assert num_seeks == 4 and _coded_numbers(seeking[i] for i in wanted) == wanted
     sequential = _decode_sequential(path, wanted)
     _assert_same_pixels([seeking[i] for i in wanted], [sequential[i] for i in wanted])
@@ -345,48 +338,48 @@ def test_dense_indices_skip_the_frame_table(tmp_path, monkeypatch):
     def no_scan(path):
         raise AssertionError("dense indices must decode sequentially without a demux pass")
 
-    monkeypatch.setattr("longvita.processing.video._scan_frame_table", no_scan)
-    assert _coded_numbers(decode_video_frames(path, range(0, 100, 10))) == list(range(0, 100, 10))
+    monkeypatch.setattr("longvita.processing.video.scan_frame_table", no_scan)
+    assert _coded_numbers(_decode(path, range(0, 100, 10))) == list(range(0, 100, 10))
 
 
 def test_stream_without_timestamps_decodes_sequentially(tmp_path):
     # A raw H.264 stream: packets carry no pts, so there is no frame table to seek with.
     path = _write_coded_video(tmp_path / "raw.h264", codec="libx264", gop=12, bframes=3, fmt="h264")
-    assert _scan_frame_table(str(path)) is None
+    assert scan_frame_table(str(path)) is None
     indices = [0, 50, 120, 239]
-    frames = decode_video_frames(path, indices)
+    frames = _decode(path, indices)
     assert _coded_numbers(frames) == indices
-    _assert_same_pixels(frames, decode_video_frames(path, indices, allow_seek=False))
+    _assert_same_pixels(frames, _decode(path, indices, allow_seek=False))
 
 
 def test_unpredicted_frame_falls_back_to_sequential(tmp_path, monkeypatch):
     path = _write_coded_video(tmp_path / "clip.mp4", codec="libx264", gop=12, bframes=3)
-    table = _scan_frame_table(str(path))
+    table = scan_frame_table(str(path))
     # A table that misses frame 50's pts (as if its packet decoded to nothing): to reach frame
     # 55 it seeks to keyframe 48, then sees frame 50 where the table expects frame 51's pts.
     # (A wrong table is caught only where the seeking path decodes through the error.)
     pts = table.pts[:50] + table.pts[51:]
-    wrong = _FrameTable(
+    wrong = FrameTable(
         pts=pts,
         keyframes=[k - (k > 50) for k in table.keyframes],
         keyframe_at_pts={p: k - (k > 50) for p, k in table.keyframe_at_pts.items()},
     )
-    with pytest.raises(_SeekMismatch):
-        _decode_seeking(str(path), [0, 55], wrong)
-    monkeypatch.setattr("longvita.processing.video._scan_frame_table", lambda path: wrong)
-    assert _coded_numbers(decode_video_frames(path, [0, 55])) == [0, 55]
+    with pytest.raises(SeekMismatch):
+        _decode_seeking(path, [0, 55], wrong)
+    monkeypatch.setattr("longvita.processing.video.scan_frame_table", lambda path: wrong)
+    assert _coded_numbers(_decode(path, [0, 55])) == [0, 55]
 
 
-def test_decode_video_frames_bad_input(tmp_path):
+def test_iter_video_frames_bad_input(tmp_path):
     path = tmp_path / "garbage.mkv"
     path.write_bytes(b"\x1a\x45\xdf\xa3 not really matroska" * 100)
     with pytest.raises(MediaError, match="garbage.mkv"):
-        decode_video_frames(path, [0, 100])
+        _decode(path, [0, 100])
     truncated = _write_coded_video(tmp_path / "cut.mp4", codec="libx264", gop=12, bframes=3)
     truncated.write_bytes(truncated.read_bytes()[:2000])  # the index (moov) is at the end: lost
     with pytest.raises(MediaError, match="cut.mp4"):
-        load_video_frames(truncated, max_frames=8)
-    assert decode_video_frames(path, []) == []
+        _planned_frames(truncated, max_frames=8)
+    assert _decode(path, []) == []
 
 
 def test_allow_seek_false_never_scans_or_seeks(tmp_path, monkeypatch):
@@ -395,6 +388,6 @@ def test_allow_seek_false_never_scans_or_seeks(tmp_path, monkeypatch):
     def no_scan(path):
         raise AssertionError("allow_seek=False must decode sequentially without a demux pass")
 
-    monkeypatch.setattr("longvita.processing.video._scan_frame_table", no_scan)
-    frames = decode_video_frames(path, [0, 120, 239], allow_seek=False)
+    monkeypatch.setattr("longvita.processing.video.scan_frame_table", no_scan)
+    frames = _decode(path, [0, 120, 239], allow_seek=False)
     assert _coded_numbers(frames) == [0, 120, 239]
