@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from longvita.config import LongVITAConfig, VisionConfig
 
 STUB_VISION = {  # text-only prompts never run the ViT: keep it as small as a ViT can be
@@ -28,15 +30,23 @@ def status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def reset_peak() -> int:
-    """Reset this process's resident high-water mark (VmHWM := VmRSS); returns VmRSS in bytes."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return status_kib("VmRSS") * 1024
+def reset_peak(device: str = "cpu") -> int:
+    """Reset the peak memory of `device`: on the CPU this process's resident high-water mark
+    (VmHWM := VmRSS), on an accelerator the allocator's peak. Returns the bytes in use now."""
+    if device == "cpu":
+        Path("/proc/self/clear_refs").write_text("5")
+        return status_kib("VmRSS") * 1024
+    torch.accelerator.synchronize()
+    torch.accelerator.reset_peak_memory_stats()
+    return torch.accelerator.memory_allocated()
 
 
-def peak_since(base_bytes: int) -> int:
-    """Bytes the resident high-water mark rose above `base_bytes` (from `reset_peak`)."""
-    return status_kib("VmHWM") * 1024 - base_bytes
+def peak_since(base_bytes: int, device: str = "cpu") -> int:
+    """Bytes the peak rose above `base_bytes` (from `reset_peak` on the same device)."""
+    if device == "cpu":
+        return status_kib("VmHWM") * 1024 - base_bytes
+    torch.accelerator.synchronize()
+    return torch.accelerator.max_memory_allocated() - base_bytes
 
 
 def text_model_config(args: argparse.Namespace) -> LongVITAConfig:

@@ -24,8 +24,13 @@ forward, each decode step one single-token forward (median reported).
 - `--cp` sizes at `--cp-len` (`longvita.parallel.launch` + `generate_sharded` on token ids):
   time to first token, per-rank KV cache bytes and peak; `--threads` cores shared by the ranks.
 
+On an accelerator (`--device cuda --dtype bfloat16`) both sides run there and "peak" is the
+allocator's peak above what the loaded model holds (`torch.accelerator.max_memory_allocated`);
+the CP runs need one device per rank.
+
     python benchmarks/long_context.py            # issue 5's numbers, ~17 min on 2 cores
     python benchmarks/long_context.py --quick    # small model and prompts, under a minute
+    python benchmarks/long_context.py --device cuda --dtype bfloat16 --cp   # on a GPU
 
 Prints one JSON object to stdout; progress goes to stderr.
 """
@@ -71,16 +76,19 @@ def prompt_ids(length: int, vocab: int) -> torch.Tensor:
 class ForwardTimer:
     """Start/end time and query length of every forward of a module (hooks)."""
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Module, device: str = "cpu") -> None:
         self.calls: list[tuple[int, float, float]] = []  # (num query tokens, start, end)
+        self.synchronize = torch.accelerator.synchronize if device != "cpu" else lambda: None
         module.register_forward_pre_hook(self._pre, with_kwargs=True)
         module.register_forward_hook(self._post)
 
     def _pre(self, _module, args, kwargs):
         ids = args[0] if args else kwargs["input_ids"]  # [1, n]
+        self.synchronize()
         self.calls.append((ids.shape[-1], time.perf_counter(), float("nan")))
 
     def _post(self, _module, _args, _out):
+        self.synchronize()
         n, start, _ = self.calls[-1]
         self.calls[-1] = (n, start, time.perf_counter())
 
@@ -97,13 +105,13 @@ class ForwardTimer:
 # -- one run, in a worker process -----------------------------------------------------------
 
 
-def load_ours(checkpoint: str):
+def load_ours(checkpoint: str, device: str = "cpu", dtype: str = "float32"):
     import longvita
 
-    return longvita.load(checkpoint, device="cpu", dtype="float32").model
+    return longvita.load(checkpoint, device=device, dtype=dtype).model
 
 
-def load_baseline(checkpoint: str):
+def load_baseline(checkpoint: str, device: str = "cpu", dtype: str = "float32"):
     import transformers
 
     from longvita.config import LongVITAConfig
@@ -116,7 +124,7 @@ def load_baseline(checkpoint: str):
         use_sliding_window=False,
         attn_implementation="sdpa",
     )
-    model = transformers.Qwen2ForCausalLM(hf_config).to(torch.float32).eval()
+    model = transformers.Qwen2ForCausalLM(hf_config).to(getattr(torch, dtype)).eval()
     state = {
         key: tensor
         for key, tensor in iter_tensors(weight_files(checkpoint))
@@ -125,7 +133,7 @@ def load_baseline(checkpoint: str):
     model.load_state_dict(state, strict=True)  # every key 1:1, nothing left over
     model.generation_config.eos_token_id = None  # always 8 new tokens, as ours (no stop ids)
     model.generation_config.pad_token_id = 0
-    return model
+    return model.to(device)
 
 
 def make_resident(model: torch.nn.Module) -> None:
@@ -140,16 +148,18 @@ def make_resident(model: torch.nn.Module) -> None:
 
 
 def generate_ours(model, ids: torch.Tensor, prefill_chunk: int) -> list[int]:
-    from longvita.infer.engine import SamplingParams, generate
+    from longvita.infer.engine import generate
+    from longvita.infer.request import SamplingParams
 
     params = SamplingParams(max_new_tokens=MAX_NEW_TOKENS)
     return generate(model, ids, params=params, stop_ids=(), prefill_chunk=prefill_chunk).token_ids
 
 
 def generate_baseline(model, ids: torch.Tensor, _prefill_chunk: int) -> list[int]:
+    ids = ids.to(model.device)
     out = model.generate(
         ids[None],
-        attention_mask=torch.ones(1, ids.numel(), dtype=torch.long),
+        attention_mask=torch.ones(1, ids.numel(), dtype=torch.long, device=ids.device),
         max_new_tokens=MAX_NEW_TOKENS,
         do_sample=False,
     )  # [1, seq + 8]
@@ -162,28 +172,32 @@ def run_worker(args: argparse.Namespace) -> dict:
         "ours": (load_ours, generate_ours),
         "baseline": (load_baseline, generate_baseline),
     }[args.path]
-    model = load(args.checkpoint)
+    model = load(args.checkpoint, args.device, args.dtype)
     make_resident(model)
-    timer = ForwardTimer(model)
+    timer = ForwardTimer(model, args.device)
     ids = prompt_ids(args.seq_len, model.config.vocab_size)  # [seq]
     with torch.inference_mode():
         generate(model, ids[:WARMUP_TOKENS], args.prefill_chunk)  # kernels, first-touch pages
         timer.calls.clear()
-        base = reset_peak()
+        base = reset_peak(args.device)
         started = time.perf_counter()
         tokens = generate(model, ids, args.prefill_chunk)
-    return {"peak_bytes": peak_since(base), "tokens": tokens, **timer.timings(started)}
+    peak = peak_since(base, args.device)
+    return {"peak_bytes": peak, "tokens": tokens, **timer.timings(started)}
 
 
 # -- context parallel, on every rank of a launched job --------------------------------------
 
 
-def cp_rank_main(state, checkpoint: str, seq_len: int, prefill_chunk: int, out_dir: str) -> None:
+def cp_rank_main(
+    state, checkpoint: str, seq_len: int, prefill_chunk: int, dtype: str, out_dir: str
+) -> None:
     """Warm up, reset the peak, generate on this rank's shard; leave its record in out_dir."""
-    from longvita.infer.engine import SamplingParams
-    from longvita.parallel.cp_inference import generate_sharded
+    from longvita.infer.cp_engine import generate_sharded
+    from longvita.infer.request import SamplingParams
 
-    model = load_ours(checkpoint)
+    device = state.device.type
+    model = load_ours(checkpoint, str(state.device), dtype)
     make_resident(model)
     ids = prompt_ids(seq_len, model.config.vocab_size)  # [seq], the whole prompt on every rank
 
@@ -199,14 +213,14 @@ def cp_rank_main(state, checkpoint: str, seq_len: int, prefill_chunk: int, out_d
         )
 
     run(ids[:WARMUP_TOKENS])
-    base = reset_peak()
+    base = reset_peak(device)
     result = run(ids)
     record = {
         "rank": state.cp_rank,
         "threads": torch.get_num_threads(),
-        "peak_bytes": peak_since(base),
-        "kv_cache_bytes": result.kv_cache_bytes,
-        "kv_cache_tokens": result.kv_cache_tokens,
+        "peak_bytes": peak_since(base, device),
+        "kv_cache_bytes": result.kv_cache_bytes_per_rank[state.cp_rank],
+        "kv_cache_tokens": result.kv_cache_tokens_per_rank[state.cp_rank],
         "prefill_seconds": round(result.prefill_seconds, 3),
         "decode_seconds": round(result.decode_seconds, 3),
         "tokens": result.token_ids,
@@ -219,8 +233,8 @@ def run_cp_worker(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)  # cp = 1 runs here; spawned ranks take cores // cp
     with tempfile.TemporaryDirectory(prefix="longvita-bench-cp-") as out_dir:
-        run_args = (args.checkpoint, args.seq_len, args.prefill_chunk, out_dir)
-        launch(cp_rank_main, cp=args.cp_size, args=run_args, timeout_s=3600)
+        run_args = (args.checkpoint, args.seq_len, args.prefill_chunk, args.dtype, out_dir)
+        launch(cp_rank_main, cp=args.cp_size, args=run_args, device=args.device, timeout_s=3600)
         files = [Path(out_dir, f"rank{rank}.json") for rank in range(args.cp_size)]
         ranks = [json.loads(file.read_text()) for file in files]
     return {"cp": args.cp_size, "ranks": ranks}
@@ -232,7 +246,8 @@ def run_cp_worker(args: argparse.Namespace) -> dict:
 def spawn(args: argparse.Namespace, checkpoint: str, path: str, seq_len: int, **extra) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--path", path]
     cmd += ["--checkpoint", checkpoint, "--seq-len", str(seq_len), "--threads", str(args.threads)]
-    cmd += ["--prefill-chunk", str(args.prefill_chunk)]
+    cmd += ["--prefill-chunk", str(args.prefill_chunk), "--device", args.device]
+    cmd += ["--dtype", args.dtype]
     for key, value in extra.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     print(f"running {path} N={seq_len} {extra or ''}", file=sys.stderr, flush=True)
@@ -257,12 +272,12 @@ def fit_line(points: dict[int, int]) -> tuple[float, float]:
     return mean_y - slope * mean_x, slope
 
 
-def fits(points: dict[int, int], seq_len: int) -> bool:
+def fits(points: dict[int, int], seq_len: int, device: str) -> bool:
     """Whether the line through the measured peaks predicts < 80% of the available memory."""
     if len(points) < 2:
         return True
     intercept, slope = fit_line(points)
-    return intercept + slope * seq_len < 0.8 * free_memory_bytes("cpu")
+    return intercept + slope * seq_len < 0.8 * free_memory_bytes(device)
 
 
 def decode_rate(run: dict) -> float:
@@ -277,7 +292,7 @@ def measure_lengths(args: argparse.Namespace, checkpoint: str) -> dict:
         for _ in range(repeats):
             for path in ("ours", "baseline"):
                 measured = {n: r[0]["peak_bytes"] for n, r in runs[path].items()}
-                if path == "baseline" and not fits(measured, seq_len):
+                if path == "baseline" and not fits(measured, seq_len, args.device):
                     print(f"skipping baseline N={seq_len}: predicted not to fit", file=sys.stderr)
                     continue
                 runs[path].setdefault(seq_len, []).append(spawn(args, checkpoint, path, seq_len))
@@ -397,6 +412,8 @@ def parse_args() -> argparse.Namespace:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     parser.add_argument("--prefill-chunk", type=int, default=4096, help="ours (engine default)")
     parser.add_argument("--threads", type=int, default=2, help="cores, shared by the CP ranks")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or an accelerator: cuda")
+    parser.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     parser.add_argument("--checkpoint", help="reuse this checkpoint instead of writing one")
     parser.add_argument("--quick", action="store_true", help="small model and prompts, < 1 min")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -6,18 +6,22 @@ out = pipe.generate("<image>\nWhat is this?", images=["a.png"])
 """
 
 from longvita.config import LongVITAConfig, VisionConfig
-from longvita.errors import CheckpointError, MediaError, PromptError
-from longvita.infer.pipeline import GenerationOutput, Pipeline, load
+from longvita.errors import CheckpointError, MediaError, PromptError, ReservedTokenError
+from longvita.infer.pipeline import Pipeline, load
+from longvita.infer.request import GenerationOutput, GenerationRequest, SamplingParams
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
     "GenerationOutput",
+    "GenerationRequest",
     "LongVITAConfig",
     "MediaError",
     "Pipeline",
     "PromptError",
+    "ReservedTokenError",
+    "SamplingParams",
     "VisionConfig",
     "load",
 ]

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from longvita.errors import CheckpointError
+from longvita.runtime import DTYPES
 
 CONFIG_FILE = "config.json"
 MODEL_TYPE = "long_vita"
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(kw_only=True)
@@ -148,7 +148,7 @@ class LongVITAConfig:
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
         if self.torch_dtype not in DTYPES:
-            raise ValueError(f"torch_dtype={self.torch_dtype!r}; expected one of {DTYPES}")
+            raise ValueError(f"torch_dtype={self.torch_dtype!r}; expected one of {list(DTYPES)}")
         if isinstance(self.vision, dict):
             self.vision = vision_config_from_dict(self.vision)
 
@@ -194,11 +194,6 @@ class LongVITAConfig:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return path
-
-    @property
-    def num_query_groups(self) -> int:
-        """Query heads per key/value head."""
-        return self.num_attention_heads // self.num_key_value_heads
 
 
 def vision_config_from_dict(data: dict[str, Any]) -> VisionConfig:

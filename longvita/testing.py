@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image, ImageDraw
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from longvita.config import LongVITAConfig, tiny
 from longvita.model.checkpoint import save_model
@@ -248,3 +250,19 @@ def full_logits_loss(
     loss_sum = F.cross_entropy(logits, targets.long(), ignore_index=IGNORE_INDEX, reduction="sum")
     count = (targets != IGNORE_INDEX).sum().to(torch.int64)
     return loss_sum, count
+
+
+class LargestOutput(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an aten op produces inside it
+    (`with LargestOutput() as seen: ...; seen.max_numel`): proves a bound on working memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self.max_numel = max(self.max_numel, leaf.numel())
+        return out

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from longvita.ops.sequence import check_cu_seqlens
+
 
 @dataclass(frozen=True, kw_only=True)
 class PackedSequence:
@@ -42,7 +44,7 @@ class PackedSequence:
             raise ValueError(f"input_ids, targets, position_ids, visual_mask must be [S]: {shapes}")
         if self.visual_mask.dtype != torch.bool:
             raise ValueError(f"visual_mask must be bool, got {self.visual_mask.dtype}")
-        _check_cu_seqlens(self.cu_seqlens, seq_len)
+        check_cu_seqlens(self.cu_seqlens, seq_len, allow_empty=False)
         self._check_tiles()
 
     def _check_tiles(self) -> None:
@@ -68,20 +70,3 @@ class PackedSequence:
     @property
     def num_tiles(self) -> int:
         return 0 if self.pixel_values is None else self.pixel_values.shape[0]
-
-
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> None:
-    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(
-            f"cu_seqlens must be [num_samples + 1] >= 2, got {tuple(cu_seqlens.shape)}"
-        )
-    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
-        raise ValueError(f"cu_seqlens must be integer, got {cu_seqlens.dtype}")
-    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
-    if first != 0 or last != seq_len:
-        raise ValueError(
-            f"cu_seqlens must cover the sequence: starts at {first} (want 0), ends at {last} "
-            f"(want S = {seq_len})"
-        )
-    if bool((cu_seqlens[1:] <= cu_seqlens[:-1]).any()):
-        raise ValueError(f"cu_seqlens must be strictly increasing, got {cu_seqlens.tolist()}")

@@ -1,10 +1,17 @@
 """Generation: prefill the prompt chunk by chunk into a KV cache, then decode one token per step.
 
-Owns the prefill and decode loops, the cache's lifetime, streaming the vision tower over the
-prompt's tiles, stopping and per-step scores. Knows nothing of tokenization or media formats:
-it takes token ids, the visual mask and a tile source (`processing.tiles`) from the Processor.
+Owns the skeleton every generation path shares and its single-process implementation:
 
-Memory beyond the weights and the KV cache is bounded by the chunk sizes, not by the prompt:
+- `SequenceRunner`, what one process does for one sequence: `prefill` the prompt, `choose` the
+  next token from logits, `feed` a chosen token back. `LocalRunner` (here) is one process with
+  the whole KV cache; `infer.cp_engine.ShardedRunner` is one rank of a context-parallel group.
+- `TokenStream`, the decode loop over a runner: yields the new tokens one by one (a server can
+  stream them), stops at a stop token or the length limit, keeps per-step logits when asked and
+  times prefill and decode. `run_to_end` drains it into a `GenerationOutput`.
+
+Knows nothing of tokenization or media formats: it takes token ids, the visual mask and a tile
+source (`processing.tiles`) from the Processor. Memory beyond the weights and the KV cache is
+bounded by the chunk sizes, not by the prompt:
 - the prompt runs `prefill_chunk` tokens at a time, positions global, each chunk attending to
   the cache and to itself (`model.kv_cache`); only the last prompt position gets logits;
 - the ViT runs on at most `vision_batch` tiles at once, on the tiles of each chunk as it comes
@@ -16,70 +23,24 @@ Memory beyond the weights and the KV cache is bounded by the chunk sizes, not by
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from longvita.errors import PromptError
+from longvita.infer.request import (
+    DEFAULT_PREFILL_CHUNK,
+    DEFAULT_VISION_BATCH,
+    GenerationOutput,
+    SamplingParams,
+)
 from longvita.model.kv_cache import KVCache
-from longvita.model.long_vita import LongVITAForCausalLM, tiles_for_positions
+from longvita.model.long_vita import LongVITAForCausalLM
 from longvita.ops.sampling import sample_next_token
+from longvita.ops.sequence import SlotIndex
 from longvita.processing.tiles import TileSource
-
-DEFAULT_PREFILL_CHUNK = 4096
-"""Prompt tokens per prefill forward."""
-DEFAULT_VISION_BATCH = 16
-"""Tiles per ViT forward (about the frames of one 4096-token chunk at 258 tokens per frame)."""
-
-
-@dataclass(kw_only=True)
-class SamplingParams:
-    """How many tokens to generate and how to choose them."""
-
-    max_new_tokens: int = 64
-    """Upper bound on generated tokens (the stop token is not counted)."""
-    temperature: float = 0.0
-    """0 is greedy decoding; above 0 samples from softmax(logits / temperature)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass in (0, 1]; 1.0 disables it."""
-    top_k: int = 0
-    """Sample among the k most likely tokens; 0 disables it."""
-    seed: int | None = None
-    """Seed of the sampling generator, for reproducible samples."""
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-
-
-@dataclass
-class GenerationResult:
-    token_ids: list[int]
-    """New tokens, the stop token excluded."""
-    scores: torch.Tensor | None
-    """[len(token_ids), vocab] float32 raw logits of each step, when asked for."""
-    stop_reason: str
-    """"stop_token" or "length"."""
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    kv_cache_bytes: int = 0
-    num_encoded_tiles: int = 0
-    """Tiles run through the ViT (each tile once)."""
-
-
-def check_chunking(prefill_chunk: int, vision_batch: int) -> None:
-    """ValueError naming the setting unless both are >= 1."""
-    if prefill_chunk < 1:
-        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-    if vision_batch < 1:
-        raise ValueError(f"vision_batch must be >= 1, got {vision_batch}")
 
 
 def allocate_cache(model: LongVITAForCausalLM, capacity: int) -> KVCache:
@@ -103,7 +64,8 @@ class VisualFeatureStream:
     in increasing order from call to call (chunks of a prefill, a rank's shard in order). Tiles
     are fetched and encoded at most `vision_batch` at a time; a tile whose slots continue past
     the positions asked is kept (its features only) for the next call, every other feature is
-    dropped, so each tile is encoded exactly once.
+    dropped, so each tile is encoded exactly once. The slot index is built once: all the calls
+    of one prompt cost O(prompt length) in all.
     """
 
     def __init__(
@@ -118,7 +80,7 @@ class VisualFeatureStream:
     ) -> None:
         self.encode = encode  # [n, 3, S, S] pixels -> [n, tokens_per_tile, hidden]
         self.tiles = tiles
-        self.visual_mask = visual_mask.cpu()  # [seq] bool
+        self.slots = SlotIndex(visual_mask.cpu(), tokens_per_tile)
         self.tokens_per_tile = tokens_per_tile
         self.vision_batch = vision_batch
         self.device = device
@@ -128,9 +90,7 @@ class VisualFeatureStream:
     def features(self, positions: torch.Tensor) -> torch.Tensor | None:
         """[num_visual_slots_at_positions, hidden] in the order of `positions`; None if none."""
         positions = positions.cpu()
-        tile_ids, feature_index = tiles_for_positions(
-            self.visual_mask, self.tokens_per_tile, positions
-        )  # [T], [num_slots]
+        tile_ids, feature_index = self.slots.tiles_at(positions)  # [T], [num_slots]
         if len(tile_ids) == 0:
             return None
         ids = tile_ids.tolist()
@@ -138,7 +98,7 @@ class VisualFeatureStream:
         rows = torch.stack([self._kept[t] if t in self._kept else fresh[t] for t in ids])
         rows = rows.reshape(-1, rows.shape[-1])  # [T * tokens_per_tile, hidden]
         out = rows.index_select(0, feature_index.to(rows.device))  # [num_slots, hidden]
-        slots_done = int(self.visual_mask[: int(positions.max()) + 1].sum())
+        slots_done = self.slots.slots_through(int(positions.max()))
         still_needed = {t for t in ids if (t + 1) * self.tokens_per_tile > slots_done}
         self._kept = {
             t: self._kept[t] if t in self._kept else fresh[t].clone()  # not a view of the batch
@@ -155,154 +115,6 @@ class VisualFeatureStream:
             features.update(zip(batch, self.encode(pixels), strict=True))  # [tpt, hidden] each
             self.num_encoded_tiles += len(batch)
         return features
-
-
-@torch.inference_mode()
-def prefill(
-    model: LongVITAForCausalLM,
-    input_ids: torch.Tensor,
-    cache: KVCache,
-    *,
-    tiles: TileSource | None = None,
-    visual_mask: torch.Tensor | None = None,
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-    vision_batch: int = DEFAULT_VISION_BATCH,
-) -> tuple[torch.Tensor, VisualFeatureStream | None]:
-    """Run the prompt `input_ids` [seq] into `cache`, `prefill_chunk` tokens per forward.
-
-    Returns the logits [1, vocab] of the last prompt position and the feature stream (for its
-    counters). Raises PromptError naming the chunk when the device runs out of memory.
-    """
-    check_chunking(prefill_chunk, vision_batch)
-    device = model.lm_head.weight.device
-    seq = input_ids.numel()
-    if seq == 0:
-        raise ValueError("the prompt has no token")
-    stream = feature_stream(model, tiles, visual_mask, vision_batch=vision_batch)
-    no_logits = torch.zeros(0, dtype=torch.long, device=device)
-    logits = None
-    for start in range(0, seq, prefill_chunk):
-        end = min(start + prefill_chunk, seq)
-        positions = torch.arange(start, end)  # [chunk] global positions
-        try:
-            features = None if stream is None else stream.features(positions)
-            logits = model(
-                input_ids[start:end].to(device)[None],
-                position_ids=positions.to(device)[None],
-                visual_mask=None if features is None else visual_mask[start:end].to(device)[None],
-                visual_features=features,
-                attention_fn=cache,
-                logit_positions=None if end == seq else no_logits,
-            )  # [1, 1, vocab] for the last chunk, [1, 0, vocab] before
-        except torch.OutOfMemoryError as err:
-            raise PromptError(_oom_message(start, end, seq, prefill_chunk, vision_batch)) from err
-        cache.advance(end - start)
-    return logits[:, -1], stream
-
-
-def _oom_message(start: int, end: int, seq: int, prefill_chunk: int, vision_batch: int) -> str:
-    return (
-        f"out of memory during prefill of tokens {start}-{end} of {seq} "
-        f"(prefill_chunk={prefill_chunk} tokens, vision_batch={vision_batch} tiles, "
-        f"{start} tokens already cached); retry with a smaller prefill_chunk "
-        f"(e.g. {max(1, prefill_chunk // 2)}) or vision_batch, fewer frames, or more devices "
-        "(--cp); `longvita plan` estimates the memory needed"
-    )
-
-
-@torch.inference_mode()
-def decode(
-    model: LongVITAForCausalLM,
-    logits: torch.Tensor,
-    cache: KVCache,
-    *,
-    params: SamplingParams,
-    stop_ids: tuple[int, ...],
-    return_scores: bool = False,
-) -> tuple[list[int], list[torch.Tensor], str]:
-    """Sample from `logits` [1, vocab], feed each token back: (tokens, scores, stop_reason)."""
-    device = logits.device
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
-    tokens: list[int] = []
-    scores: list[torch.Tensor] = []
-    for step in range(params.max_new_tokens):
-        next_token = sample_next_token(
-            logits,
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            generator=generator,
-        )  # [1]
-        token = int(next_token)
-        if token in stop_ids:
-            return tokens, scores, "stop_token"
-        tokens.append(token)
-        if return_scores:
-            scores.append(logits[0].float().cpu())
-        if step + 1 == params.max_new_tokens:
-            break
-        position = torch.tensor([[cache.length]], device=device)  # [1, 1]
-        logits = model(next_token[None], position_ids=position, attention_fn=cache)[:, -1]
-        cache.advance(1)
-    return tokens, scores, "length"
-
-
-@torch.inference_mode()
-def generate(
-    model: LongVITAForCausalLM,
-    input_ids: torch.Tensor,
-    *,
-    params: SamplingParams,
-    stop_ids: tuple[int, ...],
-    tiles: TileSource | torch.Tensor | None = None,
-    visual_mask: torch.Tensor | None = None,
-    return_scores: bool = False,
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-    vision_batch: int = DEFAULT_VISION_BATCH,
-) -> GenerationResult:
-    """Generate after the prompt `input_ids` [seq] (one sequence, as the Processor gives it).
-
-    tiles: the prompt's TileSource, or a [num_tiles, 3, S, S] tensor; visual_mask: [seq] bool.
-    The cache is allocated once for seq + max_new_tokens tokens.
-    """
-    check_chunking(prefill_chunk, vision_batch)
-    if torch.is_tensor(tiles):
-        tiles = TileSource.from_tensor(tiles)
-    cache = allocate_cache(model, input_ids.numel() + params.max_new_tokens)
-    start = time.perf_counter()
-    logits, stream = prefill(
-        model,
-        input_ids,
-        cache,
-        tiles=tiles,
-        visual_mask=visual_mask,
-        prefill_chunk=prefill_chunk,
-        vision_batch=vision_batch,
-    )
-    if tiles is not None:
-        tiles.close()
-    prefill_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    tokens, scores, stop_reason = decode(
-        model, logits, cache, params=params, stop_ids=stop_ids, return_scores=return_scores
-    )
-    decode_seconds = time.perf_counter() - start
-    return GenerationResult(
-        token_ids=tokens,
-        scores=stack_scores(scores, model.config.vocab_size) if return_scores else None,
-        stop_reason=stop_reason,
-        prefill_seconds=prefill_seconds,
-        decode_seconds=decode_seconds,
-        kv_cache_bytes=cache.num_bytes,
-        num_encoded_tiles=0 if stream is None else stream.num_encoded_tiles,
-    )
-
-
-def stack_scores(scores: list[torch.Tensor], vocab_size: int) -> torch.Tensor:
-    """Per-step logits [vocab] -> float32 [steps, vocab] (an empty [0, vocab] for no step)."""
-    return torch.stack(scores) if scores else torch.zeros(0, vocab_size)
 
 
 def feature_stream(
@@ -324,4 +136,284 @@ def feature_stream(
         tokens_per_tile=model.config.vision.tokens_per_tile,
         vision_batch=vision_batch,
         device=model.lm_head.weight.device,
+    )
+
+
+@torch.inference_mode()
+def prefill(
+    model: LongVITAForCausalLM,
+    input_ids: torch.Tensor,
+    cache: KVCache,
+    *,
+    stream: VisualFeatureStream | None = None,
+    visual_mask: torch.Tensor | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+) -> torch.Tensor:
+    """Run the prompt `input_ids` [seq] into `cache`, `prefill_chunk` tokens per forward.
+
+    stream: the features of the prompt's tiles (`feature_stream`), with visual_mask [seq] bool.
+    Returns the logits [1, vocab] of the last prompt position. Raises PromptError naming the
+    chunk when the device runs out of memory.
+    """
+    device = model.lm_head.weight.device
+    seq = input_ids.numel()
+    if seq == 0:
+        raise ValueError("the prompt has no token")
+    no_logits = torch.zeros(0, dtype=torch.long, device=device)
+    logits = None
+    for start in range(0, seq, prefill_chunk):
+        end = min(start + prefill_chunk, seq)
+        positions = torch.arange(start, end)  # [chunk] global positions
+        try:
+            features = None if stream is None else stream.features(positions)
+            logits = model(
+                input_ids[start:end].to(device)[None],
+                position_ids=positions.to(device)[None],
+                visual_mask=None if features is None else visual_mask[start:end].to(device)[None],
+                visual_features=features,
+                attention_fn=cache,
+                logit_positions=None if end == seq else no_logits,
+            )  # [1, 1, vocab] for the last chunk, [1, 0, vocab] before
+        except torch.OutOfMemoryError as err:
+            raise PromptError(_oom_message(start, end, seq, prefill_chunk)) from err
+        cache.advance(end - start)
+    return logits[:, -1]
+
+
+def _oom_message(start: int, end: int, seq: int, prefill_chunk: int) -> str:
+    return (
+        f"out of memory during prefill of tokens {start}-{end} of {seq} "
+        f"(prefill_chunk={prefill_chunk} tokens, {start} tokens already cached); retry with a "
+        f"smaller prefill_chunk (e.g. {max(1, prefill_chunk // 2)}) or vision_batch, fewer "
+        "frames, or more devices (--cp); `longvita plan` estimates the memory needed"
+    )
+
+
+class Sampler:
+    """Chooses the next token from logits: greedy, or seeded temperature / top-k / top-p."""
+
+    def __init__(self, params: SamplingParams, device: torch.device) -> None:
+        self.params = params
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(params.seed)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [1, vocab] -> token [1] int64."""
+        params = self.params
+        return sample_next_token(
+            logits,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            generator=self.generator,
+        )
+
+
+@dataclass
+class RunnerStats:
+    """What one sequence cost, per rank in rank order (one entry in a single process)."""
+
+    kv_cache_bytes: list[int]
+    kv_cache_tokens: list[int]
+    tiles_encoded: list[int]
+    prefill_rounds: int
+
+
+class SequenceRunner(Protocol):
+    """One process's share of generating one sequence (all of it, or a rank's)."""
+
+    def prefill(self) -> torch.Tensor:
+        """Run the prompt; the logits [1, vocab] of its last token (the same on every rank)."""
+        ...
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token [1] int64 (the same on every rank)."""
+        ...
+
+    def feed(self, token: torch.Tensor, step: int) -> torch.Tensor:
+        """Run decoded token `step` (0-based) [1] -> the logits [1, vocab] after it."""
+        ...
+
+    def stats(self) -> RunnerStats:
+        """Cache sizes and tiles encoded (a collective under context parallelism)."""
+        ...
+
+    def close(self) -> None:
+        """Release the media decoders (called in a `finally`)."""
+        ...
+
+
+@dataclass
+class TokenStep:
+    """One new token."""
+
+    token_id: int
+    logits: torch.Tensor | None
+    """float32 [vocab] on the CPU: the raw logits it was chosen from, when scores are kept."""
+
+
+class TokenStream:
+    """The new tokens of one sequence, one per iteration; the prompt is prefilled on the first.
+
+    After the iteration ends, `stop_reason` ("stop_token" or "length"), `prefill_seconds`
+    and `decode_seconds` say how it went. The stop token is not yielded.
+    """
+
+    def __init__(
+        self,
+        runner: SequenceRunner,
+        params: SamplingParams,
+        stop_ids: tuple[int, ...],
+        *,
+        keep_logits: bool = False,
+    ) -> None:
+        self.runner = runner
+        self.params = params
+        self.stop_ids = frozenset(stop_ids)
+        self.keep_logits = keep_logits
+        self.stop_reason = ""
+        self.prefill_seconds = 0.0
+        self.decode_seconds = 0.0
+
+    def __iter__(self) -> Iterator[TokenStep]:
+        start = time.perf_counter()
+        logits = self.runner.prefill()  # [1, vocab]
+        self.prefill_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        try:
+            for step in range(self.params.max_new_tokens):
+                token = self.runner.choose(logits)  # [1]
+                token_id = int(token)
+                if token_id in self.stop_ids:
+                    self.stop_reason = "stop_token"
+                    return
+                yield TokenStep(token_id, logits[0].float().cpu() if self.keep_logits else None)
+                if step + 1 < self.params.max_new_tokens:
+                    logits = self.runner.feed(token, step)
+            self.stop_reason = "length"
+        finally:
+            self.decode_seconds = time.perf_counter() - start
+
+
+def run_to_end(
+    runner: SequenceRunner,
+    params: SamplingParams,
+    stop_ids: tuple[int, ...],
+    *,
+    return_scores: bool,
+    vocab_size: int,
+) -> GenerationOutput:
+    """Drain a TokenStream into a GenerationOutput (tokens, scores, timings, cache stats);
+    the text and prompt fields are the Pipeline's to fill. Closes the runner."""
+    stream = TokenStream(runner, params, stop_ids, keep_logits=return_scores)
+    try:
+        steps = list(stream)
+        stats = runner.stats()
+    finally:
+        runner.close()
+    scores = None
+    if return_scores:
+        logits = [step.logits for step in steps]
+        scores = torch.stack(logits) if logits else torch.zeros(0, vocab_size)
+    return GenerationOutput(
+        token_ids=[step.token_id for step in steps],
+        scores=scores,
+        stop_reason=stream.stop_reason,
+        prefill_seconds=stream.prefill_seconds,
+        decode_seconds=stream.decode_seconds,
+        cp=len(stats.kv_cache_bytes),
+        prefill_rounds=stats.prefill_rounds,
+        kv_cache_bytes_per_rank=stats.kv_cache_bytes,
+        kv_cache_tokens_per_rank=stats.kv_cache_tokens,
+        tiles_encoded_per_rank=stats.tiles_encoded,
+    )
+
+
+class LocalRunner:
+    """One process holding the whole KV cache, allocated once for prompt + max_new_tokens."""
+
+    def __init__(
+        self,
+        model: LongVITAForCausalLM,
+        input_ids: torch.Tensor,
+        *,
+        params: SamplingParams,
+        tiles: TileSource | torch.Tensor | None = None,
+        visual_mask: torch.Tensor | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        vision_batch: int = DEFAULT_VISION_BATCH,
+    ) -> None:
+        self.model = model
+        self.input_ids = input_ids
+        self.visual_mask = visual_mask
+        self.prefill_chunk = prefill_chunk
+        self.tiles = TileSource.from_tensor(tiles) if torch.is_tensor(tiles) else tiles
+        self.device = model.lm_head.weight.device
+        self.cache = allocate_cache(model, input_ids.numel() + params.max_new_tokens)
+        self.stream = feature_stream(model, self.tiles, visual_mask, vision_batch=vision_batch)
+        self.sampler = Sampler(params, self.device)
+
+    def prefill(self) -> torch.Tensor:
+        logits = prefill(
+            self.model,
+            self.input_ids,
+            self.cache,
+            stream=self.stream,
+            visual_mask=self.visual_mask,
+            prefill_chunk=self.prefill_chunk,
+        )
+        self.close()  # every tile is encoded: free the decoders now
+        return logits
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.sampler(logits)
+
+    @torch.inference_mode()
+    def feed(self, token: torch.Tensor, step: int) -> torch.Tensor:
+        position = torch.tensor([[self.cache.length]], device=self.device)  # [1, 1]
+        logits = self.model(token[None], position_ids=position, attention_fn=self.cache)
+        self.cache.advance(1)
+        return logits[:, -1]  # [1, vocab]
+
+    def stats(self) -> RunnerStats:
+        return RunnerStats(
+            kv_cache_bytes=[self.cache.num_bytes],
+            kv_cache_tokens=[self.cache.length],
+            tiles_encoded=[0 if self.stream is None else self.stream.num_encoded_tiles],
+            prefill_rounds=-(-self.input_ids.numel() // self.prefill_chunk),
+        )
+
+    def close(self) -> None:
+        if self.tiles is not None:
+            self.tiles.close()
+
+
+def generate(
+    model: LongVITAForCausalLM,
+    input_ids: torch.Tensor,
+    *,
+    params: SamplingParams,
+    stop_ids: tuple[int, ...],
+    tiles: TileSource | torch.Tensor | None = None,
+    visual_mask: torch.Tensor | None = None,
+    return_scores: bool = False,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    vision_batch: int = DEFAULT_VISION_BATCH,
+) -> GenerationOutput:
+    """Generate after the prompt `input_ids` [seq] in this process (token ids, no text).
+
+    tiles: the prompt's TileSource, or a [num_tiles, 3, S, S] tensor; visual_mask: [seq] bool.
+    """
+    runner = LocalRunner(
+        model,
+        input_ids,
+        params=params,
+        tiles=tiles,
+        visual_mask=visual_mask,
+        prefill_chunk=prefill_chunk,
+        vision_batch=vision_batch,
+    )
+    return run_to_end(
+        runner, params, stop_ids, return_scores=return_scores, vocab_size=model.config.vocab_size
     )

@@ -1,80 +1,38 @@
 """The public entry point: `longvita.load(dir)` -> Pipeline, and `Pipeline.generate`.
 
 Owns wiring a checkpoint directory into a model, a Processor and the engine, the checks that
-need all three, and decoding the output. The checks run after the Processor has planned the
-prompt (headers only) and before any pixel is decoded or the model runs: the prompt against the
-model's positions, and its KV cache and prefill memory (`infer.plan`) against the device's free
-memory. The contract is in DESIGN.md; tests outside this repo rely on it.
+need all three, and turning the engine's tokens into the answer. The checks run after the
+Processor has planned the prompt (headers only) and before any pixel is decoded or the model
+runs: the prompt against the model's positions, and its KV cache, prefill and media decoding
+memory (`infer.plan`) against the free memory. The contract is in DESIGN.md; tests outside this
+repo rely on it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from longvita.checks import check_int
 from longvita.config import LongVITAConfig
 from longvita.errors import CheckpointError, PromptError
-from longvita.infer.engine import (
-    DEFAULT_PREFILL_CHUNK,
-    DEFAULT_VISION_BATCH,
-    SamplingParams,
-    check_chunking,
-    generate,
-)
-from longvita.infer.plan import check_memory, free_memory_bytes, plan_memory
+from longvita.infer.engine import LocalRunner, run_to_end
+from longvita.infer.plan import check_prompt_memory
+from longvita.infer.request import GenerationOutput, GenerationRequest, SamplingParams
 from longvita.model.checkpoint import load_model, save_model
 from longvita.model.long_vita import LongVITAForCausalLM
 from longvita.processing.chat import Messages
+from longvita.processing.image import DEFAULT_MAX_PIXELS
 from longvita.processing.processor import ImageInput, ProcessedPrompt, Processor, VideoInput
 from longvita.processing.tokens import load_tokenizer
+from longvita.runtime import resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """A dtype name or torch.dtype; None means float32 on CPU and bfloat16 on GPUs."""
-    if dtype is None:
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower().removeprefix("torch.")]
-    except KeyError:
-        raise ValueError(f"dtype={dtype!r}; expected one of {sorted(_DTYPES)}") from None
-
-
-@dataclass
-class GenerationOutput:
-    token_ids: list[int]
-    """The new tokens (stop token not included)."""
-    text: str
-    """The new tokens decoded without special tokens."""
-    scores: torch.Tensor | None = None
-    """With return_scores: float32 [len(token_ids), vocab], raw logits of each step."""
-    prompt_tokens: int = 0
-    """Tokens in the expanded prompt."""
-    num_tiles: int = 0
-    """Image tiles plus video frames encoded by the ViT."""
-    image_grids: list[tuple[int, int]] = field(default_factory=list)
-    video_frames: list[int] = field(default_factory=list)
-    stop_reason: str = ""
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    kv_cache_bytes: int = 0
-    """Bytes of the KV cache allocated for prompt + max_new_tokens."""
 
 
 class Pipeline:
@@ -92,6 +50,10 @@ class Pipeline:
     def tokenizer(self):
         return self.processor.tokenizer
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
     def process(
         self,
         messages: Messages,
@@ -101,6 +63,7 @@ class Pipeline:
         max_frames: int | None = None,
         fps: float | None = None,
     ) -> ProcessedPrompt:
+        """Token ids, visual mask and lazy tiles of a prompt (media headers read, no pixels)."""
         return self.processor(messages, images, videos, max_frames=max_frames, fps=fps)
 
     def generate(
@@ -108,77 +71,86 @@ class Pipeline:
         messages: Messages,
         images: Sequence[ImageInput] | None = None,
         videos: Sequence[VideoInput] | None = None,
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        max_frames: int | None = None,
-        fps: float | None = None,
-        return_scores: bool = False,
-        seed: int | None = None,
-        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-        vision_batch: int = DEFAULT_VISION_BATCH,
+        **options: Any,
     ) -> GenerationOutput:
-        """Answer `messages` (a string is one user turn); see DESIGN.md for the contract.
+        """Answer `messages` (a string is one user turn); the contract is in DESIGN.md.
 
-        prefill_chunk: prompt tokens per prefill forward; vision_batch: tiles per ViT forward.
-        Both bound the working memory (not the result). A prompt longer than the model's
-        positions, or whose KV cache and prefill do not fit the device's free memory, raises
-        PromptError before any media is decoded.
+        images / videos: one per `<image>` / `<video>` tag, in order (paths, PIL images; video
+        files or frame directories). Options (GenerationRequest, SamplingParams):
+        max_new_tokens=64, temperature=0.0 (greedy), top_p=1.0, top_k=0, seed=None,
+        max_frames=None / fps=None (the model's 4096 frames at 1 fps), return_scores=False,
+        prefill_chunk=4096 tokens and vision_batch=16 tiles (working memory, not results).
+        A prompt longer than the model's positions, or whose KV cache and prefill do not fit
+        the free memory, raises PromptError before any media is decoded.
         """
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-        )
-        check_chunking(prefill_chunk, vision_batch)
-        prompt = self.process(messages, images, videos, max_frames=max_frames, fps=fps)
-        params.max_new_tokens = self.fit_to_positions(prompt.num_tokens, params.max_new_tokens)
-        self._check_memory(prompt, params.max_new_tokens, prefill_chunk, vision_batch)
-        result = generate(
-            self.model,
-            prompt.input_ids,
-            params=params,
-            stop_ids=self.processor.tokens.stop,
-            tiles=prompt.tiles,
-            visual_mask=prompt.visual_mask,
-            return_scores=return_scores,
-            prefill_chunk=prefill_chunk,
-            vision_batch=vision_batch,
-        )
-        return GenerationOutput(
-            token_ids=result.token_ids,
-            text=self.processor.decode(result.token_ids),
-            scores=result.scores,
-            prompt_tokens=prompt.num_tokens,
-            num_tiles=prompt.num_tiles,
-            image_grids=prompt.image_grids,
-            video_frames=prompt.video_frames,
-            stop_reason=result.stop_reason,
-            prefill_seconds=result.prefill_seconds,
-            decode_seconds=result.decode_seconds,
-            kv_cache_bytes=result.kv_cache_bytes,
-        )
+        return self.run(GenerationRequest.create(messages, images, videos, **options))
 
-    def _check_memory(
-        self, prompt: ProcessedPrompt, max_new_tokens: int, prefill_chunk: int, vision_batch: int
-    ) -> None:
-        """Refuse a prompt whose KV cache + prefill activations exceed the free memory."""
-        device = self.model.lm_head.weight.device
-        plan = plan_memory(
+    def run(self, request: GenerationRequest) -> GenerationOutput:
+        """Generate the answer to a request in this process."""
+        prompt, sampling = self.prepare(request)
+        try:
+            runner = LocalRunner(
+                self.model,
+                prompt.input_ids,
+                params=sampling,
+                tiles=prompt.tiles,
+                visual_mask=prompt.visual_mask,
+                prefill_chunk=request.prefill_chunk,
+                vision_batch=request.vision_batch,
+            )
+            output = run_to_end(
+                runner,
+                sampling,
+                self.processor.tokens.stop,
+                return_scores=request.return_scores,
+                vocab_size=self.config.vocab_size,
+            )
+        finally:
+            prompt.tiles.close()
+        return self.describe(output, prompt)
+
+    def prepare(
+        self, request: GenerationRequest, *, cp: int = 1, ranks_per_host: int = 1
+    ) -> tuple[ProcessedPrompt, SamplingParams]:
+        """Plan the prompt and check it fits, before any pixel is decoded: returns it with the
+        sampling parameters (max_new_tokens trimmed to the model's positions).
+
+        cp, ranks_per_host: the context-parallel size and the ranks sharing this host's memory
+        (each rank then holds its share of the KV cache and the round's working memory).
+        """
+        prompt = self.process(
+            request.messages,
+            request.images,
+            request.videos,
+            max_frames=request.max_frames,
+            fps=request.fps,
+        )
+        max_new_tokens = self.fit_to_positions(prompt.num_tokens, request.sampling.max_new_tokens)
+        check_prompt_memory(
             self.config,
             num_prompt_tokens=prompt.num_tokens,
             max_new_tokens=max_new_tokens,
             dtype=self.model.lm_head.weight.dtype,
-            prefill_chunk=prefill_chunk,
-            vision_batch=vision_batch,
+            device=self.device,
+            prefill_chunk=request.prefill_chunk,
+            vision_batch=request.vision_batch,
             has_tiles=prompt.num_tiles > 0,
-            device_type=device.type,
+            cp=cp,
+            ranks_per_host=ranks_per_host,
+            media_bytes=prompt.tiles.decode_bytes(request.vision_batch),
         )
-        check_memory(plan, free_memory_bytes(device), device=str(device))
+        return prompt, dataclasses.replace(request.sampling, max_new_tokens=max_new_tokens)
+
+    def describe(self, output: GenerationOutput, prompt: ProcessedPrompt) -> GenerationOutput:
+        """The engine's output with its text and what the prompt held."""
+        return dataclasses.replace(
+            output,
+            text=self.processor.decode(output.token_ids),
+            prompt_tokens=prompt.num_tokens,
+            num_tiles=prompt.num_tiles,
+            image_grids=prompt.image_grids,
+            video_frames=prompt.video_frames,
+        )
 
     def fit_to_positions(self, prompt_tokens: int, max_new_tokens: int) -> int:
         """Refuse a prompt past the model's positions; trim max_new_tokens to what is left."""
@@ -200,26 +172,40 @@ class Pipeline:
         return max_new_tokens
 
     def save(self, directory: str | Path, *, max_shard_bytes: int | None = None) -> None:
-        """Write the official layout: config.json, safetensors, tokenizer files."""
-        kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
-        save_model(self.model, directory, **kwargs)
-        self.tokenizer.save_pretrained(str(directory))
+        """Write the official layout: config.json, safetensors, tokenizer files. An existing
+        checkpoint there is replaced as a whole (see `model.checkpoint.save_model`)."""
+        save_model(
+            self.model,
+            directory,
+            max_shard_bytes=max_shard_bytes,
+            write_extra=lambda staged: self.tokenizer.save_pretrained(str(staged)),
+        )
 
 
 def load(
     path: str | Path,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Pipeline:
-    """Load a Long-VITA checkpoint directory (official `Long-VITA-*_HF` layout)."""
+    """Load a Long-VITA checkpoint directory (official `Long-VITA-*_HF` layout).
+
+    device: "cpu", "cuda", "cuda:N" or another accelerator this machine has; dtype: float32,
+    bfloat16 or float16 (None: float32 on CPU, bfloat16 on an accelerator). Anything else is a
+    ValueError here, before the weights are read. max_pixels: images and video frames with more
+    pixels are refused from their headers (default: Pillow's 89,478,485).
+    """
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    check_int("max_pixels", max_pixels, minimum=1)
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a directory: give a checkpoint directory")
-    device = torch.device(device)
     config = LongVITAConfig.from_pretrained(directory)
-    processor = Processor(load_tokenizer(directory), config.vision)
+    processor = Processor(load_tokenizer(directory), config.vision, max_pixels=max_pixels)
     _check_vocab(len(processor.tokenizer), config)
-    model = load_model(directory, device=device, dtype=resolve_dtype(dtype, device), config=config)
+    model = load_model(directory, device=device, dtype=dtype, config=config)
     return Pipeline(model, processor)
 
 

@@ -2,7 +2,7 @@
 
 Owns the estimator (`plan_memory`), prompt token counts for a number of frames and images
 (`count_prompt_tokens`), the device's free memory (`free_memory_bytes`) and the check that a
-prompt fits it before any work (`check_memory`). Pure arithmetic on the config except
+prompt fits it before any work (`check_prompt_memory`). Pure arithmetic on the config except
 `free_memory_bytes`; no weights are read.
 
 Notation: b bytes per element of the dtype; L decoder layers, h hidden, I MLP hidden, V vocab,
@@ -13,7 +13,7 @@ tokens, M new tokens, C prefill chunk, B vision batch, K the KV cache's key bloc
     weights      (exact parameter count of LLM + ViT + projector) x b, on every device (context
                  parallelism replicates the weights)
     kv_cache     2 x L x Hkv x d x b x kv_tokens, where kv_tokens = P + M at cp = 1; under cp,
-                 the tokens the most loaded rank caches in `parallel.cp_inference`'s layout
+                 the tokens the most loaded rank caches in `infer.layout`'s layout
                  (the prompt in rounds of 2cp chunks of c = min(C/2, ceil(P/2cp)) tokens cut
                  zigzag, each new token to the rank holding the fewest): about (P + M) / cp
     activations  peak beyond weights and KV cache, the largest of a decoder layer's phases or a
@@ -46,14 +46,16 @@ tokens, M new tokens, C prefill chunk, B vision batch, K the KV cache's key bloc
 
 The coefficients are upper bounds of what the code allocates (tests/unit/test_plan.py measures
 chunked prefills on CPU against them at cp = 1; the shards term follows the design of
-`parallel.sharded_cache` and is not measured). Not counted: allocator fragmentation, the CUDA
-context (about 0.5 GiB), and in host memory the decoded video frames at their source
-resolution (up to vision_batch + 16 frames of W x H x 3 bytes).
+`parallel.sharded_cache` and is not measured). Not counted: allocator fragmentation and the
+CUDA context (about 0.5 GiB). Host memory for decoding media at their source resolution is the
+Processor's estimate (`TileSource.decode_bytes`), which `check_prompt_memory` checks against
+the host's free memory (added to the device's needs when the device is the CPU).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,16 +63,17 @@ import torch
 
 from longvita.config import LongVITAConfig
 from longvita.errors import PromptError
+from longvita.infer.layout import PromptLayout
 from longvita.model.kv_cache import DEFAULT_KV_BLOCK
 from longvita.model.qwen2 import MLP_ROW_BLOCK
 from longvita.processing.image import candidate_grids
 from longvita.processing.processor import MAX_TILES, image_token_count, video_token_count
+from longvita.runtime import dtype_name, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TEXT_TOKENS = 64
 """Text tokens assumed around the media: the chat template (8 tokens) and a question."""
-DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 GIB = 1024**3
 
 
@@ -117,11 +120,9 @@ def count_parameters(config: LongVITAConfig) -> int:
 
 def tokens_per_forward(num_prompt_tokens: int, cp: int, prefill_chunk: int) -> int:
     """Prompt tokens one prefill forward runs on a device: a chunk, or under cp a rank's share
-    of a round (`parallel.cp_inference.PromptLayout`)."""
+    of a round (`infer.layout.PromptLayout`)."""
     if cp == 1:
         return min(prefill_chunk, num_prompt_tokens)
-    from longvita.parallel.cp_inference import PromptLayout
-
     return 2 * PromptLayout.build(num_prompt_tokens, cp, prefill_chunk).chunk_len
 
 
@@ -129,11 +130,9 @@ def kv_tokens_per_device(
     num_prompt_tokens: int, max_new_tokens: int, cp: int, prefill_chunk: int
 ) -> int:
     """Tokens cached on the most loaded device: all of them at cp = 1, else the largest shard
-    of `parallel.cp_inference`'s layout (the one the context-parallel engine allocates)."""
+    of `infer.layout`'s layout (the one the context-parallel engine allocates)."""
     if cp == 1:
         return num_prompt_tokens + max_new_tokens
-    from longvita.parallel.cp_inference import PromptLayout
-
     layout = PromptLayout.build(num_prompt_tokens, cp, prefill_chunk)
     owners = layout.decode_owners(max_new_tokens)
     return max(layout.kv_capacity(rank, owners) for rank in range(cp))
@@ -166,9 +165,7 @@ def plan_memory(
     ]:
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype {dtype} not one of {sorted(map(str, DTYPE_BYTES))}")
-    b = DTYPE_BYTES[dtype]
+    b = resolve_dtype(dtype, torch.device("cpu")).itemsize
     kv_tokens = kv_tokens_per_device(num_prompt_tokens, max_new_tokens, cp, prefill_chunk)
     kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
     chunk = tokens_per_forward(num_prompt_tokens, cp, prefill_chunk)
@@ -187,7 +184,7 @@ def plan_memory(
         num_prompt_tokens=num_prompt_tokens,
         max_new_tokens=max_new_tokens,
         cp=cp,
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=dtype_name(dtype),
         prefill_chunk=prefill_chunk,
         vision_batch=vision_batch,
         kv_tokens=kv_tokens,
@@ -247,15 +244,10 @@ def count_prompt_tokens(
 def free_memory_bytes(device: torch.device | str) -> int | None:
     """Bytes the process can still allocate on `device`; None where unknown.
 
-    CUDA: free device memory (`torch.cuda.mem_get_info`) plus what PyTorch's caching allocator
-    holds unused. CPU: MemAvailable of /proc/meminfo (Linux).
+    An accelerator: its free memory (`mem_get_info` of its torch module: torch.cuda, torch.xpu)
+    plus what PyTorch's caching allocator holds unused. CPU: MemAvailable of /proc/meminfo.
     """
     device = torch.device(device)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        free, _total = torch.cuda.mem_get_info(index)
-        cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
-        return free + cached
     if device.type == "cpu":
         meminfo = Path("/proc/meminfo")
         if not meminfo.is_file():
@@ -263,30 +255,121 @@ def free_memory_bytes(device: torch.device | str) -> int | None:
         for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024  # kB
-    return None
+        return None
+    module = torch.get_device_module(device.type)
+    index = device.index if device.index is not None else module.current_device()
+    try:
+        free, _total = module.mem_get_info(index)
+        cached = module.memory_reserved(index) - module.memory_allocated(index)
+    except (AttributeError, RuntimeError):  # a backend without memory queries
+        return None
+    return free + cached
 
 
-def check_memory(plan: MemoryPlan, free_bytes: int | None, *, device: str) -> None:
-    """PromptError with the numbers unless the KV cache and activations fit `free_bytes`.
+def check_prompt_memory(
+    config: LongVITAConfig,
+    *,
+    num_prompt_tokens: int,
+    max_new_tokens: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    prefill_chunk: int,
+    vision_batch: int,
+    has_tiles: bool,
+    cp: int = 1,
+    ranks_per_host: int = 1,
+    media_bytes: int = 0,
+) -> MemoryPlan:
+    """Refuse, with the numbers, a prompt whose KV cache and prefill do not fit the device's
+    free memory, or whose media decoding (`media_bytes`, host memory) does not fit the host's.
 
-    The weights are taken as already loaded (they are not in the free memory any more).
+    The weights are taken as already loaded (they are not in the free memory any more). On the
+    CPU, the host's free memory is shared by the `ranks_per_host` ranks of this machine and the
+    media bytes come out of the same memory. When only the new tokens' share of the KV cache is
+    too much, the refusal names max_new_tokens and how many would fit. Returns the plan.
     """
-    needed = plan.kv_cache_bytes + plan.activation_bytes
-    if free_bytes is None:
-        logger.info("free memory of %s unknown: not checking the %d bytes needed", device, needed)
-        return
-    if needed <= free_bytes:
-        return
-    smaller_chunk = max(1, plan.prefill_chunk // 4)
-    raise PromptError(
-        f"the prompt has {plan.num_prompt_tokens} tokens (+{plan.max_new_tokens} new): its KV "
-        f"cache needs {plan.kv_cache_bytes} bytes ({plan.kv_cache_bytes / GIB:.2f} GiB) and "
-        f"prefill {plan.activation_bytes} bytes ({plan.activation_bytes / GIB:.2f} GiB, "
-        f"prefill_chunk={plan.prefill_chunk}, vision_batch={plan.vision_batch}), "
-        f"{needed} bytes ({needed / GIB:.2f} GiB) in all, but {device} has {free_bytes} bytes "
-        f"({free_bytes / GIB:.2f} GiB) free; use fewer frames (max_frames) or images, a "
-        f"smaller prefill_chunk (e.g. {smaller_chunk}), or more devices (--cp N holds 1/N of "
-        "the KV cache on each); `longvita plan` shows the numbers"
+
+    def plan_for(new_tokens: int) -> MemoryPlan:
+        return plan_memory(
+            config,
+            num_prompt_tokens=num_prompt_tokens,
+            max_new_tokens=new_tokens,
+            cp=cp,
+            dtype=dtype,
+            prefill_chunk=prefill_chunk,
+            vision_batch=vision_batch,
+            has_tiles=has_tiles,
+            device_type=device.type,
+        )
+
+    plan = plan_for(max_new_tokens)
+    name = str(device) if cp == 1 else f"{device} (one of {cp} context-parallel ranks)"
+    host_free = free_memory_bytes("cpu")
+    if host_free is not None:
+        host_free //= max(1, ranks_per_host)
+    on_host = device.type == "cpu"
+    extra = media_bytes if on_host else 0
+    free = host_free if on_host else free_memory_bytes(device)
+    needed = plan.kv_cache_bytes + plan.activation_bytes + extra
+    if free is None:
+        logger.info("free memory of %s unknown: not checking the %d bytes needed", name, needed)
+    elif needed > free:
+        fitting = _new_tokens_that_fit(plan, plan_for, free - extra)
+        raise PromptError(_refusal(plan, needed, free, name, extra, fitting))
+    if not on_host and host_free is not None and media_bytes > host_free:
+        raise PromptError(
+            f"decoding the prompt's media needs about {format_bytes(media_bytes)} of host "
+            f"memory but {format_bytes(host_free)} is free; use smaller or fewer images, fewer "
+            "frames (max_frames), or a smaller vision_batch"
+        )
+    return plan
+
+
+def _new_tokens_that_fit(plan: MemoryPlan, plan_for, free: int) -> int | None:
+    """The most new tokens whose plan fits `free` bytes; None when not even one does.
+
+    Exact by bisection at cp = 1 (a plan is a few multiplications); under cp, where a plan
+    walks the decode schedule, a linear estimate from the bytes each new token adds."""
+
+    def fits(new_tokens: int) -> bool:
+        candidate = plan_for(new_tokens)
+        return candidate.kv_cache_bytes + candidate.activation_bytes <= free
+
+    if not fits(1):
+        return None
+    if plan.cp > 1:  # each new token adds one cached token on one of the cp devices
+        bytes_per_new_token = plan.kv_cache_bytes / plan.kv_tokens / plan.cp
+        excess = plan.kv_cache_bytes + plan.activation_bytes - free
+        return max(1, plan.max_new_tokens - math.ceil(excess / bytes_per_new_token))
+    low, high = 1, plan.max_new_tokens  # fits(low), not fits(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def _refusal(
+    plan: MemoryPlan, needed: int, free: int, device: str, media_bytes: int, fitting: int | None
+) -> str:
+    """Why a plan does not fit, naming the setting to change first."""
+    situation = (
+        f"the prompt has {plan.num_prompt_tokens:,} tokens (+{plan.max_new_tokens:,} new): its "
+        f"KV cache needs {format_bytes(plan.kv_cache_bytes)}, prefill "
+        f"{format_bytes(plan.activation_bytes)} (prefill_chunk={plan.prefill_chunk}, "
+        f"vision_batch={plan.vision_batch})"
+        + (f", decoding its media {format_bytes(media_bytes)}" if media_bytes else "")
+        + f", {format_bytes(needed)} in all, but {device} has {format_bytes(free)} free"
+    )
+    if fitting is not None:
+        about = "about " if plan.cp > 1 else ""
+        return (
+            f"{situation}; max_new_tokens={plan.max_new_tokens:,} is what does not fit: "
+            f"{about}{fitting:,} new tokens would (lower max_new_tokens)"
+        )
+    return (
+        f"{situation}; use fewer frames (max_frames) or images, a smaller prefill_chunk (e.g. "
+        f"{max(1, plan.prefill_chunk // 4)}), or more devices (--cp N holds 1/N of the KV cache "
+        "on each); `longvita plan` shows the numbers"
     )
 
 

@@ -13,14 +13,17 @@ import json
 import torch
 
 from longvita.config import LongVITAConfig
-from longvita.infer.engine import DEFAULT_PREFILL_CHUNK, DEFAULT_VISION_BATCH
-from longvita.infer.pipeline import resolve_dtype
 from longvita.infer.plan import (
     DEFAULT_TEXT_TOKENS,
     count_prompt_tokens,
     plan_memory,
     plan_summary,
 )
+from longvita.infer.request import DEFAULT_PREFILL_CHUNK, DEFAULT_VISION_BATCH
+from longvita.runtime import resolve_dtype
+
+EXIT_REFUSED = 1
+"""Exit status when the plan says the prompt would be refused."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -32,7 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "Estimate the memory per device of one generation from the checkpoint's config.json "
             "alone: weights, KV cache and peak prefill activations, for a prompt of --frames "
             "video frames, --images images (counted at 12 tiles + thumbnail) and --text-tokens "
-            "text tokens, or exactly --prompt-tokens tokens."
+            "text tokens, or exactly --prompt-tokens tokens. Exits with status 1 when the "
+            "prompt would be refused (more tokens than the model's positions)."
         ),
         epilog="example: longvita plan --model Long-VITA-1M_HF --frames 4096 --cp 8 --dtype bf16",
     )
@@ -81,14 +85,18 @@ def run_plan(args: argparse.Namespace) -> int:
         device_type=args.device_type,
     )
     limit = config.max_position_embeddings
-    fits = tokens + args.max_new_tokens <= limit
+    fits = tokens < limit
+    trimmed = min(args.max_new_tokens, max(0, limit - tokens))
     if args.json:
-        print(json.dumps({**plan.to_dict(), "max_position_embeddings": limit, "fits": fits}))
-        return 0
-    print(plan_summary(plan))
-    if not fits:
-        print(
-            f"note: {tokens:,} prompt + {args.max_new_tokens:,} new tokens exceed the model's "
-            f"{limit:,} positions (config.json max_position_embeddings): the prompt is refused"
-        )
-    return 0
+        record = {**plan.to_dict(), "max_position_embeddings": limit, "fits": fits}
+        print(json.dumps(record))
+    else:
+        print(plan_summary(plan))
+        if not fits:
+            print(
+                f"refused: the {tokens:,}-token prompt does not fit the model's {limit:,} "
+                "positions (config.json max_position_embeddings)"
+            )
+        elif trimmed < args.max_new_tokens:
+            print(f"note: only {trimmed:,} new tokens fit the model's {limit:,} positions")
+    return 0 if fits else EXIT_REFUSED

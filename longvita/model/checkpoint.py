@@ -2,7 +2,8 @@
 
 Owns reading one `model.safetensors` or shards listed by `model.safetensors.index.json`,
 checking the keys and shapes against the model (errors list what is missing or unexpected), and
-writing the same layout back. Loading builds the model on the meta device and assigns each
+writing the same layout back (a checkpoint directory is replaced as a whole, never mixed
+with an older one). Loading builds the model on the meta device and assigns each
 tensor as it is read and converted, so the weights are never held twice.
 """
 
@@ -11,7 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Iterator
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -21,6 +25,7 @@ from safetensors.torch import save_file
 from longvita.config import LongVITAConfig
 from longvita.errors import CheckpointError
 from longvita.model.long_vita import LongVITAForCausalLM
+from longvita.runtime import dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -121,25 +126,55 @@ def save_model(
     model: LongVITAForCausalLM,
     directory: str | Path,
     *,
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    max_shard_bytes: int | None = None,
+    write_extra: Callable[[Path], object] | None = None,
 ) -> list[Path]:
-    """Write config.json and the weights (one file, or shards + index past max_shard_bytes)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write config.json and the weights (one file, or shards + index past max_shard_bytes,
+    default 5 GiB) as the checkpoint at `directory`, replacing any checkpoint there as a whole.
+
+    Everything is written into a fresh directory beside `directory` (same parent, hence the same
+    file system) and swapped in by renames, so a reader sees the old checkpoint or the new one,
+    never a mix, and stale shards or index of an earlier, larger checkpoint cannot survive.
+    `write_extra(staged_dir)` may add files (the tokenizer) before the swap. Files of the old
+    directory that are neither weights nor written anew (tokenizer files, a README) are carried
+    over. What is written is readable by all, as the umask allows (like any file). Returns the
+    weight files.
+    """
+    max_shard_bytes = DEFAULT_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
+    target = Path(os.path.realpath(directory))
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target} exists and is not a directory: cannot save there")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    try:
+        names = _write_weights(model, staged, max_shard_bytes)
+        if write_extra is not None:
+            write_extra(staged)
+        _make_readable(staged)
+        _swap_in(staged, target)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return [target / name for name in names]
+
+
+def _write_weights(model: LongVITAForCausalLM, directory: Path, max_bytes: int) -> list[str]:
+    """config.json and the safetensors files into `directory`; returns the weight file names."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     config = model.config
     dtypes = {v.dtype for v in state.values()}
     if len(dtypes) == 1:  # record the dtype actually written
-        config = dataclasses.replace(config, torch_dtype=str(dtypes.pop()).removeprefix("torch."))
+        config = dataclasses.replace(config, torch_dtype=dtype_name(dtypes.pop()))
     config.save_pretrained(directory)
-    shards = _plan_shards(state, max_shard_bytes)
+    shards = _plan_shards(state, max_bytes)
     metadata = {"format": "pt"}
     if len(shards) == 1:
-        path = directory / SINGLE_FILE
-        save_file(state, str(path), metadata=metadata)
-        return [path]
+        save_file(state, str(directory / SINGLE_FILE), metadata=metadata)
+        return [SINGLE_FILE]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, keys in zip(names, shards, strict=True):
@@ -148,7 +183,40 @@ def save_model(
     total = sum(v.numel() * v.element_size() for v in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return [directory / n for n in names]
+    return names
+
+
+def _is_weight_file(path: Path) -> bool:
+    return path.name.endswith(".safetensors") or path.name == INDEX_FILE
+
+
+def _make_readable(directory: Path) -> None:
+    """The permissions of an ordinary new directory and files (mkdtemp makes 0700 and
+    safetensors 0600): read for all, as the umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _swap_in(staged: Path, target: Path) -> None:
+    """Make `staged` the directory at `target`: the old one's files that are neither weights
+    nor in `staged` are moved over first; the old directory is then renamed away, `staged`
+    renamed in and the old one deleted. Between the two renames `target` does not exist (a
+    reader fails loudly, never reads a mix); a crash there leaves both beside it."""
+    if not target.exists():
+        staged.rename(target)
+        return
+    for path in target.iterdir():
+        if not _is_weight_file(path) and not (staged / path.name).exists():
+            path.rename(staged / path.name)
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old.rmdir()
+    target.rename(old)
+    staged.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    logger.info("replaced the checkpoint in %s", target)
 
 
 def _plan_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:

@@ -1,11 +1,11 @@
 """LongVITA: InternViT + projector + Qwen2 decoder, with the logits-masked LM head.
 
 Owns the splice (projected tile features overwrite the placeholder embeddings, tile by tile in
-sequence order), which tiles and feature rows a set of positions needs (`tiles_for_positions`,
-shared by context-parallel shards and chunked prefill), and the LM head that projects only the
-hidden rows asked for. Module names equal the official state-dict keys (`model.embed_tokens`,
-`model.vision_model.*`, `model.vision_projection.*`, `lm_head`), so a checkpoint loads with a
-plain load_state_dict. Knows nothing of tokenizers, sampling or distributed state.
+sequence order) and the LM head that projects only the hidden rows asked for (which tiles a set
+of positions needs is `ops.sequence`). Module names equal the official state-dict keys
+(`model.embed_tokens`, `model.vision_model.*`, `model.vision_projection.*`, `lm_head`), so a
+checkpoint loads with a plain load_state_dict. Knows nothing of tokenizers, sampling or
+distributed state.
 """
 
 from __future__ import annotations
@@ -18,32 +18,6 @@ from longvita.model.projector import VisionProjector
 from longvita.model.qwen2 import AttentionFn, Qwen2Model
 from longvita.model.vision import InternVisionModel
 from longvita.ops.loss import masked_lm_loss
-
-
-def tiles_for_positions(
-    visual_mask: torch.Tensor, tokens_per_tile: int, positions: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tiles whose placeholder slots lie at `positions`, and where each slot's feature is.
-
-    visual_mask: [S] bool over the whole sequence, `tokens_per_tile` slots per tile, tiles in the
-    order of their slots. positions: [n] int64 indices into the sequence (any subset, e.g. a
-    context-parallel shard or a prefill chunk). Returns tile_ids [T] ascending, the tiles with
-    at least one slot at `positions`, and feature_index [num_slots_at_positions]: for each slot
-    at `positions`, in the order of `positions`, its row in the flattened features of those
-    tiles ([T * tokens_per_tile], tile-major). O(S), vectorized.
-    """
-    device = positions.device
-    local_visual = visual_mask[positions]  # [n]
-    if not bool(local_visual.any()):
-        empty = torch.zeros(0, dtype=torch.long, device=device)
-        return empty, empty
-    slot_order = torch.cumsum(visual_mask, 0) - 1  # [S] ordinal of each slot among all slots
-    local_slots = slot_order[positions][local_visual]  # [num_local_slots] global slot ordinals
-    tile_of_slot = local_slots // tokens_per_tile  # [num_local_slots]
-    tile_ids = torch.unique(tile_of_slot)  # [T] ascending
-    local_tile = torch.searchsorted(tile_ids, tile_of_slot)  # [num_local_slots] in [0, T)
-    row_in_tile = local_slots % tokens_per_tile
-    return tile_ids, local_tile * tokens_per_tile + row_in_tile
 
 
 class LongVITAModel(Qwen2Model):

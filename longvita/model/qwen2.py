@@ -161,10 +161,6 @@ class Qwen2Model(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings: input_ids [batch, seq] -> [batch, seq, hidden]."""
-        return self.embed_tokens(input_ids)
-
     def forward(
         self,
         inputs_embeds: torch.Tensor,

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from longvita.ops.attention_kernels import KERNELS, causal_mask
+from longvita.ops.sequence import check_cu_seqlens
 
 
 def attention(
@@ -40,11 +41,17 @@ def attention(
         (keys are the cache followed by the new tokens, so q_offset = kv_len - q_len).
     Returns [batch, num_q_heads, q_len, head_dim].
 
-    K/V heads are never repeated in memory: SDPA broadcasts them (`enable_gqa`).
+    K/V heads are never repeated in memory. When every query sees every key (a decode step,
+    or bidirectional attention) the query heads of a group are folded into the query length
+    (`_grouped_queries`), which any kernel runs without repeating K/V; otherwise SDPA broadcasts
+    them (`enable_gqa`, which some kernels, e.g. CUDA fp32, implement by repeating K/V: the
+    engine only takes this path for chunk-sized keys).
     """
     q_len, kv_len = q.shape[-2], k.shape[-2]
     enable_gqa = q.shape[1] != k.shape[1]
     if not causal or (q_len == 1 and q_offset == kv_len - 1):
+        if enable_gqa:
+            return _grouped_queries(q, k, v, scale)
         mask, is_causal = None, False
     elif q_offset == 0 and q_len == kv_len:
         mask, is_causal = None, True
@@ -53,6 +60,17 @@ def attention(
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
     )
+
+
+def _grouped_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale) -> torch.Tensor:
+    """Unmasked attention with K/V heads shared by groups of query heads, as plain multi-head
+    attention over the K/V heads: query head h reads K/V head h // group, so the group's heads
+    become extra query rows [b, hkv, group * q_len, d] (rows are independent without a mask)."""
+    batch, num_q_heads, q_len, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    folded = q.reshape(batch, num_kv_heads, (num_q_heads // num_kv_heads) * q_len, head_dim)
+    out = F.scaled_dot_product_attention(folded, k, v, scale=scale)  # [b, hkv, g * q_len, d]
+    return out.reshape(batch, num_q_heads, q_len, head_dim)
 
 
 # --- attention with log-sum-exp: the building block of packed and ring attention ---------------
@@ -243,16 +261,6 @@ def packed_attention_fn(
         return packed_causal_attention(q, k, v, bounds, scale=scale)
 
     return attend
-
-
-def check_cu_seqlens(cu_seqlens: torch.Tensor | Sequence[int], seq_len: int) -> list[int]:
-    """Sample boundaries as a list of ints; ValueError unless they run from 0 to seq_len, sorted."""
-    bounds = [int(b) for b in (cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else cu_seqlens)]
-    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != seq_len:
-        raise ValueError(f"cu_seqlens {bounds} must start at 0 and end at the length {seq_len}")
-    if any(b > a for a, b in zip(bounds[1:], bounds[:-1], strict=True)):
-        raise ValueError(f"cu_seqlens {bounds} must be non-decreasing")
-    return bounds
 
 
 def _check_block(q, k, v, causal, mask, scale) -> float:

@@ -1,15 +1,12 @@
-"""Everything torch.distributed: parallel state (one object), sequence sharding, ring attention,
-context-parallel generation over a sharded KV cache, and the launcher of local ranks.
+"""Everything torch.distributed: parallel state (one object), the launcher of local ranks,
+sequence sharding, ring attention, the sharded KV cache, the context-parallel loss and the few
+collectives the layers above need (`collectives`).
 
-The only package that imports torch.distributed; model/, ops/, processing/ and data/ never do.
+The only package that imports torch.distributed; model/, ops/, processing/ and data/ never do,
+and infer/ (which sits above this package) calls it instead. Nothing here imports infer/.
 """
 
-from longvita.parallel.cp_inference import (
-    PromptLayout,
-    ShardedGenerationResult,
-    generate_sharded,
-)
-from longvita.parallel.launch import RankFailedError, generate_cp, launch
+from longvita.parallel.launch import RankFailedError, launch
 from longvita.parallel.ring_attention import (
     make_ring_attention_fn,
     ring_attention,
@@ -17,27 +14,19 @@ from longvita.parallel.ring_attention import (
 )
 from longvita.parallel.sharded_cache import ShardedKVCache
 from longvita.parallel.sharding import (
-    PackedSequence,
     SequenceShard,
     pad_to_multiple,
     shard_sequence,
     shard_tensor,
     unshard,
-    zigzag_chunks,
-    zigzag_index,
 )
 from longvita.parallel.state import ParallelState
 
 __all__ = [
-    "PackedSequence",
     "ParallelState",
-    "PromptLayout",
     "RankFailedError",
     "SequenceShard",
-    "ShardedGenerationResult",
     "ShardedKVCache",
-    "generate_cp",
-    "generate_sharded",
     "launch",
     "make_ring_attention_fn",
     "pad_to_multiple",
@@ -46,6 +35,4 @@ __all__ = [
     "shard_sequence",
     "shard_tensor",
     "unshard",
-    "zigzag_chunks",
-    "zigzag_index",
 ]

@@ -75,11 +75,16 @@ def all_reduce_gradients(model: nn.Module, group: dist.ProcessGroup | None) -> N
     """Sum every parameter's gradient over `group` (a missing gradient counts as zero).
 
     Each CP rank holds the gradient of its share of the loss; their sum is the gradient of
-    the whole sequence. (Under FSDP the reduce-scatter over the data x context mesh does this.)
+    the whole sequence. The sum is taken in float32 whatever the parameters' dtype (a bf16
+    all-reduce would round every partial sum). (Under FSDP the reduce-scatter over the data x
+    context mesh does this, with its own reduce dtype.)
     """
     if group is None or dist.get_world_size(group) == 1:
         return
     for param in model.parameters():
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-        dist.all_reduce(param.grad, group=group)
+        grad = param.grad if param.grad.dtype == torch.float32 else param.grad.float()
+        dist.all_reduce(grad, group=group)
+        if grad is not param.grad:
+            param.grad.copy_(grad)

@@ -32,11 +32,10 @@ from longvita.ops.attention import (
     attention_with_lse,
     block_attention,
     block_attention_backward,
-    check_cu_seqlens,
     merge_partials,
     packed_causal_attention,
 )
-from longvita.parallel.sharding import zigzag_chunks
+from longvita.ops.sequence import check_cu_seqlens, zigzag_chunks
 
 Rectangle = tuple[int, int, int, int]
 """(q_start, q_end, k_start, k_end): queries against keys, indices inside their chunks."""

@@ -1,7 +1,7 @@
 """The KV cache under context parallelism: this rank's shard, and attention over all shards.
 
-Owns the attention strategies of a context-parallel generation (`parallel.cp_inference` owns
-the layout and the loops): a prefill round attends to its own tokens with ring attention and
+Owns the attention strategies of a context-parallel generation (`infer.cp_engine` owns the
+layout and the loops): a prefill round attends to its own tokens with ring attention and
 to the tokens cached on every rank (queries all-gathered, partial results returned all-to-all
 and merged by log-sum-exp), then caches its real keys/values; a decode step attends its query
 (the same on every rank) over each shard and merges the all-gathered partials in rank order,
@@ -11,15 +11,13 @@ Storage is a plain `model.kv_cache.KVCache` sized to this rank's share.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 import torch.distributed as dist
 
 from longvita.model.kv_cache import DEFAULT_KV_BLOCK, KVCache
 from longvita.model.qwen2 import AttentionFn
 from longvita.ops.attention import block_attention, merge_partials
+from longvita.parallel.collectives import peer_errors
 from longvita.parallel.ring_attention import ring_attention_with_lse
 
 
@@ -137,15 +135,3 @@ def _merge_packed(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     for part in parts[1:]:
         out, lse = merge_partials(out, lse, part[..., :-1], part[..., -1])
     return out, lse
-
-
-@contextmanager
-def peer_errors(what: str, cp_rank: int, cp: int) -> Iterator[None]:
-    """Re-raise a failed collective saying what was being done and by which rank."""
-    try:
-        yield
-    except RuntimeError as err:  # DistBackendError and gloo timeouts are RuntimeErrors
-        raise RuntimeError(
-            f"context-parallel generation: {what} failed on cp rank {cp_rank}/{cp}; a peer "
-            f"died, stalled or the group timed out: {err}"
-        ) from err

@@ -20,8 +20,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from longvita.data.packed import PackedSequence
-from longvita.model.long_vita import tiles_for_positions
 from longvita.ops.loss import IGNORE_INDEX
+from longvita.ops.sequence import tiles_for_positions, zigzag_chunks, zigzag_index
 
 
 def pad_to_multiple(seq: PackedSequence, multiple: int, pad_id: int) -> PackedSequence:
@@ -50,26 +50,6 @@ def pad_to_multiple(seq: PackedSequence, multiple: int, pad_id: int) -> PackedSe
         visual_mask=extend(seq.visual_mask, torch.zeros(num_pad, dtype=torch.bool)),
         cu_seqlens=extend(seq.cu_seqlens, torch.tensor([seq.seq_len + num_pad])),
     )
-
-
-def zigzag_chunks(cp: int, rank: int) -> tuple[int, int]:
-    """The two chunk ids (of 2*cp) that `rank` holds: (rank, 2*cp - 1 - rank)."""
-    if cp < 1 or not 0 <= rank < cp:
-        raise ValueError(f"rank {rank} is not in [0, cp) for cp {cp}")
-    return rank, 2 * cp - 1 - rank
-
-
-def zigzag_index(seq_len: int, cp: int, rank: int, *, device=None) -> torch.Tensor:
-    """Global token indices [2C] held by `rank`: chunk a then chunk b, C = seq_len / (2*cp)."""
-    first, second = zigzag_chunks(cp, rank)
-    if seq_len % (2 * cp) != 0:
-        raise ValueError(
-            f"sequence length {seq_len} is not a multiple of 2*cp = {2 * cp}; "
-            f"pad it first (pad_to_multiple)"
-        )
-    chunk_len = seq_len // (2 * cp)
-    offsets = torch.arange(chunk_len, device=device)  # [C]
-    return torch.cat([first * chunk_len + offsets, second * chunk_len + offsets])  # [2C]
 
 
 def shard_tensor(tensor: torch.Tensor, cp: int, rank: int, *, dim: int = 0) -> torch.Tensor:

@@ -29,6 +29,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 logger = logging.getLogger(__name__)
 
 MESH_AXES = ("dp", "cp")
+BACKENDS = {"cpu": "gloo", "cuda": "nccl", "xpu": "xccl", "npu": "hccl"}
+"""The process-group backend of each device type (gloo for anything not listed)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,7 +50,7 @@ class ParallelState:
     dp_rank: int
     """Rank inside the data-parallel group."""
     device: torch.device
-    """The device this process computes on (cuda:LOCAL_RANK or cpu)."""
+    """The device this process computes on (accelerator:LOCAL_RANK, or cpu)."""
     mesh: DeviceMesh | None = None
     """The ("dp", "cp") DeviceMesh; None for a single process without torch.distributed."""
 
@@ -115,16 +117,18 @@ class ParallelState:
         world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
         _check_world(world_size, cp)
         device = _default_device(device, backend)
-        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        backend = backend or BACKENDS.get(device.type, "gloo")
+        if device.type != "cpu":
+            if device.index is None:
+                device = torch.device(device.type, int(os.environ.get("LOCAL_RANK", "0")))
+            torch.accelerator.set_device_index(device.index)
         dist.init_process_group(
             backend=backend,
             init_method=init_method,
             world_size=world_size,
             rank=rank,
             timeout=timedelta(seconds=timeout_s),
-            device_id=device if device.type == "cuda" else None,
+            device_id=device if device.type != "cpu" else None,
         )
         return cls._with_mesh(cp, backend, timeout_s, device)
 
@@ -146,12 +150,14 @@ class ParallelState:
     ) -> ParallelState:
         world_size = dist.get_world_size()
         dp = world_size // cp
-        options = _group_options(backend, timeout_s)
         mesh = init_device_mesh(
             device.type,
             (dp, cp),
             mesh_dim_names=MESH_AXES,
-            backend_override={axis: (backend, options) for axis in MESH_AXES},
+            # one options object per axis: torch keeps and mutates the object it is given
+            backend_override={
+                axis: (backend, _group_options(backend, timeout_s)) for axis in MESH_AXES
+            },
         )
         state = cls(
             world_size=world_size,
@@ -211,11 +217,13 @@ def _check_world(world_size: int, cp: int) -> None:
 
 
 def _default_device(device: str | torch.device | None, backend: str | None) -> torch.device:
-    """The given device, else cuda:LOCAL_RANK when CUDA is usable by the backend, else cpu."""
+    """The given device, else the accelerator at LOCAL_RANK when there is one and the backend
+    is not gloo, else cpu."""
     if device is not None:
         return torch.device(device)
-    if backend in (None, "nccl") and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if backend != "gloo" and torch.accelerator.is_available():
+        accelerator = torch.accelerator.current_accelerator().type
+        return torch.device(accelerator, int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
 

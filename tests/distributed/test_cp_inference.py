@@ -12,9 +12,10 @@ import torch
 
 import longvita
 from longvita.config import tiny
-from longvita.infer.engine import SamplingParams
+from longvita.infer.cp_engine import generate_sharded
+from longvita.infer.layout import PromptLayout, shard_round
+from longvita.infer.request import SamplingParams
 from longvita.model.checkpoint import load_model
-from longvita.parallel.cp_inference import PromptLayout, generate_sharded, shard_round
 from longvita.parallel.state import ParallelState
 from longvita.testing import random_model
 from tests.distributed.spawn import RankFailed
@@ -88,30 +89,34 @@ def test_tokens_and_logits_equal_the_single_process_engine(
         torch.testing.assert_close(got.scores, reference.scores, msg=f"{name} {prefill_chunk}")
         assert all(per_rank[name, prefill_chunk].scores is None for per_rank in results[1:])
         per_round = cp * 2 * (prefill_chunk // 2)  # prompt tokens in a round
-        assert (got.num_rounds > 1) == (reference.prompt_tokens > per_round)
+        assert (got.prefill_rounds > 1) == (reference.prompt_tokens > per_round)
+        assert all(
+            per_rank[name, prefill_chunk].kv_cache_bytes_per_rank == got.kv_cache_bytes_per_rank
+            for per_rank in results
+        )  # every rank reports every rank's numbers
         layout = PromptLayout.build(reference.prompt_tokens, cp, prefill_chunk)
-        shards = [per_rank[name, prefill_chunk] for per_rank in results]
-        _check_shards(shards, pipe, reference, slack=layout.chunk_len)
+        _check_shards(got, pipe, reference, slack=layout.chunk_len)
 
 
-def _check_shards(shards: list, pipe, reference, *, slack: int) -> None:
+def _check_shards(got, pipe, reference, *, slack: int) -> None:
     """Each rank holds 1/cp of the cache (give or take `slack` tokens: the padding of the last
     round, which the first decoded tokens fill) and encodes only the tiles its tokens need."""
-    cp, config = len(shards), pipe.config
+    cp, config = got.cp, pipe.config
     bytes_per_token = (
         2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
     )
     single_process = reference.kv_cache_bytes  # prompt + max_new_tokens
     assert single_process == (reference.prompt_tokens + MAX_NEW_TOKENS) * bytes_per_token
-    cached = [shard.kv_cache_tokens for shard in shards]
+    cached = got.kv_cache_tokens_per_rank
+    assert len(cached) == cp
     assert sum(cached) == reference.prompt_tokens + MAX_NEW_TOKENS - 1  # last token not fed back
     assert max(cached) - min(cached) <= max(1, slack)
-    for shard in shards:
-        assert shard.kv_cache_bytes == shard.kv_cache_tokens * bytes_per_token  # sized exactly
-        assert shard.kv_cache_bytes <= single_process / cp + max(1, slack) * bytes_per_token
-    tiles = [shard.num_tiles_encoded for shard in shards]
+    for num_bytes, num_tokens in zip(got.kv_cache_bytes_per_rank, cached, strict=True):
+        assert num_bytes == num_tokens * bytes_per_token  # sized exactly
+        assert num_bytes <= single_process / cp + max(1, slack) * bytes_per_token
+    tiles = got.tiles_encoded_per_rank
     assert max(tiles) <= reference.num_tiles <= sum(tiles)  # each tile once per rank at most
-    if reference.num_tiles > 0 and shards[0].num_rounds == 1:  # no rank needs them all
+    if reference.num_tiles > 0 and got.prefill_rounds == 1:  # no rank needs them all
         assert max(tiles) < reference.num_tiles
 
 
@@ -181,7 +186,7 @@ def test_cp_larger_than_the_prompt_and_its_tiles(ranks):
     and rounds of 2 tokens per rank."""
     model = random_model(RAW_CONFIG, seed=1)
     results = ranks(_generate_raw, 4, timeout_s=120)
-    assert results[0]["rounds_of_two_tokens"].num_rounds == 3
+    assert results[0]["rounds_of_two_tokens"].prefill_rounds == 3
     for name, (num_tokens, tile_slots, _, stop_at_once) in RAW_CASES.items():
         got = results[0][name]
         assert all(per_rank[name].token_ids == got.token_ids for per_rank in results), name
@@ -194,7 +199,7 @@ def test_cp_larger_than_the_prompt_and_its_tiles(ranks):
         steps = full[num_tokens - 1 : num_tokens - 1 + len(got.token_ids)]  # [6, vocab]
         torch.testing.assert_close(got.scores, steps, msg=name)
         assert got.token_ids == steps.argmax(-1).tolist()
-    cached = [per_rank["one_token"].kv_cache_tokens for per_rank in results]
+    cached = results[0]["one_token"].kv_cache_tokens_per_rank
     assert cached == [2, 2, 1, 1]  # 1 prompt token on rank 0; the 5 fed back fill ranks 1-3 first
 
 
@@ -213,10 +218,10 @@ def test_one_rank_in_process_equals_the_definition(prefill_chunk):
         return_scores=True,
         prefill_chunk=prefill_chunk,
     )
-    assert got.num_rounds == (1 if prefill_chunk > 19 else 5)
+    assert got.prefill_rounds == (1 if prefill_chunk > 19 else 5)
     full = _full_forward_logits(model, prompt, got.token_ids)
     torch.testing.assert_close(got.scores, full[18 : 18 + 6])
-    assert got.kv_cache_tokens == 19 + 5 and got.num_tiles_encoded == 2
+    assert got.kv_cache_tokens_per_rank == [19 + 5] and got.tiles_encoded_per_rank == [2]
 
 
 # -- the layout, without processes -------------------------------------------------------------

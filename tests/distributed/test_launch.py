@@ -1,5 +1,6 @@
 """`launch` and `generate_cp`: local ranks started by the library itself, a torchrun job
-joined, and a rank that raises, dies or stalls ending the job with an error, not a hang."""
+joined, a rank that raises, dies or stalls ending the job with an error, not a hang, and
+Ctrl-C ending every rank quietly."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import torch.distributed as dist
 
 import longvita
 from longvita.errors import MediaError, PromptError
-from longvita.parallel.launch import RankFailedError, generate_cp, launch
+from longvita.infer.cp_launch import generate_cp
+from longvita.infer.request import GenerationRequest
+from longvita.parallel.launch import RankFailedError, launch
 from longvita.parallel.state import ParallelState
 
 pytestmark = pytest.mark.distributed
@@ -79,17 +82,19 @@ def test_bad_arguments_fail_before_any_process_starts():
     ("how", "error", "message"),
     [
         ("raises_value_error", ValueError, "rank 1 cannot read photo.png"),
-        ("raises", RankFailedError, "rank 1 failed(.|\n)*rank 1 ran out of memory"),
+        ("raises", RankFailedError, r"rank 1 of 2 failed \(RuntimeError: rank 1 ran out of memory"),
         ("dies", RankFailedError, "rank 1 of 2 exited with code 3"),
-        ("vanishes", RankFailedError, "rank 0 failed"),  # its barrier loses the peer
-        ("stalls", RankFailedError, "rank 0 failed"),  # its barrier times out
+        ("vanishes", RankFailedError, "rank 0 of 2 failed"),  # its barrier loses the peer
+        ("stalls", RankFailedError, "rank 0 of 2 failed"),  # its barrier times out
     ],
 )
 def test_a_failing_rank_ends_the_job_with_an_error(how, error, message):
     start = time.monotonic()
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as failure:
         launch(_rank_one_fails, cp=2, args=(how,), timeout_s=TIMEOUT_S)
     assert time.monotonic() - start < DEADLINE_S
+    if how == "raises":  # one line for the user, the whole traceback kept for -v
+        assert "\n" not in str(failure.value) and "Traceback" in failure.value.traceback
 
 
 # -- generate --cp N ----------------------------------------------------------------------------
@@ -100,28 +105,29 @@ def test_generate_cp_equals_the_pipeline(tiny_checkpoint, media):
     reference = longvita.load(tiny_checkpoint).generate(
         prompt, images, videos, max_new_tokens=6, return_scores=True
     )
-    record = generate_cp(
-        tiny_checkpoint,
+    request = GenerationRequest.create(
         prompt,
         images,
         videos,
-        cp=2,
         max_new_tokens=6,
         return_scores=True,
         prefill_chunk=8,  # 46 tokens in rounds of 16: frames decoded lazily, rank by rank
     )
-    assert record["token_ids"] == reference.token_ids and record["text"] == reference.text
-    torch.testing.assert_close(record["scores"], reference.scores)
-    assert record["prompt_tokens"] == reference.prompt_tokens
-    assert record["num_tiles"] == reference.num_tiles and record["cp"] == 2
-    assert record["video_frames"] == reference.video_frames
-    assert record["stop_reason"] == reference.stop_reason and record["prefill_rounds"] == 3
-    cached = record["kv_cache_tokens_per_rank"]
+    output = generate_cp(tiny_checkpoint, request, cp=2)
+    assert output.token_ids == reference.token_ids and output.text == reference.text
+    torch.testing.assert_close(output.scores, reference.scores)
+    assert output.prompt_tokens == reference.prompt_tokens
+    assert output.num_tiles == reference.num_tiles and output.cp == 2
+    assert output.video_frames == reference.video_frames
+    assert output.stop_reason == reference.stop_reason and output.prefill_rounds == 3
+    cached = output.kv_cache_tokens_per_rank
     assert sum(cached) == reference.prompt_tokens + 5 and max(cached) - min(cached) <= 4
-    kv_bytes = record["kv_cache_bytes_per_rank"]
+    kv_bytes = output.kv_cache_bytes_per_rank
     assert kv_bytes[0] * cached[1] == kv_bytes[1] * cached[0] > 0  # sized to the tokens it holds
-    assert sum(record["tiles_encoded_per_rank"]) >= reference.num_tiles
-    json.dumps({k: v for k, v in record.items() if k != "scores"})  # the --json record
+    assert sum(output.tiles_encoded_per_rank) >= reference.num_tiles
+    single, sharded = reference.to_record(), output.to_record()
+    assert sharded.keys() == single.keys()  # `--json` prints the same fields at any --cp
+    json.dumps(sharded)
 
 
 @pytest.mark.parametrize("mistake", ["missing_image", "too_long_for_positions"])
@@ -140,29 +146,32 @@ def test_generate_cp_reports_user_errors_as_the_pipeline_does(tiny_checkpoint, t
     with pytest.raises(error) as single:
         longvita.load(checkpoint).generate(prompt, images)
     with pytest.raises(error) as sharded:
-        generate_cp(checkpoint, prompt, images, cp=2, timeout_s=30)
+        generate_cp(checkpoint, GenerationRequest.create(prompt, images), cp=2, timeout_s=30)
     assert str(sharded.value) == str(single.value)
 
 
 def test_generate_cp_checks_its_arguments_before_starting_processes(tiny_checkpoint):
-    with pytest.raises(ValueError, match="top_p must be in"):
-        generate_cp(tiny_checkpoint, "Hi", cp=2, top_p=0.0)
-    with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
-        generate_cp(tiny_checkpoint, "Hi", cp=2, prefill_chunk=0)
+    request = GenerationRequest.create("Hi")
+    with pytest.raises(ValueError, match="device 'cuda:7' is not available"):
+        generate_cp(tiny_checkpoint, request, cp=2, device="cuda:7")
+    with pytest.raises(ValueError, match="dtype 'int8' is not supported"):
+        generate_cp(tiny_checkpoint, request, cp=2, dtype="int8")
 
 
 def test_generate_cp_refuses_a_torchrun_world_of_another_size(tiny_checkpoint, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(ValueError, match="torchrun started 4 processes but --cp is 2"):
-        generate_cp(tiny_checkpoint, "Hi", cp=2)
+        generate_cp(tiny_checkpoint, GenerationRequest.create("Hi"), cp=2)
 
 
 _TORCHRUN_SCRIPT = """
 import json, sys
-from longvita.parallel.launch import generate_cp
-record = generate_cp(sys.argv[1], "Describe a quiet morning.", cp=2, max_new_tokens=5)
-if record is not None:
-    print("RECORD " + json.dumps(record))
+from longvita.infer.cp_launch import generate_cp
+from longvita.infer.request import GenerationRequest
+request = GenerationRequest.create("Describe a quiet morning.", max_new_tokens=5)
+output = generate_cp(sys.argv[1], request, cp=2)
+if output is not None:
+    print("RECORD " + json.dumps(output.to_record()))
 """
 
 

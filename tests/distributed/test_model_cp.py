@@ -79,3 +79,31 @@ def test_loss_and_gradients_match_single_process(ranks, cp, reset):
             torch.testing.assert_close(result["grads"][name], grad, msg=name)
     vision_grad = reference["grads"]["model.vision_model.embeddings.patch_embedding.weight"]
     assert vision_grad.abs().sum() > 0  # the tiles are in the loss's graph
+
+
+def _bf16_gradients_summed(rank: int, world_size: int) -> dict:
+    """Sum bf16 gradients over the group, recording the dtype of every all-reduce."""
+    state = ParallelState.from_group(world_size, timeout_s=60)
+    layer = torch.nn.Linear(3, 2, bias=False).to(torch.bfloat16)
+    layer.weight.grad = torch.full_like(layer.weight, 1.0 if rank == 0 else 2.0**-9)
+    seen, all_reduce = [], torch.distributed.all_reduce
+
+    def recording_all_reduce(tensor, *args, **kwargs):
+        seen.append(tensor.dtype)
+        return all_reduce(tensor, *args, **kwargs)
+
+    torch.distributed.all_reduce = recording_all_reduce
+    try:
+        all_reduce_gradients(layer, state.cp_group)
+    finally:
+        torch.distributed.all_reduce = all_reduce
+    return {"dtypes": seen, "grad": layer.weight.grad}
+
+
+@pytest.mark.distributed
+def test_gradients_of_bfloat16_parameters_are_summed_in_float32(ranks):
+    """NCCL sums bf16 in bf16 hop by hop; the sum is taken in float32 and rounded once."""
+    for result in ranks(_bf16_gradients_summed, 2):
+        assert result["dtypes"] == [torch.float32]
+        assert result["grad"].dtype == torch.bfloat16
+        assert torch.equal(result["grad"], torch.full((2, 3), 1.0 + 2.0**-9).to(torch.bfloat16))

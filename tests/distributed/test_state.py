@@ -121,3 +121,26 @@ def test_lost_rank_fails_its_group_within_the_timeout(ranks, peer_fate):
     message = str(failure.value)
     assert any(word in message for word in ("Timed out", "Connection", "Read error")), message
     assert elapsed < DEADLINE_S, f"rank 0 raised after {elapsed:.1f} s (spawn included)"
+
+
+def test_each_mesh_axis_gets_its_own_backend_options(monkeypatch):
+    """torch keeps and mutates the options object a process group is built with: sharing one
+    between the dp and cp axes (as NCCL sub-groups once did) lets one group's settings leak."""
+    seen = {}
+
+    class FakeMesh:
+        def get_local_rank(self, axis):
+            return 0
+
+    def fake_init_device_mesh(device_type, shape, *, mesh_dim_names, backend_override):
+        seen.update(backend_override)
+        return FakeMesh()
+
+    monkeypatch.setattr("longvita.parallel.state.init_device_mesh", fake_init_device_mesh)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    ParallelState._with_mesh(1, "gloo", 5.0, torch.device("cpu"))
+    (dp_backend, dp_options), (cp_backend, cp_options) = seen["dp"], seen["cp"]
+    assert dp_backend == cp_backend == "gloo"
+    assert dp_options is not cp_options
+    assert dp_options._timeout == cp_options._timeout  # both carry the job's timeout

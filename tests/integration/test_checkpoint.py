@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -60,6 +62,52 @@ def test_pipeline_save_round_trip(tiny_checkpoint, tmp_path):
     again = longvita.load(tmp_path / "copy")
     _assert_same_state(pipe.model, again.model)
     assert again.tokenizer.get_vocab() == pipe.tokenizer.get_vocab()
+
+
+def test_saving_over_a_sharded_checkpoint_replaces_it_whole(tiny_checkpoint, tmp_path):
+    """A smaller checkpoint saved where a sharded one was: no stale shard or index survives,
+    the tokenizer and the user's own files stay, and `load` returns the new weights."""
+    target = tmp_path / "ckpt"
+    old = random_model(seed=5)
+    assert len(save_model(old, target, max_shard_bytes=100_000)) > 2
+    (target / "README.md").write_text("my notes")
+    pipe = longvita.load(tiny_checkpoint)  # other weights, one file
+    pipe.save(target)
+    names = sorted(p.name for p in target.iterdir())
+    assert INDEX_FILE not in names and not any(n.startswith("model-0") for n in names)
+    assert SINGLE_FILE in names and "README.md" in names and "tokenizer_config.json" in names
+    _assert_same_state(pipe.model, longvita.load(target).model)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no staging directory left
+
+
+def test_saved_files_are_readable_by_all(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        save_model(random_model(seed=6), tmp_path / "ckpt", max_shard_bytes=100_000)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ckpt").iterdir()}
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_a_failed_save_leaves_the_old_checkpoint_untouched(tiny_checkpoint, tmp_path):
+    target = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def fail(staged):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_model(random_model(seed=7), target, write_extra=fail)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_saving_onto_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="is not a directory"):
+        save_model(random_model(seed=8), tmp_path / "file")
 
 
 def _copy(src, dst):

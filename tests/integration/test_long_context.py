@@ -16,7 +16,7 @@ from longvita.infer.engine import allocate_cache, prefill
 from longvita.processing import tiles as tiles_module
 from longvita.processing.image import to_pixel_values
 from longvita.processing.tiles import TileSource, VideoFrameTiles
-from longvita.processing.video import load_video_frames, select_video_frames
+from longvita.processing.video import iter_video_frames, plan_video
 from longvita.testing import make_image, make_video
 
 WHOLE = 1 << 20  # a prefill chunk longer than any prompt here: one forward
@@ -115,7 +115,7 @@ def test_cache_read_in_key_blocks_gives_the_logits_of_one_forward(pipe, kv_block
     cache = allocate_cache(pipe.model, input_ids.numel())
     cache.kv_block = kv_block
     with torch.inference_mode():
-        logits, _ = prefill(pipe.model, input_ids, cache, prefill_chunk=7)  # [1, vocab]
+        logits = prefill(pipe.model, input_ids, cache, prefill_chunk=7)  # [1, vocab]
         expected = pipe.model(input_ids[None])[:, -1]  # [1, vocab]
     torch.testing.assert_close(logits, expected)
     assert cache.length == input_ids.numel()
@@ -198,9 +198,8 @@ def test_nothing_is_decoded_before_the_prompt_runs(pipe, files, monkeypatch):
 @pytest.mark.parametrize("kind", ["file", "directory"])
 def test_lazy_video_tiles_equal_eager_frames_in_any_order(files, kind):
     path = files["long_video"] if kind == "file" else files["frames"]
-    frames = load_video_frames(path, max_frames=7, max_fps=VIDEO_FPS)
-    eager = to_pixel_values(frames, tile_size=56)  # [7, 3, 56, 56]
-    indices = select_video_frames(path, max_frames=7, max_fps=VIDEO_FPS)
+    indices = plan_video(path, max_frames=7, max_fps=VIDEO_FPS).indices
+    eager = to_pixel_values(list(iter_video_frames(path, indices)), tile_size=56)  # [7, 3, 56, 56]
     segment = VideoFrameTiles(path, indices, tile_size=56)
     source = TileSource([segment], tile_size=56)
     torch.testing.assert_close(source.get([0, 1, 2]), eager[:3], rtol=0, atol=0)
@@ -212,11 +211,11 @@ def test_lazy_video_tiles_equal_eager_frames_in_any_order(files, kind):
 
 
 def test_video_shorter_than_its_header_repeats_the_last_frame(files, caplog):
-    frames = load_video_frames(files["long_video"], max_frames=64, max_fps=VIDEO_FPS)
+    [frame_23] = iter_video_frames(files["long_video"], [23])  # the last frame of the file
     segment = VideoFrameTiles(files["long_video"], [0, 10, 23, 45, 50], tile_size=56)
     with caplog.at_level("WARNING"):
         pixels = segment.load([0, 1, 2, 3, 4])
-    last = to_pixel_values([frames[23]], tile_size=56)[0]
+    last = to_pixel_values([frame_23], tile_size=56)[0]
     for k in (2, 3, 4):
         torch.testing.assert_close(pixels[k], last, rtol=0, atol=0)
     assert "decoded only 3 of the 5" in caplog.text

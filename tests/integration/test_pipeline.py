@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import longvita
-from longvita.errors import MediaError, PromptError
-from longvita.infer.plan import plan_memory
+import longvita.processing.tiles
+from longvita.errors import MediaError, PromptError, ReservedTokenError
+from longvita.infer.plan import format_bytes, plan_memory
+from longvita.processing.tokens import RESERVED_TOKENS
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +121,7 @@ def test_prompt_over_free_memory_is_refused_before_any_work(pipe, media, monkeyp
         device_type="cpu",
     )
     free = plan.kv_cache_bytes  # the cache fits, not the cache and the prefill together
-    monkeypatch.setattr("longvita.infer.pipeline.free_memory_bytes", lambda device: free)
+    monkeypatch.setattr("longvita.infer.plan.free_memory_bytes", lambda device: free)
     _forbid_work(pipe, monkeypatch)
     with pytest.raises(PromptError) as info:
         pipe.generate(
@@ -131,13 +133,15 @@ def test_prompt_over_free_memory_is_refused_before_any_work(pipe, media, monkeyp
             vision_batch=2,
         )
     message = str(info.value)
-    needed = plan.kv_cache_bytes + plan.activation_bytes
+    media_bytes = prompt.tiles.decode_bytes(2)  # on the CPU, decoding shares the same memory
+    needed = plan.kv_cache_bytes + plan.activation_bytes + media_bytes
     for part in [
+        f"decoding its media {format_bytes(media_bytes)}",
         f"the prompt has {prompt.num_tokens} tokens (+8 new)",
-        f"KV cache needs {plan.kv_cache_bytes} bytes",
-        f"prefill {plan.activation_bytes} bytes",
-        f"{needed} bytes",
-        f"but cpu has {free} bytes",
+        f"KV cache needs {format_bytes(plan.kv_cache_bytes)}",
+        f"prefill {format_bytes(plan.activation_bytes)}",
+        f"{format_bytes(needed)} in all",
+        f"but cpu has {format_bytes(free)} free",
         "fewer frames",
         "smaller prefill_chunk (e.g. 4)",
         "--cp",
@@ -166,3 +170,123 @@ def test_visual_feature_count_mismatch_names_both_counts(pipe):
     pixels = torch.zeros(1, 3, 56, 56)
     with pytest.raises(ValueError, match="2 visual placeholder tokens .* give 4 features"):
         pipe.model(ids, pixel_values=pixels, visual_mask=mask)
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "message"),
+    [
+        ("meta", None, "device 'meta' holds no data"),
+        ("tpu9", None, "unknown device 'tpu9'"),
+        ("cpu", "float64", "dtype 'float64' is not supported"),
+        ("cpu", torch.int8, "dtype torch.int8 is not supported"),
+        ("cpu", "fp8", "dtype 'fp8' is not supported"),
+    ],
+)
+def test_load_refuses_what_it_cannot_run(tiny_checkpoint, monkeypatch, device, dtype, message):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("weights read before the device and dtype were checked")
+
+    monkeypatch.setattr("longvita.infer.pipeline.load_model", forbidden)
+    with pytest.raises(ValueError, match=message):
+        longvita.load(tiny_checkpoint, device=device, dtype=dtype)
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="checks a machine without one")
+def test_load_refuses_an_accelerator_this_machine_lacks(tiny_checkpoint):
+    with pytest.raises(ValueError, match="device 'cuda' is not available.*no accelerator"):
+        longvita.load(tiny_checkpoint, device="cuda")
+
+
+def _conversation(role: str, text: str) -> list[dict]:
+    """`text` in a turn of `role`, in a conversation that ends with a user turn."""
+    if role == "system":
+        return [{"role": "system", "content": text}, {"role": "user", "content": "hi"}]
+    if role == "assistant":
+        return [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": text},
+            {"role": "user", "content": "and?"},
+        ]
+    return [{"role": "user", "content": text}]
+
+
+@pytest.mark.parametrize("token", RESERVED_TOKENS)
+@pytest.mark.parametrize("role", ["system", "user", "assistant"])
+def test_reserved_tokens_typed_in_text_are_refused_naming_them(pipe, token, role):
+    with pytest.raises(ReservedTokenError, match=f"the text contains '{token}'"):
+        pipe.generate(_conversation(role, f"look {token} here"), max_new_tokens=1)
+
+
+def test_other_special_tokens_typed_in_text_are_parsed(pipe):
+    """Documented: like transformers' chat templates, a typed `<|im_start|>` is the control
+    token, and `<quad>`/`<ref>`/`<box>` are ordinary grounding tokens."""
+    prompt = pipe.process("a <|im_start|> b <box> c")
+    ids = prompt.input_ids.tolist()
+    assert ids.count(pipe.processor.tokens.im_start) == 3  # user, assistant and the typed one
+    assert pipe.tokenizer.convert_tokens_to_ids("<box>") in ids
+
+
+def test_options_are_checked_before_any_work(pipe, monkeypatch):
+    _forbid_work(pipe, monkeypatch)
+    with pytest.raises(TypeError, match=r"unknown generation option\(s\) \['temprature'\]"):
+        pipe.generate("hi", temprature=0.5)
+    for bad, message in [
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"fps": float("inf")}, "fps must be a finite number"),
+        ({"max_frames": 0}, "max_frames must be >= 1"),
+        ({"vision_batch": 1.5}, "vision_batch must be an integer"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            pipe.generate("<video>", videos=["never-read.mp4"], **bad)
+
+
+def test_media_decoders_are_closed_when_generation_fails(pipe, media, monkeypatch):
+    closed = []
+    original = longvita.processing.tiles.TileSource.close
+
+    def close(self):
+        closed.append(self)
+        original(self)
+
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("the model broke")
+
+    monkeypatch.setattr(longvita.processing.tiles.TileSource, "close", close)
+    monkeypatch.setattr(pipe.model.model, "forward", broken_forward)
+    with pytest.raises(RuntimeError, match="the model broke"):
+        pipe.generate("<video>\nWhat?", videos=[media["video"]])
+    assert closed, "the video decoder of a failed generation was left open"
+
+
+def test_media_decoding_memory_is_part_of_the_check(pipe, tmp_path, monkeypatch):
+    """A big photo costs far more host memory while decoded than its tiles: the pre-flight
+    check counts it (`TileSource.decode_bytes`) and refuses before decoding."""
+    from longvita.testing import make_image
+
+    photo = make_image(tmp_path / "big.png", (4000, 3000))
+    prompt = pipe.process("<image>\nWhat?", [photo])
+    media = prompt.tiles.decode_bytes(16)
+    plan = plan_memory(
+        pipe.config,
+        num_prompt_tokens=prompt.num_tokens,
+        max_new_tokens=4,
+        dtype=torch.float32,
+        prefill_chunk=4096,
+        vision_batch=16,
+        device_type="cpu",
+    )
+    assert media > 4000 * 3000 * 3  # at least the decoded RGB image
+    free = plan.kv_cache_bytes + plan.activation_bytes + media // 2  # fits, but not the media
+    monkeypatch.setattr("longvita.infer.plan.free_memory_bytes", lambda device: free)
+    _forbid_work(pipe, monkeypatch)
+    with pytest.raises(PromptError, match="decoding its media"):
+        pipe.generate("<image>\nWhat?", images=[photo], max_new_tokens=4)
+
+
+def test_max_pixels_refuses_large_media_from_their_headers(tiny_checkpoint, media, monkeypatch):
+    small = longvita.load(tiny_checkpoint, max_pixels=640 * 360 - 1)
+    _forbid_work(small, monkeypatch)
+    with pytest.raises(MediaError, match="max_pixels"):
+        small.generate("<image>\nWhat?", images=[media["image"]])  # 640x360
+    with pytest.raises(ValueError, match="max_pixels must be >= 1"):
+        longvita.load(tiny_checkpoint, max_pixels=0)

@@ -56,7 +56,7 @@ class TinyLM(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, kv_cache: KVCache | None = None
     ) -> torch.Tensor:
-        hidden = self.decoder(self.decoder.embed(input_ids), position_ids, kv_cache)
+        hidden = self.decoder(self.decoder.embed_tokens(input_ids), position_ids, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(input_ids.shape[1])
         return self.lm_head(hidden)  # [batch, seq, vocab]
@@ -224,8 +224,8 @@ def test_meta_build_then_assign_load_is_identical():
 
     ids = torch.randint(config.vocab_size, (2, SEQ_LEN), generator=torch.Generator().manual_seed(6))
     pos = positions(2, 0, SEQ_LEN)
-    expected = reference(reference.embed(ids), pos)
-    torch.testing.assert_close(model(model.embed(ids), pos), expected, rtol=0, atol=0)
+    expected = reference(reference.embed_tokens(ids), pos)
+    torch.testing.assert_close(model(model.embed_tokens(ids), pos), expected, rtol=0, atol=0)
 
 
 def test_init_weights_values():

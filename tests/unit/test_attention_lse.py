@@ -21,7 +21,7 @@ from longvita.ops.attention import (
     packed_attention_fn,
     packed_causal_attention,
 )
-from longvita.testing import reference_attention, segment_ids
+from longvita.testing import LargestOutput, reference_attention, segment_ids
 
 CPU_BACKENDS = ["math", "cpu_flash"]
 HEAD_DIM = 16
@@ -239,6 +239,18 @@ def test_attention_entry_point_unchanged(q_len, kv_len, q_offset):
     torch.testing.assert_close(full, F.scaled_dot_product_attention(q, k_rep, v_rep, scale=0.3))
 
 
+@pytest.mark.parametrize("causal,q_offset", [(True, 4095), (False, 0)])
+def test_attention_over_every_key_never_repeats_kv_heads(causal, q_offset):
+    """A decode step (and bidirectional attention) with 8 query heads on 2 K/V heads: no tensor
+    as large as K/V repeated to the query heads is ever made, whatever the kernel."""
+    q, k, v = _qkv(1, 4096, num_q_heads=8, num_kv_heads=2)
+    with LargestOutput() as seen:
+        out = attention(q, k, v, causal=causal, q_offset=q_offset)
+    assert seen.max_numel <= k.numel()  # repeated K would be 4x this
+    ref, _ = reference_attention(q, k, v, q_index=torch.tensor([4095]), k_index=torch.arange(4096))
+    torch.testing.assert_close(out, ref)
+
+
 def test_bfloat16_cpu_kernel_close_to_reference():
     q, k, v = _qkv(32, 32, dtype=torch.bfloat16)
     out, lse = block_attention(q, k, v, causal=True)
@@ -259,7 +271,7 @@ def test_bad_inputs_raise_value_error():
     with pytest.raises(ValueError, match="backend 'flash3'"):
         block_attention(q, k, v, causal=False, backend="flash3")
     q, k, v = _qkv(8, 8)
-    with pytest.raises(ValueError, match="end at the length 8"):
+    with pytest.raises(ValueError, match="end at the sequence length 8"):
         packed_causal_attention(q, k, v, [0, 3, 7])
     with pytest.raises(ValueError, match="non-decreasing"):
         packed_causal_attention(q, k, v, [0, 5, 3, 8])

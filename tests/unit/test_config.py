@@ -41,7 +41,7 @@ OFFICIAL = {
 
 def test_official_config_round_trip_keeps_every_field(tmp_path):
     config = LongVITAConfig.from_dict(OFFICIAL)
-    assert config.head_dim == 128 and config.num_query_groups == 5
+    assert config.head_dim == 128 and config.num_attention_heads // config.num_key_value_heads == 5
     assert config.vision.tokens_per_tile == 256 and config.vision.num_patches == 1024
     config.save_pretrained(tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())

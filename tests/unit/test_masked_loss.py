@@ -1,11 +1,9 @@
 import pytest
 import torch
 from torch.testing import assert_close
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from longvita.ops.loss import IGNORE_INDEX, masked_lm_loss, shift_labels
-from longvita.testing import full_logits_loss
+from longvita.testing import LargestOutput, full_logits_loss
 
 X = IGNORE_INDEX
 
@@ -92,21 +90,6 @@ def test_bfloat16_matches_full_logits_and_keeps_dtypes():
     assert_close(got[3], want[3], atol=0.05, rtol=0.02)  # fp32 vs bf16 accumulation order
 
 
-class _LargestOutput(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an aten op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.max_numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor):
-                self.max_numel = max(self.max_numel, leaf.numel())
-        return out
-
-
 @pytest.mark.parametrize("fraction", [0.5, 1.0])
 def test_no_tensor_larger_than_a_chunk_of_logits(fraction):
     # N x H (the hidden gradient) and V x H (the weight gradient) stay below chunk x V here, so
@@ -115,9 +98,9 @@ def test_no_tensor_larger_than_a_chunk_of_logits(fraction):
     hidden, weight, targets = _inputs(num_rows, hidden_size, vocab_size, fraction)
     bound = chunk_size * vocab_size
     assert num_rows * hidden_size < bound and vocab_size * hidden_size < bound
-    with _LargestOutput() as masked:
+    with LargestOutput() as masked:
         _loss_and_grads(masked_lm_loss, hidden, weight, targets, chunk_size=chunk_size)
-    with _LargestOutput() as full:
+    with LargestOutput() as full:
         _loss_and_grads(full_logits_loss, hidden, weight, targets)
     assert masked.max_numel <= bound
     assert full.max_numel >= num_rows * vocab_size  # the instrument sees the [N, V] logits

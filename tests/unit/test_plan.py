@@ -14,9 +14,10 @@ from torch.profiler import ProfilerActivity, profile
 import longvita
 from longvita.config import LongVITAConfig, VisionConfig, long_vita_14b, tiny
 from longvita.errors import CheckpointError, PromptError
-from longvita.infer.engine import allocate_cache, prefill
+from longvita.infer import plan as plan_module
+from longvita.infer.engine import allocate_cache, feature_stream, prefill
 from longvita.infer.plan import (
-    check_memory,
+    check_prompt_memory,
     count_parameters,
     count_prompt_tokens,
     free_memory_bytes,
@@ -211,14 +212,14 @@ def test_activation_estimate_bounds_a_measured_chunked_prefill(
 
     def run():
         with torch.inference_mode():
+            stream = feature_stream(model, tiles, visual_mask, vision_batch=vision_batch)
             prefill(
                 model,
                 input_ids,
                 cache,
-                tiles=tiles,
+                stream=stream,
                 visual_mask=visual_mask,
                 prefill_chunk=prefill_chunk,
-                vision_batch=vision_batch,
             )
 
     measured = _peak_allocated_bytes(run, tmp_path / "trace.json")
@@ -235,24 +236,75 @@ def test_activation_estimate_bounds_a_measured_chunked_prefill(
     assert measured <= plan.activation_bytes <= ESTIMATE_FACTOR * measured, (measured, plan)
 
 
-def test_check_memory_gives_the_numbers():
-    plan = plan_memory(
-        long_vita_14b(),
-        num_prompt_tokens=1_056_832,
-        max_new_tokens=64,
-        prefill_chunk=4096,
-        vision_batch=16,
+OFFICIAL_4096_FRAMES = dict(  # the official model, 4,096 frames, bf16 on a GPU
+    num_prompt_tokens=1_056_832,
+    dtype=torch.bfloat16,
+    device=torch.device("cuda", 0),
+    prefill_chunk=4096,
+    vision_batch=16,
+    has_tiles=True,
+)
+
+
+def _free_memory(monkeypatch, *, device: int | None, host: int | None = 2**40) -> None:
+    """Pretend the device and the host have this much free memory (None: unknown)."""
+    monkeypatch.setattr(
+        plan_module,
+        "free_memory_bytes",
+        lambda where: host if torch.device(where).type == "cpu" else device,
     )
-    check_memory(plan, plan.kv_cache_bytes + plan.activation_bytes, device="cuda:0")
-    check_memory(plan, None, device="mps")  # unknown: not checked
-    free = 80 * 2**30
+
+
+def test_a_prompt_that_fits_passes_and_unknown_memory_is_not_checked(monkeypatch):
+    config = long_vita_14b()
+    plan = plan_memory(config, max_new_tokens=64, **_plan_args(OFFICIAL_4096_FRAMES))
+    _free_memory(monkeypatch, device=plan.kv_cache_bytes + plan.activation_bytes)
+    check_prompt_memory(config, max_new_tokens=64, **OFFICIAL_4096_FRAMES)
+    _free_memory(monkeypatch, device=None)
+    check_prompt_memory(config, max_new_tokens=64, **OFFICIAL_4096_FRAMES)
+
+
+def _plan_args(check_args: dict) -> dict:
+    args = {k: v for k, v in check_args.items() if k not in ("device",)}
+    return {**args, "device_type": check_args["device"].type}
+
+
+def test_a_refusal_gives_the_numbers_and_what_to_change(monkeypatch):
+    _free_memory(monkeypatch, device=80 * 2**30)
     with pytest.raises(PromptError) as info:
-        check_memory(plan, free, device="cuda:0")
+        check_prompt_memory(long_vita_14b(), max_new_tokens=64, **OFFICIAL_4096_FRAMES)
     message = str(info.value)
-    assert "1056832 tokens (+64 new)" in message and f"{plan.kv_cache_bytes} bytes" in message
-    assert f"cuda:0 has {free} bytes (80.00 GiB) free" in message
+    assert "1,056,832 tokens (+64 new)" in message and "KV cache needs 193.5" in message
+    assert "but cuda:0 has 80.00 GiB free" in message
     assert "fewer frames" in message and "prefill_chunk (e.g. 1024)" in message
     assert "--cp N" in message
+
+
+def test_a_refusal_caused_by_max_new_tokens_names_it(monkeypatch):
+    config = long_vita_14b()
+    args = {**OFFICIAL_4096_FRAMES, "num_prompt_tokens": 1000}
+    plan = plan_memory(config, max_new_tokens=1000, **_plan_args(args))
+    _free_memory(monkeypatch, device=plan.kv_cache_bytes + plan.activation_bytes)
+    check_prompt_memory(config, max_new_tokens=1000, **args)  # exactly fits
+    with pytest.raises(PromptError, match="max_new_tokens=500,000 is what does not fit") as info:
+        check_prompt_memory(config, max_new_tokens=500_000, **args)
+    assert "does not fit: 1,000 new tokens would" in str(info.value)  # exact at cp 1
+
+
+def test_media_decoding_counts_against_the_host(monkeypatch):
+    config = long_vita_14b()
+    args = {**OFFICIAL_4096_FRAMES, "num_prompt_tokens": 1000}
+    _free_memory(monkeypatch, device=2**40, host=2**30)
+    check_prompt_memory(config, max_new_tokens=8, media_bytes=2**29, **args)
+    with pytest.raises(PromptError, match="decoding the prompt's media needs about 2.00 GiB"):
+        check_prompt_memory(config, max_new_tokens=8, media_bytes=2**31, **args)
+    cpu = {**args, "device": torch.device("cpu"), "dtype": torch.float32}
+    plan = plan_memory(config, max_new_tokens=8, **_plan_args(cpu))
+    needed = plan.kv_cache_bytes + plan.activation_bytes
+    _free_memory(monkeypatch, device=None, host=needed + 2**20)
+    check_prompt_memory(config, max_new_tokens=8, media_bytes=2**20, **cpu)  # on the CPU: added
+    with pytest.raises(PromptError, match="decoding its media 2.00 MiB"):
+        check_prompt_memory(config, max_new_tokens=8, media_bytes=2**21, **cpu)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="needs Linux /proc/meminfo")
@@ -269,11 +321,11 @@ def test_plan_rejects_bad_settings(field, value):
         plan_memory(tiny(), **{**kwargs, field: value})
 
 
-def _plan_cli(argv, capsys) -> str:
+def _plan_cli(argv, capsys, *, status: int = 0) -> str:
     parser = argparse.ArgumentParser(prog="longvita")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["plan", *argv])
-    assert args.func(args) == 0
+    assert args.func(args) == status
     return capsys.readouterr().out
 
 
@@ -299,8 +351,12 @@ def test_plan_cli_prints_memory_per_device(tiny_checkpoint, capsys):
     assert f"{tokens:,} prompt tokens + 64 new, cp=1, bfloat16" in text
     for row in ("weights", "KV cache", "activations", "total"):
         assert row in text
-    too_long = _plan_cli(["--model", str(tiny_checkpoint), "--frames", "6000"], capsys)
-    assert "exceed the model's 32,768 positions" in too_long
+    too_long = ["--model", str(tiny_checkpoint), "--frames", "6000"]
+    text = _plan_cli(too_long, capsys, status=1)  # refused: a non-zero exit
+    assert "refused: the 36,064-token prompt does not fit the model's 32,768 positions" in text
+    assert json.loads(_plan_cli([*too_long, "--json"], capsys, status=1))["fits"] is False
+    trimmed = ["--model", str(tiny_checkpoint), "--prompt-tokens", "32760"]
+    assert "only 8 new tokens fit" in _plan_cli(trimmed, capsys)  # generate trims, not refuses
 
 
 def test_plan_cli_needs_a_config(tmp_path, capsys):

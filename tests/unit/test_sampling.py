@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from longvita.infer.engine import SamplingParams
+from longvita.infer.request import SamplingParams
 from longvita.ops.sampling import filter_top_k, filter_top_p, sample_next_token
 
 
@@ -42,8 +42,21 @@ def test_sampling_is_seeded_and_respects_filters():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"max_new_tokens": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_k": -2}]
+    "kwargs",
+    [
+        {"max_new_tokens": 0},
+        {"max_new_tokens": 2.5},
+        {"max_new_tokens": True},
+        {"temperature": -1.0},
+        {"temperature": float("nan")},
+        {"temperature": float("inf")},
+        {"top_p": 0.0},
+        {"top_p": float("nan")},
+        {"top_k": -2},
+        {"seed": "7"},
+    ],
 )
 def test_sampling_params_validate(kwargs):
-    with pytest.raises(ValueError):
+    ((name, value),) = kwargs.items()
+    with pytest.raises(ValueError, match=name):
         SamplingParams(**kwargs)

@@ -255,12 +255,12 @@ def make(seq_len: int = 8, **overrides) -> PackedSequence:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"cu_seqlens": torch.tensor([0, 5])}, "ends at 5 \\(want S = 8\\)"),
-        ({"cu_seqlens": torch.tensor([1, 8])}, "starts at 1 \\(want 0\\)"),
+        ({"cu_seqlens": torch.tensor([0, 5])}, "end at the sequence length 8"),
+        ({"cu_seqlens": torch.tensor([1, 8])}, "\\[1, 8\\] must start at 0"),
         ({"cu_seqlens": torch.tensor([0, 5, 5, 8])}, "strictly increasing"),
         ({"cu_seqlens": torch.tensor([0, 6, 3, 8])}, "strictly increasing"),
-        ({"cu_seqlens": torch.tensor([8])}, "cu_seqlens must be"),
-        ({"cu_seqlens": torch.tensor([0.0, 8.0])}, "must be integer"),
+        ({"cu_seqlens": torch.tensor([8])}, "must hold >= 2 boundaries"),
+        ({"cu_seqlens": torch.tensor([0.0, 8.0])}, "integer tensor"),
         ({"targets": torch.zeros(7, dtype=torch.long)}, "'targets': \\(7,\\)"),
         ({"visual_mask": torch.zeros(8)}, "must be bool"),
         (

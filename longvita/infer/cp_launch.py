@@ -1,0 +1,94 @@
+"""`longvita generate --cp N`: one GenerationRequest answered by N context-parallel ranks.
+
+Owns what every rank does for one request (load the checkpoint, plan and check the prompt
+with its share of the memory, run `infer.cp_engine.ShardedRunner` through the common decode
+loop) and starting the ranks through `parallel.launch` (spawned here, or the ranks of the
+torchrun job this process belongs to). The weights are replicated: every rank loads the
+checkpoint and runs the Processor; only the sequence, the ViT tiles and the KV cache are split.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from longvita.checks import check_int
+from longvita.infer.cp_engine import ShardedRunner
+from longvita.infer.engine import run_to_end
+from longvita.infer.pipeline import load
+from longvita.infer.request import GenerationOutput, GenerationRequest
+from longvita.parallel.launch import DEFAULT_TIMEOUT_S, launch
+from longvita.parallel.state import ParallelState
+from longvita.processing.image import DEFAULT_MAX_PIXELS
+from longvita.runtime import resolve_device, resolve_dtype
+
+
+def generate_cp(
+    model_dir: str | Path,
+    request: GenerationRequest,
+    *,
+    cp: int,
+    device: str = "cpu",
+    dtype: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> GenerationOutput | None:
+    """`Pipeline.run(request)` with the prompt, the ViT tiles and the KV cache split over `cp`
+    ranks (started here, or those of the torchrun job this process belongs to).
+
+    Returns the output on global rank 0 (with `cp` and the per-rank statistics filled in),
+    None on the other torchrun ranks. Bad arguments (device, dtype, a torchrun world of another
+    size) raise ValueError here, before any process starts; a user error of a rank (a missing
+    image...) is raised as itself, any other failure as `parallel.RankFailedError`.
+    """
+    resolved = resolve_device(device)
+    resolve_dtype(dtype, resolved)
+    check_int("max_pixels", max_pixels, minimum=1)
+    world_size = os.environ.get("WORLD_SIZE")
+    if world_size is not None and int(world_size) != cp:
+        raise ValueError(
+            f"torchrun started {world_size} processes but --cp is {cp}: generate runs one "
+            f"sequence, so start exactly --cp processes (--nproc-per-node x --nnodes)"
+        )
+    return launch(
+        _generate_on_rank,
+        cp=cp,
+        args=(str(model_dir), request, dtype, max_pixels),
+        device=resolved.type,
+        timeout_s=timeout_s,
+    )
+
+
+def _generate_on_rank(
+    state: ParallelState,
+    model_dir: str,
+    request: GenerationRequest,
+    dtype: str | None,
+    max_pixels: int,
+) -> GenerationOutput | None:
+    """Every rank: load, plan, generate its share; cp rank 0 returns the output."""
+    pipe = load(model_dir, device=state.device, dtype=dtype, max_pixels=max_pixels)
+    ranks_per_host = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    prompt, sampling = pipe.prepare(request, cp=state.cp_size, ranks_per_host=ranks_per_host)
+    try:
+        runner = ShardedRunner(
+            pipe.model,
+            prompt.input_ids,
+            state=state,
+            params=sampling,
+            pad_id=pipe.processor.tokens.pad,
+            tiles=prompt.tiles,
+            visual_mask=prompt.visual_mask,
+            prefill_chunk=request.prefill_chunk,
+            vision_batch=request.vision_batch,
+        )
+        output = run_to_end(
+            runner,
+            sampling,
+            pipe.processor.tokens.stop,
+            return_scores=request.return_scores and state.cp_rank == 0,
+            vocab_size=pipe.config.vocab_size,
+        )
+    finally:
+        prompt.tiles.close()
+    return pipe.describe(output, prompt) if state.cp_rank == 0 else None

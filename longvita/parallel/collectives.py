@@ -1,0 +1,50 @@
+"""The few collectives the layers above call, over the context-parallel group of a
+`ParallelState`, each failing with a message that says what was being done and by which rank.
+
+Owns `peer_errors` (a failed or timed-out collective re-raised with its context), `broadcast`
+from one cp rank and `gather_ints` (small per-rank counters, in cp rank order). Callers outside
+`parallel/` use these instead of importing torch.distributed themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from longvita.parallel.state import ParallelState
+
+
+@contextmanager
+def peer_errors(what: str, cp_rank: int, cp: int) -> Iterator[None]:
+    """Re-raise a failed collective saying what was being done and by which rank."""
+    try:
+        yield
+    except RuntimeError as err:  # DistBackendError and gloo timeouts are RuntimeErrors
+        raise RuntimeError(
+            f"context-parallel generation: {what} failed on cp rank {cp_rank}/{cp}; a peer "
+            f"died, stalled or the group timed out: {err}"
+        ) from err
+
+
+def broadcast(tensor: torch.Tensor, state: ParallelState, *, src_cp_rank: int, what: str) -> None:
+    """Overwrite `tensor` on every rank of the cp group with cp rank `src_cp_rank`'s, in place."""
+    if state.cp_size == 1:
+        return
+    src = dist.get_global_rank(state.cp_group, src_cp_rank)
+    with peer_errors(what, state.cp_rank, state.cp_size):
+        dist.broadcast(tensor, src=src, group=state.cp_group)
+
+
+def gather_ints(values: list[int], state: ParallelState) -> list[list[int]]:
+    """Every cp rank's `values` (the same length on every rank), as one list per value in cp
+    rank order: [[v0 of rank 0, v0 of rank 1, ...], [v1 of rank 0, ...], ...]."""
+    local = torch.tensor(values, dtype=torch.int64, device=state.device)  # [n]
+    if state.cp_size == 1:
+        return [[v] for v in values]
+    parts = [torch.empty_like(local) for _ in range(state.cp_size)]
+    with peer_errors("gathering per-rank statistics", state.cp_rank, state.cp_size):
+        dist.all_gather(parts, local, group=state.cp_group)
+    return torch.stack(parts).T.tolist()  # [n][cp]
