@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup test test-all demo lint format clean
+.PHONY: setup test test-all demo lint format clean gpu-check gpu-wheels
 
 setup: $(STAMP)
 
@@ -25,6 +25,21 @@ test-all: setup
 
 demo: setup
 	$(BIN)/longvita demo
+
+# On a machine with a GPU (README, "GPU check"): every test marked gpu and the long-context
+# benchmark on CUDA bf16, one JSON summary. It runs that machine's python3 and torch; a wheel
+# that image lacks (PyAV) is carried in .whl/, made here by `make gpu-wheels`.
+GPU_SITE := /tmp/longvita-site
+gpu-check:
+	@if ls .whl/*.whl >/dev/null 2>&1; then \
+		python3 -m pip install -q --no-index --no-deps --no-compile --target $(GPU_SITE) .whl/*.whl; fi
+	PYTHONPATH=$(CURDIR):$(GPU_SITE) PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py \
+		--out "$${OUT:-gpu_check_output}"
+
+gpu-wheels: setup
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		-d .whl av==18.1.0
 
 lint: setup
 	$(BIN)/ruff check longvita tests benchmarks

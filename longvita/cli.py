@@ -1,7 +1,10 @@
 """The `longvita` command: generate, plan, data inspect, demo.
 
-Owns argument parsing, turning user errors into one line on stderr with a non-zero exit, and
-what is printed. All work is done by the library (`longvita.load`, `Pipeline.generate`).
+Owns argument parsing, what is printed, and how a run ends: a user error (a missing file, a
+bad setting, a prompt that does not fit, a device this machine lacks) is one line on stderr and
+exit status 2; a failed context-parallel rank is one line (its traceback with -v) and status 1;
+Ctrl-C ends every rank and exits with 130 without a traceback. Warnings of the libraries
+underneath go through logging (shown with -v). All work is done by the library.
 """
 
 from __future__ import annotations
@@ -9,11 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
 
 EXIT_USER_ERROR = 2
+EXIT_RANK_FAILED = 1
+EXIT_INTERRUPTED = 130
 
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 
@@ -26,20 +32,56 @@ def unescape(text: str) -> str:
     return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
+def argument_text(value: str, flag: str) -> str:
+    """A command-line string checked to be valid UTF-8 (argv bytes that are not decode to lone
+    surrogates); ValueError naming the flag and the offending byte otherwise."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raw = os.fsencode(value)
+        bad = os.fsencode(value[err.start : err.end])
+        raise ValueError(
+            f"{flag} is not valid UTF-8: byte(s) {bad!r} at byte {raw.find(bad)}; pass UTF-8 "
+            "text, or put the prompt in a file (--prompt-file)"
+        ) from None
+    return value
+
+
+def read_text_file(path: str, flag: str) -> str:
+    """The UTF-8 text of `path` ("-" = standard input); ValueError naming the flag otherwise."""
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()  # noqa: SIM115
+    except OSError as err:
+        raise ValueError(f"{flag} {path!r}: {err.strerror or err}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{flag} {path!r} is not valid UTF-8: byte {data[err.start : err.start + 1]!r} at "
+            f"byte {err.start}"
+        ) from None
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
         help="answer a prompt about images and videos",
         description=(
             "Answer one prompt with a Long-VITA checkpoint. Put one <image> tag per --image and "
-            "one <video> tag per --video in the prompt, in order; '\\n' in the prompt is a "
-            "newline. Greedy by default (--temperature 0)."
+            "one <video> tag per --video in the prompt, in order; '\\n' in --prompt is a "
+            "newline (a --prompt-file is taken as is). Greedy by default (--temperature 0)."
         ),
         epilog='example: longvita generate --model Long-VITA-16K_HF --prompt "<image>\\nWhat is '
         'this?" --image cat.png --json',
     )
     p.add_argument("--model", required=True, help="checkpoint directory (official HF layout)")
-    p.add_argument("--prompt", required=True, help="the user turn, with <image>/<video> tags")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the user turn, with <image>/<video> tags")
+    prompt.add_argument(
+        "--prompt-file",
+        metavar="PATH",
+        help="read the user turn from a UTF-8 file ('-' = standard input): long prompts",
+    )
     p.add_argument("--system", default=None, help="optional system turn (none by default)")
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     p.add_argument(
@@ -63,7 +105,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--prefill-chunk", type=int, default=None, help="prompt tokens per prefill step (4096)"
     )
     p.add_argument("--vision-batch", type=int, default=None, help="tiles per ViT forward (16)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="refuse images and video frames with more pixels, from their headers (default "
+        "89,478,485: Pillow's limit); frames above 4K UHD are scaled down while decoded",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument(
         "--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 CPU, bf16 GPU)"
     )
@@ -71,76 +120,54 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_generate)
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    prompt = unescape(args.prompt)
-    messages = [{"role": "user", "content": prompt}]
-    if args.system:
-        messages.insert(0, {"role": "system", "content": unescape(args.system)})
-    options = {
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "seed": args.seed,
-        "max_frames": args.max_frames,
-        "fps": args.fps,
-    }
-    options.update(_chunking(args))
-    if args.cp < 1:
-        raise ValueError(f"--cp must be >= 1, got {args.cp}")
-    if args.cp > 1:
-        record = _generate_cp(args, messages, options)
-        if record is None:  # a non-main rank of a torchrun job: rank 0 prints
-            return 0
+def generation_request(args: argparse.Namespace):
+    """The GenerationRequest of `longvita generate`'s arguments."""
+    from longvita.infer.request import GenerationRequest
+
+    if args.prompt is not None:
+        text = unescape(argument_text(args.prompt, "--prompt"))
     else:
-        record = _generate_local(args, messages, options)
-    print(json.dumps(record, ensure_ascii=False) if args.json else record["text"])
-    return 0
-
-
-def _chunking(args: argparse.Namespace) -> dict:
+        text = read_text_file(args.prompt_file, "--prompt-file")
+    messages = [{"role": "user", "content": text}]
+    if args.system:
+        system = unescape(argument_text(args.system, "--system"))
+        messages.insert(0, {"role": "system", "content": system})
     chunking = {"prefill_chunk": args.prefill_chunk, "vision_batch": args.vision_batch}
-    return {k: v for k, v in chunking.items() if v is not None}
-
-
-def _generate_local(args: argparse.Namespace, messages: list, options: dict) -> dict:
-    import longvita
-
-    pipe = longvita.load(args.model, device=args.device, dtype=args.dtype)
-    out = pipe.generate(messages, images=args.image, videos=args.video, **options)
-    return {
-        "text": out.text,
-        "token_ids": out.token_ids,
-        "prompt_tokens": out.prompt_tokens,
-        "new_tokens": len(out.token_ids),
-        "num_tiles": out.num_tiles,
-        "image_grids": out.image_grids,
-        "video_frames": out.video_frames,
-        "stop_reason": out.stop_reason,
-        "prefill_seconds": round(out.prefill_seconds, 4),
-        "decode_seconds": round(out.decode_seconds, 4),
-        "kv_cache_bytes": out.kv_cache_bytes,
-    }
-
-
-def _generate_cp(args: argparse.Namespace, messages: list, options: dict) -> dict | None:
-    from longvita.parallel import generate_cp
-
-    record = generate_cp(
-        args.model,
+    return GenerationRequest.create(
         messages,
         args.image,
         args.video,
-        cp=args.cp,
-        device=args.device,
-        dtype=args.dtype,
-        **options,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        max_frames=args.max_frames,
+        fps=args.fps,
+        **{k: v for k, v in chunking.items() if v is not None},
     )
-    if record is not None:
-        record.pop("scores", None)
-        for key in ("prefill_seconds", "decode_seconds"):
-            record[key] = round(record[key], 4)
-    return record
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    request = generation_request(args)
+    media = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
+    if args.cp < 1:
+        raise ValueError(f"--cp must be >= 1, got {args.cp}")
+    if args.cp > 1:
+        from longvita.infer.cp_launch import generate_cp
+
+        output = generate_cp(
+            args.model, request, cp=args.cp, device=args.device, dtype=args.dtype, **media
+        )
+        if output is None:  # a non-main rank of a torchrun job: rank 0 prints
+            return 0
+    else:
+        import longvita
+
+        pipe = longvita.load(args.model, device=args.device, dtype=args.dtype, **media)
+        output = pipe.run(request)
+    print(json.dumps(output.to_record(), ensure_ascii=False) if args.json else output.text)
+    return 0
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -166,15 +193,21 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from longvita import __version__
+
     parser = argparse.ArgumentParser(
         prog="longvita",
         description="Run Long-VITA vision-language models on images and long videos.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument("--version", action="version", version=f"longvita {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log progress and warnings to stderr"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_subcommands(sub)
     _add_demo(sub)
+    _accept_verbose_everywhere(parser)
     return parser
 
 
@@ -187,18 +220,70 @@ def _add_subcommands(sub: argparse._SubParsersAction) -> None:
     add_data_parser(sub)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _accept_verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """-v/--verbose after any subcommand too (`longvita generate -v ...`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                subparser.add_argument(
+                    "-v",
+                    "--verbose",
+                    action="store_true",
+                    default=argparse.SUPPRESS,  # keep a -v given before the subcommand
+                    help="log progress and warnings to stderr",
+                )
+                _accept_verbose_everywhere(subparser)
+
+
+def configure_logging(verbose: bool, *, route_transformers: bool) -> None:
+    """Our logs, Python warnings and (when `route_transformers`: the command loads a
+    tokenizer, so transformers is imported anyway) transformers' logs, all through logging."""
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    logging.captureWarnings(True)
+    if not verbose:  # third-party warnings are for -v
+        logging.getLogger("py.warnings").setLevel(logging.ERROR)
+    if route_transformers:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()
+        hf_logging.set_verbosity(logging.INFO if verbose else logging.ERROR)
+
+
+_TOKENIZER_COMMANDS = ("generate", "data", "demo")
+"""Commands that load a tokenizer (and import transformers)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose, route_transformers=args.command in _TOKENIZER_COMMANDS)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print(f"longvita {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ValueError, OSError) as err:
-        message = " ".join(str(err).split())
-        print(f"longvita {args.command}: error: {message}", file=sys.stderr)
+        _print_error(args.command, err)
         return EXIT_USER_ERROR
+    except Exception as err:
+        from longvita.parallel.launch import RankFailedError
+
+        if not isinstance(err, RankFailedError):
+            raise
+        _print_error(args.command, err)
+        if args.verbose and err.traceback:
+            print(err.traceback, file=sys.stderr)
+        elif err.traceback:
+            print("(run with -v for the rank's traceback)", file=sys.stderr)
+        return EXIT_RANK_FAILED
+
+
+def _print_error(command: str, err: BaseException) -> None:
+    message = " ".join(str(err).split()) or type(err).__name__
+    print(f"longvita {command}: error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":
