@@ -1,10 +1,11 @@
 """`longvita generate --cp N`: one GenerationRequest answered by N context-parallel ranks.
 
-Owns what every rank does for one request (load the checkpoint, plan and check the prompt
-with its share of the memory, run `infer.cp_engine.ShardedRunner` through the common decode
-loop) and starting the ranks through `parallel.launch` (spawned here, or the ranks of the
-torchrun job this process belongs to). The weights are replicated: every rank loads the
-checkpoint and runs the Processor; only the sequence, the ViT tiles and the KV cache are split.
+Owns starting the ranks through `parallel.launch` (spawned here, or the ranks of the torchrun
+job this process belongs to) and what every rank does for one request: load the checkpoint and
+run its share of `Pipeline.run` (which plans and checks the prompt with the rank's share of the
+memory and drives `infer.cp_engine.ShardedRunner` through the common decode loop). The weights
+are replicated: every rank loads the checkpoint and runs the Processor; only the sequence, the
+ViT tiles and the KV cache are split.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import os
 from pathlib import Path
 
 from longvita.checks import check_int
-from longvita.infer.cp_engine import ShardedRunner
-from longvita.infer.engine import run_to_end
 from longvita.infer.pipeline import load
 from longvita.infer.request import GenerationOutput, GenerationRequest
 from longvita.parallel.launch import DEFAULT_TIMEOUT_S, launch
@@ -66,29 +65,7 @@ def _generate_on_rank(
     dtype: str | None,
     max_pixels: int,
 ) -> GenerationOutput | None:
-    """Every rank: load, plan, generate its share; cp rank 0 returns the output."""
+    """Every rank: load, then its share of `Pipeline.run`; cp rank 0 returns the output."""
     pipe = load(model_dir, device=state.device, dtype=dtype, max_pixels=max_pixels)
-    ranks_per_host = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    prompt, sampling = pipe.prepare(request, cp=state.cp_size, ranks_per_host=ranks_per_host)
-    try:
-        runner = ShardedRunner(
-            pipe.model,
-            prompt.input_ids,
-            state=state,
-            params=sampling,
-            pad_id=pipe.processor.tokens.pad,
-            tiles=prompt.tiles,
-            visual_mask=prompt.visual_mask,
-            prefill_chunk=request.prefill_chunk,
-            vision_batch=request.vision_batch,
-        )
-        output = run_to_end(
-            runner,
-            sampling,
-            pipe.processor.tokens.stop,
-            return_scores=request.return_scores and state.cp_rank == 0,
-            vocab_size=pipe.config.vocab_size,
-        )
-    finally:
-        prompt.tiles.close()
-    return pipe.describe(output, prompt) if state.cp_rank == 0 else None
+    output = pipe.run(request, state=state)
+    return output if state.cp_rank == 0 else None

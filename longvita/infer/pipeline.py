@@ -21,11 +21,13 @@ import torch
 from longvita.checks import check_int
 from longvita.config import LongVITAConfig
 from longvita.errors import CheckpointError, PromptError
+from longvita.infer.cp_engine import ShardedRunner
 from longvita.infer.engine import LocalRunner, run_to_end
 from longvita.infer.plan import check_prompt_memory
 from longvita.infer.request import GenerationOutput, GenerationRequest, SamplingParams
 from longvita.model.checkpoint import load_model, save_model
 from longvita.model.long_vita import LongVITAForCausalLM
+from longvita.parallel.state import ParallelState
 from longvita.processing.chat import Messages
 from longvita.processing.image import DEFAULT_MAX_PIXELS
 from longvita.processing.processor import ImageInput, ProcessedPrompt, Processor, VideoInput
@@ -85,24 +87,35 @@ class Pipeline:
         """
         return self.run(GenerationRequest.create(messages, images, videos, **options))
 
-    def run(self, request: GenerationRequest) -> GenerationOutput:
-        """Generate the answer to a request in this process."""
-        prompt, sampling = self.prepare(request)
+    def run(
+        self, request: GenerationRequest, *, state: ParallelState | None = None
+    ) -> GenerationOutput:
+        """Generate the answer to a request: in this process, or, with a `state` whose cp group
+        has several ranks, with the prompt, tiles and KV cache split over that group (every rank
+        calls this with the same request; all get the same tokens, scores are on cp rank 0)."""
+        cp = 1 if state is None else state.cp_size
+        ranks_per_host = 1 if state is None else state.local_world_size
+        prompt, sampling = self.prepare(request, cp=cp, ranks_per_host=ranks_per_host)
+        inputs = {
+            "params": sampling,
+            "tiles": prompt.tiles,
+            "visual_mask": prompt.visual_mask,
+            "prefill_chunk": request.prefill_chunk,
+            "vision_batch": request.vision_batch,
+        }
         try:
-            runner = LocalRunner(
-                self.model,
-                prompt.input_ids,
-                params=sampling,
-                tiles=prompt.tiles,
-                visual_mask=prompt.visual_mask,
-                prefill_chunk=request.prefill_chunk,
-                vision_batch=request.vision_batch,
-            )
+            if cp == 1:
+                runner = LocalRunner(self.model, prompt.input_ids, **inputs)
+            else:
+                pad = self.processor.tokens.pad
+                runner = ShardedRunner(
+                    self.model, prompt.input_ids, state=state, pad_id=pad, **inputs
+                )
             output = run_to_end(
                 runner,
                 sampling,
                 self.processor.tokens.stop,
-                return_scores=request.return_scores,
+                return_scores=request.return_scores and (state is None or state.cp_rank == 0),
                 vocab_size=self.config.vocab_size,
             )
         finally:

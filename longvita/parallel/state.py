@@ -190,6 +190,12 @@ class ParallelState:
         return None if self.mesh is None else self.mesh.get_group("dp")
 
     @property
+    def local_world_size(self) -> int:
+        """Processes of this job on this host (torchrun's LOCAL_WORLD_SIZE, which the local
+        launcher sets too; 1 without torch.distributed): they share the host's memory."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.is_distributed else 1
+
+    @property
     def is_main(self) -> bool:
         """Global rank 0: the one process that logs, prints and writes."""
         return self.rank == 0
