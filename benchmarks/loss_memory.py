@@ -30,8 +30,7 @@ import torch
 from common import peak_since, reset_peak
 
 from longvita.infer.plan import free_memory_bytes
-from longvita.ops.loss import IGNORE_INDEX, masked_lm_loss, shift_labels
-from longvita.testing import full_logits_loss
+from longvita.ops.loss import IGNORE_INDEX, full_logits_loss, masked_lm_loss, shift_labels
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Live [N, V] float32-sized tensors the full path was measured to hold at its peak (plus slack):

@@ -1,4 +1,4 @@
-"""The `longvita` command: generate, plan, data inspect, demo.
+"""The `longvita` command: generate, plan, data inspect, train, export, demo.
 
 Owns argument parsing, what is printed, and how a run ends: a user error (a missing file, a
 bad setting, a prompt that does not fit, a device this machine lacks) is one line on stderr and
@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 EXIT_USER_ERROR = 2
-EXIT_RANK_FAILED = 1
+EXIT_RUN_FAILED = 1
 EXIT_INTERRUPTED = 130
 
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
@@ -215,9 +215,11 @@ def _add_subcommands(sub: argparse._SubParsersAction) -> None:
     """Commands whose parsers live beside their code."""
     from longvita.data.inspect import add_parser as add_data_parser
     from longvita.infer.plan_cli import add_parser as add_plan_parser
+    from longvita.train.cli import add_parsers as add_train_parsers
 
     add_plan_parser(sub)
     add_data_parser(sub)
+    add_train_parsers(sub)
 
 
 def _accept_verbose_everywhere(parser: argparse.ArgumentParser) -> None:
@@ -253,11 +255,13 @@ def configure_logging(verbose: bool, *, route_transformers: bool) -> None:
         hf_logging.set_verbosity(logging.INFO if verbose else logging.ERROR)
 
 
-_TOKENIZER_COMMANDS = ("generate", "data", "demo")
+_TOKENIZER_COMMANDS = ("generate", "data", "demo", "train", "export")
 """Commands that load a tokenizer (and import transformers)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from longvita.errors import RunError
+
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, route_transformers=args.command in _TOKENIZER_COMMANDS)
     try:
@@ -268,17 +272,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         _print_error(args.command, err)
         return EXIT_USER_ERROR
-    except Exception as err:
-        from longvita.parallel.launch import RankFailedError
-
-        if not isinstance(err, RankFailedError):
-            raise
+    except RunError as err:  # a failed rank, a diverged run: its message says what happened
         _print_error(args.command, err)
-        if args.verbose and err.traceback:
-            print(err.traceback, file=sys.stderr)
-        elif err.traceback:
+        trace = getattr(err, "traceback", "")
+        if args.verbose and trace:
+            print(trace, file=sys.stderr)
+        elif trace:
             print("(run with -v for the rank's traceback)", file=sys.stderr)
-        return EXIT_RANK_FAILED
+        return EXIT_RUN_FAILED
 
 
 def _print_error(command: str, err: BaseException) -> None:

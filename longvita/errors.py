@@ -15,3 +15,8 @@ class PromptError(ValueError):
 
 class ReservedTokenError(PromptError):
     """Text that contains a token only the Processor may write (`<IMG_CONTEXT>`, `<vid>`...)."""
+
+
+class RunError(RuntimeError):
+    """A long job that stopped for a reason it explains (a failed rank, a diverged run): the
+    command line prints its message as one line."""

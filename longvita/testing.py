@@ -6,7 +6,7 @@ trained on a few sentences, with Qwen's three special tokens and without the Lon
 the loader's "add the missing tokens" path runs every time; random checkpoints in the official
 layout; synthetic images, videos and data files in the official formats). It also holds the
 slow, obviously-correct definitions that the fast code is checked against
-(`reference_attention`, `full_logits_loss`). Nothing in the library's own paths calls it.
+(`reference_attention`). Nothing in the library's own paths calls it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from PIL import Image, ImageDraw
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -28,7 +27,7 @@ from longvita.config import LongVITAConfig, tiny
 from longvita.model.checkpoint import save_model
 from longvita.model.long_vita import LongVITAForCausalLM
 from longvita.ops.attention_kernels import math_forward
-from longvita.ops.loss import IGNORE_INDEX
+from longvita.processing.tokens import train_bpe_tokenizer
 
 # -- tokenizer, models, checkpoints -----------------------------------------------------------
 
@@ -38,45 +37,12 @@ _CORPUS = [
     "A red square, a blue circle and a green line on a white background.",
     "Answer the question using a single word or phrase.",
 ]
-QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
 def write_tiny_tokenizer(directory: str | Path, *, vocab_size: int = 320) -> Path:
-    """A Qwen2Tokenizer directory: byte-level BPE + <|endoftext|>, <|im_start|>, <|im_end|>."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(_CORPUS, vocab_size=vocab_size, min_frequency=1, show_progress=False)
-    bpe.save_model(str(directory))
-    first_special = len(json.loads((directory / "vocab.json").read_text()))
-    added = {
-        str(first_special + i): {
-            "content": token,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-        for i, token in enumerate(QWEN_SPECIAL_TOKENS)
-    }
-    tokenizer_config = {
-        "tokenizer_class": "Qwen2Tokenizer",
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "added_tokens_decoder": added,
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "errors": "replace",
-        "model_max_length": 131072,
-        "split_special_tokens": False,
-    }
-    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-    return directory
+    """A Qwen2Tokenizer directory trained on a few sentences: byte-level BPE + <|endoftext|>,
+    <|im_start|>, <|im_end|> (without the Long-VITA tokens: the loader adds them)."""
+    return train_bpe_tokenizer(directory, _CORPUS, vocab_size=vocab_size)
 
 
 def random_model(config: LongVITAConfig | None = None, *, seed: int = 0) -> LongVITAForCausalLM:
@@ -236,20 +202,6 @@ def reference_attention(
         visible = visible & (q_segment[:, None] == k_segment[None, :])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return math_forward(q, k, v, visible, False, scale)
-
-
-def full_logits_loss(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token loss the naive way: full [N, V] logits in float32, then F.cross_entropy.
-
-    The same contract as `ops.loss.masked_lm_loss` (hidden [N, H], weight [V, H], targets [N]
-    shifted, returns (loss_sum, count)); memory grows with N x V.
-    """
-    logits = (hidden @ weight.t()).float()  # [N, V]
-    loss_sum = F.cross_entropy(logits, targets.long(), ignore_index=IGNORE_INDEX, reduction="sum")
-    count = (targets != IGNORE_INDEX).sum().to(torch.int64)
-    return loss_sum, count
 
 
 class LargestOutput(TorchDispatchMode):

@@ -1,10 +1,12 @@
-"""Shared fixtures: a tiny random checkpoint, synthetic media, the real Qwen2 tokenizer."""
+"""Shared fixtures: a tiny random checkpoint, synthetic media, the real Qwen2 tokenizer, gloo
+ranks."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 from longvita.testing import make_image, make_tiny_checkpoint, make_video
 
@@ -31,3 +33,14 @@ def qwen2_tokenizer_dir() -> Path:
     if not (SHARED_TOKENIZER / "vocab.json").is_file():
         pytest.skip(f"the real Qwen2.5 tokenizer is not at {SHARED_TOKENIZER} (../shared absent)")
     return SHARED_TOKENIZER
+
+
+@pytest.fixture
+def ranks():
+    """`run_on_ranks` from tests.distributed.spawn: a function run on N gloo ranks spawned on
+    this machine; skips the test where gloo is missing."""
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    from tests.distributed.spawn import run_on_ranks
+
+    return run_on_ranks

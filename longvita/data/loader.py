@@ -166,6 +166,14 @@ class PackedLoader:
         if self.on_epoch_end is not None:
             self.on_epoch_end(epoch, summary)
 
+    def stats_so_far(self) -> DataStats:
+        """What this rank has packed and skipped since the start (finished epochs and the
+        one in progress, as far as consumed)."""
+        total = DataStats()
+        for stats in [*self.epoch_summaries.values(), *self._partial.values()]:
+            total.merge(stats)
+        return total
+
     def _identity(self) -> dict[str, Any]:
         """What a saved state must agree with to be resumed here."""
         return {

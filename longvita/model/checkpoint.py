@@ -231,3 +231,47 @@ def _plan_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[st
         shards[-1].append(key)
         size += nbytes
     return shards
+
+
+def read_weights(
+    directory: str | Path,
+    expected: dict[str, torch.Size],
+    *,
+    prefix: str = "",
+    ignore: Callable[[str], bool] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """The safetensors weights of `directory` (one file or shards), checked and keyed for us.
+
+    `expected` maps the keys as the files spell them to their shapes; every one must be there
+    with its shape, and a key not in it is an error unless `ignore(key)` is true (then it is
+    skipped and logged). Floating-point tensors are cast to `dtype`, all moved to `device`.
+    Returns the tensors with `prefix` put before each key (e.g. "model.vision_model." for a
+    bare InternViT checkpoint). Problems raise CheckpointError naming the directory and the
+    keys; a directory with only PyTorch pickles (pytorch_model.bin) is refused by name.
+    """
+    directory = Path(directory)
+    has_safetensors = (directory / SINGLE_FILE).is_file() or (directory / INDEX_FILE).is_file()
+    pickles = sorted(p.name for p in directory.glob("pytorch_model*.bin"))
+    if not has_safetensors and pickles:
+        raise CheckpointError(
+            f"{directory} holds only PyTorch pickle weights ({', '.join(pickles)}); only "
+            f"safetensors are read: convert them to {SINGLE_FILE} first"
+        )
+    state: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    for key, tensor in iter_tensors(weight_files(directory)):
+        if key not in expected and ignore is not None and ignore(key):
+            skipped.append(key)
+            continue
+        cast = dtype if tensor.is_floating_point() else tensor.dtype
+        state[key] = tensor.to(device=device, dtype=cast)
+        del tensor
+    try:
+        check_keys(expected, {k: v.shape for k, v in state.items()})
+    except CheckpointError as err:
+        raise CheckpointError(f"{directory}: {err}") from None
+    if skipped:
+        logger.info("%s: skipped %s", directory, _key_report("ignored", set(skipped)))
+    return {prefix + key: tensor for key, tensor in state.items()}

@@ -17,7 +17,7 @@ from longvita.config import LongVITAConfig
 from longvita.model.projector import VisionProjector
 from longvita.model.qwen2 import AttentionFn, Qwen2Model
 from longvita.model.vision import InternVisionModel
-from longvita.ops.loss import masked_lm_loss
+from longvita.ops.loss import full_logits_loss, masked_lm_loss
 
 
 class LongVITAModel(Qwen2Model):
@@ -40,6 +40,7 @@ class LongVITAModel(Qwen2Model):
         visual_mask: torch.Tensor | None = None,
         feature_index: torch.Tensor | None = None,
         visual_features: torch.Tensor | None = None,
+        keep_vision_in_graph: bool = False,
     ) -> torch.Tensor:
         """Token embeddings [batch, seq, hidden] with visual features written over placeholders.
 
@@ -49,6 +50,10 @@ class LongVITAModel(Qwen2Model):
         [num_tiles * tokens_per_tile] (a context-parallel shard holds parts of tiles). Or, instead
         of pixels, `visual_features` [num_slots, hidden]: already projected rows, one per
         placeholder in order (chunked prefill encodes tiles as their chunk comes up).
+
+        keep_vision_in_graph (training): without a tile, one zero tile still goes through the
+        ViT and projector and is added times 0, so that every rank of a data- or
+        context-parallel job runs the vision tower's collectives and gets its (zero) gradients.
         """
         embeds = self.embed_tokens(input_ids)  # [batch, seq, hidden]
         num_slots = 0 if visual_mask is None else int(visual_mask.sum())
@@ -72,7 +77,7 @@ class LongVITAModel(Qwen2Model):
                     f"tile(s) give {num_features} features ({tokens_per_tile} per tile)"
                 )
         if num_slots == 0:
-            return embeds
+            return embeds + self._vision_in_graph(embeds) if keep_vision_in_graph else embeds
         if visual_features is None:
             features = self.encode_tiles(pixel_values)  # [num_tiles, tokens_per_tile, hidden]
             visual_features = features.reshape(-1, features.shape[-1])  # [num_tiles * tpt, h]
@@ -81,6 +86,12 @@ class LongVITAModel(Qwen2Model):
                     0, feature_index.to(visual_features.device)
                 )  # [num_slots, hidden]
         return embeds.masked_scatter(visual_mask[..., None], visual_features.to(embeds.dtype))
+
+    def _vision_in_graph(self, embeds: torch.Tensor) -> torch.Tensor:
+        """0 x the features of one zero tile: a scalar 0 that depends on every vision weight."""
+        size = self.config.vision.image_size
+        zeros = torch.zeros(1, 3, size, size, device=embeds.device, dtype=embeds.dtype)
+        return 0.0 * self.encode_tiles(zeros).sum().to(embeds.dtype)
 
 
 class LongVITAForCausalLM(nn.Module):
@@ -138,21 +149,29 @@ class LongVITAForCausalLM(nn.Module):
         feature_index: torch.Tensor | None = None,
         attention_fn: AttentionFn | None = None,
         chunk_size: int = 4096,
+        logits_masked: bool = True,
+        keep_vision_in_graph: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token loss (sum, count) with the logits-masked head.
+        """Next-token loss (sum, count).
 
         targets: [batch, seq], already shifted over the whole sequence (`ops.loss.shift_labels`)
-        so that targets[p] is the label of token p+1; -100 where no loss. Only the rows with a
-        target are projected to the vocabulary, `chunk_size` rows at a time.
+        so that targets[p] is the label of token p+1; -100 where no loss. With logits_masked
+        (the default) only the rows with a target are projected to the vocabulary, `chunk_size`
+        rows at a time; without, every row is (the same value, [seq, vocab] logits in memory).
+        keep_vision_in_graph: see `LongVITAModel.embed_multimodal`.
         """
-        embeds = self.model.embed_multimodal(input_ids, pixel_values, visual_mask, feature_index)
-        hidden = self.model(embeds, position_ids, attention_fn=attention_fn)  # [b, seq, hidden]
-        return masked_lm_loss(
-            hidden.reshape(-1, hidden.shape[-1]),  # [batch * seq, hidden]
-            self.lm_head.weight,
-            targets.reshape(-1),  # [batch * seq]
-            chunk_size=chunk_size,
+        embeds = self.model.embed_multimodal(
+            input_ids,
+            pixel_values,
+            visual_mask,
+            feature_index,
+            keep_vision_in_graph=keep_vision_in_graph,
         )
+        hidden = self.model(embeds, position_ids, attention_fn=attention_fn)  # [b, seq, hidden]
+        rows = hidden.reshape(-1, hidden.shape[-1])  # [batch * seq, hidden]
+        if not logits_masked:
+            return full_logits_loss(rows, self.lm_head.weight, targets.reshape(-1))
+        return masked_lm_loss(rows, self.lm_head.weight, targets.reshape(-1), chunk_size=chunk_size)
 
     def logits_at(
         self, hidden: torch.Tensor, positions: torch.Tensor | None = None

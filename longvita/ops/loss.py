@@ -3,8 +3,9 @@
 Owns the math only: shifting labels into next-token targets, and the summed cross entropy of
 the supervised rows projected to the vocabulary chunk by chunk (forward and backward), so that
 peak memory is O(chunk_size x vocab) whatever the sequence length and whatever fraction of it
-is supervised. It returns (loss_sum, count) and leaves the mean, and any all-reduce of the pair
-across context-parallel ranks, to the caller; it knows nothing about torch.distributed.
+is supervised (and, for comparison, the same loss over full logits: `full_logits_loss`). Both
+return (loss_sum, count) and leave the mean, and any all-reduce of the pair across
+context-parallel ranks, to the caller; this module knows nothing about torch.distributed.
 
 Order matters (reference/LONGVITA.md section 8): shift the labels over the whole sequence
 first, then select the supervised rows (and only then cut the sequence for context
@@ -14,6 +15,7 @@ parallelism), so that each answer's first token is predicted from the position b
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
@@ -132,4 +134,20 @@ def masked_lm_loss(
     selected_hidden = hidden.index_select(0, rows)  # [M, H]
     loss_sum = _ChunkedCrossEntropy.apply(selected_hidden, weight, selected_targets, chunk_size)
     count = torch.tensor(rows.numel(), dtype=torch.int64, device=targets.device)
+    return loss_sum, count
+
+
+def full_logits_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same loss the usual way: full [N, V] logits, upcast to float32, F.cross_entropy.
+
+    The contract of `masked_lm_loss`; memory grows with N x V. What the official stages 1-3
+    compute (a stage's `loss.logits_masked: false`), and the reference the masked head is
+    tested against.
+    """
+    _check_inputs(hidden, weight, targets)
+    logits = (hidden @ weight.t()).float()  # [N, V]
+    loss_sum = F.cross_entropy(logits, targets.long(), ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (targets != IGNORE_INDEX).sum().to(torch.int64)
     return loss_sum, count

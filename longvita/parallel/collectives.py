@@ -48,3 +48,20 @@ def gather_ints(values: list[int], state: ParallelState) -> list[list[int]]:
     with peer_errors("gathering per-rank statistics", state.cp_rank, state.cp_size):
         dist.all_gather(parts, local, group=state.cp_group)
     return torch.stack(parts).T.tolist()  # [n][cp]
+
+
+def sum_over(values: list[float], state: ParallelState, *, group: str = "world") -> list[float]:
+    """`values` summed over every rank of the job ("world") or of this rank's data-parallel
+    group ("dp": the ranks that hold other sequences), in float64 (counts stay exact)."""
+    local = torch.tensor(values, dtype=torch.float64, device=state.device)
+    if state.is_distributed:
+        target = None if group == "world" else state.dp_group
+        if group not in ("world", "dp"):
+            raise ValueError(f"group must be 'world' or 'dp', got {group!r}")
+        dist.all_reduce(local, group=target)
+    return local.tolist()
+
+
+def any_rank(flag: bool, state: ParallelState) -> bool:
+    """Whether `flag` is true on some rank of the job (every rank gets the same answer)."""
+    return sum_over([float(flag)], state)[0] > 0

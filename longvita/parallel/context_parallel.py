@@ -27,11 +27,14 @@ from longvita.parallel.state import ParallelState
 @dataclass
 class SequenceLoss:
     loss: torch.Tensor
-    """This rank's share of the mean loss: local sum / global count. Call backward on it."""
+    """This rank's share of the loss: local sum / the normalizer (by default the sequence's
+    supervised positions, so the ranks' shares add up to its mean). Call backward on it."""
     mean: torch.Tensor
     """The mean loss over the whole sequence (detached, the same on every rank)."""
     count: int
     """Supervised positions in the whole sequence."""
+    total: torch.Tensor
+    """The summed loss over the whole sequence (detached float32, the same on every rank)."""
 
 
 def sequence_loss(
@@ -41,8 +44,16 @@ def sequence_loss(
     *,
     pad_id: int,
     chunk_size: int = 4096,
+    normalizer: float | None = None,
+    logits_masked: bool = True,
+    keep_vision_in_graph: bool = False,
 ) -> SequenceLoss:
-    """Next-token loss of `seq` (targets already shifted) under `state`'s context parallelism."""
+    """Next-token loss of `seq` (targets already shifted) under `state`'s context parallelism.
+
+    normalizer: what the local loss sum is divided by (a trainer passes the supervised tokens
+    of the whole optimizer step, over every sequence and rank); default: this sequence's.
+    logits_masked, keep_vision_in_graph: see `LongVITAForCausalLM.loss`.
+    """
     cp, group = state.cp_size, state.cp_group
     device = model.lm_head.weight.device
     if cp > 1:
@@ -61,13 +72,19 @@ def sequence_loss(
         feature_index=feature_index,
         attention_fn=attention_fn,
         chunk_size=chunk_size,
+        logits_masked=logits_masked,
+        keep_vision_in_graph=keep_vision_in_graph,
     )
     totals = torch.stack([loss_sum.detach().float(), count.float()])  # [2]: (sum, count)
     if cp > 1:
         dist.all_reduce(totals, group=group)
     global_count = totals[1].clamp(min=1)
+    divisor = global_count if normalizer is None else normalizer
     return SequenceLoss(
-        loss=loss_sum / global_count, mean=totals[0] / global_count, count=int(totals[1])
+        loss=loss_sum / divisor,
+        mean=totals[0] / global_count,
+        count=int(totals[1]),
+        total=totals[0],
     )
 
 

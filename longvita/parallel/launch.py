@@ -1,8 +1,9 @@
-"""Start the processes of a context-parallel job on this machine, or join the job torchrun
+"""Start the processes of a job (dp x cp ranks) on this machine, or join the job torchrun
 started.
 
 Owns process start-up, the rendezvous and the propagation of one rank's failure to the job.
-`launch(fn, cp=N)` runs `fn(state, *args)` on every rank and returns global rank 0's result:
+`launch(fn, cp=C, world_size=N)` runs `fn(state, *args)` on every rank (N = C by default: one
+context-parallel group) and returns global rank 0's result:
 
 - under torchrun (WORLD_SIZE in the environment) this process is one rank: it joins the job
   with `ParallelState.init` (env:// rendezvous) and returns its result on global rank 0, None
@@ -20,16 +21,19 @@ stops the other ranks when one fails.
 
 Ctrl-C: the spawned ranks ignore SIGINT (they inherit that from the moment they are started),
 so a terminal's interrupt reaches only this process, which stops them all and raises
-KeyboardInterrupt once; no rank prints a traceback of its own.
+KeyboardInterrupt once; no rank prints a traceback of its own. The ranks then get SIGTERM and
+`grace_s` seconds to end (a trainer writes its checkpoint on SIGTERM) before they are killed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import signal
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from longvita.errors import RunError
 from longvita.parallel.state import ParallelState
 
 logger = logging.getLogger(__name__)
@@ -45,7 +50,7 @@ DEFAULT_TIMEOUT_S = 600.0
 """How long a rank waits in a collective for its peers before it raises."""
 
 
-class RankFailedError(RuntimeError):
+class RankFailedError(RunError):
     """A rank of a launched job failed: the message names it and its last error line;
     `traceback` holds the rank's whole traceback (empty when the rank died without one)."""
 
@@ -58,35 +63,44 @@ def launch(
     fn: Callable[..., Any],
     *,
     cp: int,
+    world_size: int | None = None,
     args: tuple = (),
     device: str | torch.device = "cpu",
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    grace_s: float = 0.0,
 ) -> Any:
-    """Run `fn(state: ParallelState, *args)` on the `cp` ranks of a context-parallel group.
+    """Run `fn(state: ParallelState, *args)` on every rank of a (dp x cp) job.
 
-    Returns global rank 0's result (None on the other ranks under torchrun). `fn` and `args`
-    must be picklable when processes are spawned (a module-level function).
+    world_size: processes to start here (default `cp`: one context-parallel group); under
+    torchrun the job's own size is used. Returns global rank 0's result (None on the other
+    ranks under torchrun). `fn` and `args` must be picklable when processes are spawned (a
+    module-level function).
     device: "cpu" (gloo) or an accelerator type such as "cuda" (NCCL, one device per rank,
-        cuda:0 .. cuda:cp-1 when spawned, cuda:LOCAL_RANK under torchrun).
+        cuda:0 .. cuda:N-1 when spawned, cuda:LOCAL_RANK under torchrun).
     timeout_s: the collective timeout of every process group.
+    grace_s: on Ctrl-C, how long spawned ranks may take to end after SIGTERM (a trainer saves
+        a checkpoint) before they are killed.
     """
+    world_size = cp if world_size is None else world_size
     if cp < 1:
         raise ValueError(f"--cp must be >= 1, got {cp}")
+    if world_size < 1 or world_size % cp:
+        raise ValueError(f"{world_size} processes do not split into groups of --cp {cp}")
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     device = torch.device(device)
     if "WORLD_SIZE" in os.environ:
         return _join_torchrun(fn, cp, args, device, timeout_s)
-    if cp == 1:
+    if world_size == 1:
         return fn(ParallelState.single(device), *args)
-    if device.type != "cpu" and torch.accelerator.device_count() < cp:
+    if device.type != "cpu" and torch.accelerator.device_count() < world_size:
         raise ValueError(
-            f"--cp {cp} on {device.type} needs {cp} devices (one per rank) but "
-            f"{torch.accelerator.device_count()} are visible"
+            f"{world_size} processes on {device.type} need {world_size} devices (one per rank) "
+            f"but {torch.accelerator.device_count()} are visible"
         )
     if device.index is not None:
         logger.warning("device %s: the index is ignored, rank r runs on %s:r", device, device.type)
-    return _spawn(fn, cp, args, device, timeout_s)
+    return _spawn(fn, world_size, cp, args, device, timeout_s, grace_s)
 
 
 def _join_torchrun(fn, cp, args, device, timeout_s) -> Any:
@@ -99,16 +113,16 @@ def _join_torchrun(fn, cp, args, device, timeout_s) -> Any:
     return result if state.is_main else None
 
 
-def _spawn(fn, cp: int, args: tuple, device: torch.device, timeout_s: float) -> Any:
-    """Spawn `cp` local ranks, wait for all of them, return rank 0's result."""
+def _spawn(fn, world_size, cp, args, device: torch.device, timeout_s: float, grace_s: float):
+    """Spawn `world_size` local ranks, wait for all of them, return rank 0's result."""
     with tempfile.TemporaryDirectory(prefix="longvita-cp-") as tmp:
         workdir = Path(tmp)
         handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the ranks
         try:
             context = mp.start_processes(
                 _rank_main,
-                args=(cp, str(workdir), device.type, timeout_s, fn, args),
-                nprocs=cp,
+                args=(world_size, cp, str(workdir), device.type, timeout_s, fn, args),
+                nprocs=world_size,
                 join=False,
                 start_method="spawn",
             )
@@ -118,12 +132,15 @@ def _spawn(fn, cp: int, args: tuple, device: torch.device, timeout_s: float) -> 
             while not context.join():
                 pass
         except mp.ProcessRaisedException as err:
-            raise _job_error(workdir, cp, err.error_index, str(err)) from None
+            raise _job_error(workdir, world_size, err.error_index, str(err)) from None
         except mp.ProcessExitedException as err:
             raise RankFailedError(
-                f"rank {err.error_index} of {cp} exited with code {err.exit_code} "
+                f"rank {err.error_index} of {world_size} exited with code {err.exit_code} "
                 f"{err.signal_name or ''} before finishing; the other ranks were stopped"
             ) from None
+        except KeyboardInterrupt:
+            _terminate(context.processes, grace_s)
+            raise
         finally:
             for process in context.processes:  # ours, e.g. after KeyboardInterrupt
                 if process.is_alive():
@@ -131,25 +148,40 @@ def _spawn(fn, cp: int, args: tuple, device: torch.device, timeout_s: float) -> 
                     process.join()
         result_file = workdir / "result.pt"
         if not result_file.is_file():
-            raise RankFailedError(f"rank 0 of {cp} exited without a result")
+            raise RankFailedError(f"rank 0 of {world_size} exited without a result")
         # A file our own rank 0 has just written: full unpickling allows any result type.
         return torch.load(result_file, weights_only=False)
 
 
-def _rank_main(rank, cp, workdir, device_type, timeout_s, fn, args) -> None:
+def _terminate(processes, grace_s: float) -> None:
+    """SIGTERM to every live rank, then wait up to grace_s for them to end (the caller kills
+    what is left); a second Ctrl-C stops the wait."""
+    alive = [process for process in processes if process.is_alive()]
+    for process in alive:
+        process.terminate()
+    deadline = time.monotonic() + grace_s
+    with contextlib.suppress(KeyboardInterrupt):
+        for process in alive:
+            process.join(max(0.0, deadline - time.monotonic()))
+
+
+def _rank_main(rank, world_size, cp, workdir, device_type, timeout_s, fn, args) -> None:
     """Body of a spawned rank: join the group, run `fn`, leave rank 0's result or the error."""
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(cp), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(cp)
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
     )
-    if device_type == "cpu":  # cp processes share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cp))
+    if device_type == "cpu":  # the processes share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     device = torch.device(device_type, rank) if device_type != "cpu" else torch.device("cpu")
     try:
         state = ParallelState.init(
             cp, timeout_s=timeout_s, device=device, init_method=f"file://{workdir}/rendezvous"
         )
         result = fn(state, *args)
-    except ValueError as err:
+    except (ValueError, RunError) as err:  # errors that explain themselves
         _save_user_error(Path(workdir) / f"rank{rank}.error", err)
         raise
     state.destroy()
@@ -157,8 +189,8 @@ def _rank_main(rank, cp, workdir, device_type, timeout_s, fn, args) -> None:
         torch.save(result, Path(workdir) / "result.pt")
 
 
-def _save_user_error(path: Path, err: ValueError) -> None:
-    """Leave a user error for the parent to raise as itself, when it survives pickling."""
+def _save_user_error(path: Path, err: Exception) -> None:
+    """Leave an error for the parent to raise as itself, when it survives pickling."""
     try:
         payload = pickle.dumps(err)
         pickle.loads(payload)
@@ -167,17 +199,17 @@ def _save_user_error(path: Path, err: ValueError) -> None:
     path.write_bytes(payload)
 
 
-def _job_error(workdir: Path, cp: int, rank: int, trace: str) -> Exception:
-    """What the parent raises when `rank` raised: a user error (ValueError) of any rank as
-    itself, the lowest rank's first (the others may only have lost their peer), else
-    RankFailedError with `rank`'s traceback."""
-    for candidate in range(cp):
+def _job_error(workdir: Path, world_size: int, rank: int, trace: str) -> Exception:
+    """What the parent raises when `rank` raised: an error that explains itself (a user's
+    ValueError, a RunError such as a diverged run) of any rank as itself, the lowest rank's
+    first (the others may only have lost their peer), else RankFailedError with `rank`'s
+    traceback."""
+    for candidate in range(world_size):
         error_file = workdir / f"rank{candidate}.error"
         if error_file.is_file():
             # Written by our own rank moments ago: unpickling it is safe.
             return pickle.loads(error_file.read_bytes())
     lines = [line for line in trace.strip().splitlines() if line.strip()]
     last = lines[-1].strip() if lines else "no error message"
-    return RankFailedError(
-        f"rank {rank} of {cp} failed ({last}); the other ranks were stopped", traceback=trace
-    )
+    message = f"rank {rank} of {world_size} failed ({last}); the other ranks were stopped"
+    return RankFailedError(message, traceback=trace)

@@ -7,6 +7,7 @@ needs. Every id is read from the tokenizer, never hard-coded, so tiny test token
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,3 +152,48 @@ def special_token_ids(tokenizer) -> SpecialTokenIds:
         video_tag=one(VIDEO_TAG),
         newline=tuple(tokenizer.encode("\n", add_special_tokens=False)),
     )
+
+
+QWEN_SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END)
+"""Qwen's own special tokens, ids 151643-151645 in Qwen2.5 (here: right after the BPE)."""
+
+
+def train_bpe_tokenizer(directory: str | Path, corpus: list[str], *, vocab_size: int) -> Path:
+    """A Qwen2Tokenizer directory (vocab.json, merges.txt, tokenizer_config.json): byte-level
+    BPE trained on `corpus`, then Qwen's three special tokens; without the Long-VITA ones, which
+    `load_tokenizer` adds. For small models of our own (the demo, tests): a real Qwen2.5
+    tokenizer has 151,643 merges-built tokens."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=vocab_size, min_frequency=1, show_progress=False)
+    bpe.save_model(str(directory))
+    first_special = len(json.loads((directory / "vocab.json").read_text()))
+    added = {
+        str(first_special + i): {
+            "content": token,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for i, token in enumerate(QWEN_SPECIAL_TOKENS)
+    }
+    tokenizer_config = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "bos_token": None,
+        "eos_token": IM_END,
+        "pad_token": PAD_TOKEN,
+        "unk_token": None,
+        "errors": "replace",
+        "model_max_length": 131072,
+        "split_special_tokens": False,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    return directory

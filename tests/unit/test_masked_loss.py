@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from longvita.ops.loss import IGNORE_INDEX, masked_lm_loss, shift_labels
-from longvita.testing import LargestOutput, full_logits_loss
+from longvita.ops.loss import IGNORE_INDEX, full_logits_loss, masked_lm_loss, shift_labels
+from longvita.testing import LargestOutput
 
 X = IGNORE_INDEX
 

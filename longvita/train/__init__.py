@@ -1,0 +1,1 @@
+"""Training: stage configs, initialization, parallelization, the loop, checkpoints, export."""

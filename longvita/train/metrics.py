@@ -1,0 +1,161 @@
+"""What a person watching a run sees: a progress bar or log lines, metrics.jsonl, TensorBoard
+events, and a loss / learning-rate curve at the end.
+
+Owns the record of each optimizer step (`StepRecord`: the fields DESIGN.md fixes for
+metrics.jsonl), where it goes, and the PNG chart (drawn with Pillow, no plotting library).
+Only global rank 0 makes a `MetricsLog`. A progress bar (step, loss, lr, tokens/s, ETA) shows
+when stderr is a terminal; otherwise a plain log line every `log.interval` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step (or a skipped one)."""
+
+    step: int
+    """Optimizer steps done after this one (1 for the first)."""
+    loss: float
+    """Mean next-token loss over the supervised tokens of the whole step."""
+    lr: float
+    """Learning rate of the step (the LLM's; the ViT's groups are scaled from it)."""
+    grad_norm: float
+    """Global gradient L2 norm before clipping."""
+    tokens: int
+    """Non-pad tokens of the step over all data-parallel ranks."""
+    supervised_tokens: int
+    """Tokens with a loss (the normalizer of the step's loss)."""
+    tokens_per_s: float
+    seconds: float
+    """Wall time of the step."""
+    skipped: bool = False
+    """True when the loss or the gradient was not finite and the update was not applied."""
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard + progress, for global rank 0."""
+
+    def __init__(
+        self, path: Path, *, total_steps: int, start_step: int, interval: int, tensorboard: bool
+    ) -> None:
+        self.path = path
+        self.interval = interval
+        self.total_steps = total_steps
+        self._file = open(path, "a")  # noqa: SIM115 (closed by close())
+        self._bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr)
+        self._writer = _tensorboard_writer(path.parent / "tensorboard") if tensorboard else None
+
+    def record(self, entry: StepRecord) -> None:
+        self._file.write(json.dumps(asdict(entry)) + "\n")
+        self._file.flush()
+        if self._writer is not None and not entry.skipped:
+            for name in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                self._writer.add_scalar(f"train/{name}", getattr(entry, name), entry.step)
+        if self._bar is not None:
+            self._bar.update(0 if entry.skipped else 1)
+            self._bar.set_postfix(
+                loss=f"{entry.loss:.4f}", lr=f"{entry.lr:.2e}", tok_s=f"{entry.tokens_per_s:.0f}"
+            )
+        elif entry.skipped or entry.step % self.interval == 0 or entry.step == self.total_steps:
+            logger.info(
+                "step %d/%d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f%s",
+                entry.step,
+                self.total_steps,
+                entry.loss,
+                entry.lr,
+                entry.grad_norm,
+                entry.tokens_per_s,
+                " (skipped: not finite)" if entry.skipped else "",
+            )
+
+    def close(self) -> None:
+        self._file.close()
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _tensorboard_writer(directory: Path):
+    """A SummaryWriter when the tensorboard package is installed, else None (said once)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        logger.info("tensorboard is not installed: no TensorBoard events (metrics.jsonl has all)")
+        return None
+    return SummaryWriter(str(directory))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl (a resumed run appends: the last record of a step wins)."""
+    if not path.is_file():
+        return []
+    by_step: dict[tuple[int, bool], dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[record["step"], record.get("skipped", False)] = record
+    return [by_step[key] for key in sorted(by_step)]
+
+
+def plot_curves(records: list[dict], path: Path, *, title: str = "") -> Path | None:
+    """A PNG of the loss and the learning rate against the step; None without records."""
+    points = [(r["step"], r["loss"], r["lr"]) for r in records if not r.get("skipped")]
+    points = [p for p in points if math.isfinite(p[1])]
+    if not points:
+        return None
+    width, height, margin = 900, 420, 60
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    box = (margin, 30, width - margin, height - margin)
+    draw.rectangle(box, outline="black")
+    steps = [p[0] for p in points]
+    _curve(draw, box, steps, [p[1] for p in points], "#1f77b4")
+    _curve(draw, box, steps, [p[2] for p in points], "#d62728")
+    losses, lrs = [p[1] for p in points], [p[2] for p in points]
+    draw.text((margin, 8), title or "training", fill="black")
+    draw.text((margin, height - margin + 8), f"step {min(steps)}", fill="black")
+    draw.text((width - margin - 80, height - margin + 8), f"step {max(steps)}", fill="black")
+    draw.text((6, 30), f"{max(losses):.3g}", fill="#1f77b4")
+    draw.text((6, height - margin - 12), f"{min(losses):.3g}", fill="#1f77b4")
+    draw.text((width - margin + 4, 30), f"{max(lrs):.1e}", fill="#d62728")
+    draw.text((width - margin + 4, height - margin - 12), f"{min(lrs):.1e}", fill="#d62728")
+    draw.text((width // 2 - 60, height - 24), "loss (blue), lr (red)", fill="black")
+    image.save(path)
+    return path
+
+
+def _curve(draw: ImageDraw.ImageDraw, box, xs: list[float], ys: list[float], colour: str) -> None:
+    """ys against xs, each scaled to fill the box."""
+    left, top, right, bottom = box
+    x_lo, x_hi = min(xs), max(xs)
+    y_lo, y_hi = min(ys), max(ys)
+
+    def scale(value: float, lo: float, hi: float, start: float, end: float) -> float:
+        return start if hi == lo else start + (value - lo) / (hi - lo) * (end - start)
+
+    coords = [
+        (scale(x, x_lo, x_hi, left, right), scale(y, y_lo, y_hi, bottom, top))
+        for x, y in zip(xs, ys, strict=True)
+    ]
+    if len(coords) == 1:
+        draw.ellipse([coords[0][0] - 2, coords[0][1] - 2, coords[0][0] + 2, coords[0][1] + 2],
+                     fill=colour)  # fmt: skip
+    else:
+        draw.line(coords, fill=colour, width=2)

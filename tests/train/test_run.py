@@ -1,0 +1,197 @@
+"""`longvita train` and `longvita export` end to end on the tiny setup: metrics and plot, exact
+resume after SIGKILL, a checkpoint on SIGTERM, stage transitions (weights only), export, bad
+stage files refused before any process starts, and a diverged run stopped with an error."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+import longvita
+from longvita.cli import main
+from longvita.config import LongVITAConfig
+from longvita.model.long_vita import LongVITAForCausalLM
+from longvita.train.init import InitSpec, initialize
+from longvita.train.metrics import read_metrics
+
+METRIC_FIELDS = {"step", "loss", "lr", "grad_norm", "tokens", "supervised_tokens",
+                 "tokens_per_s", "seconds"}  # fmt: skip
+
+
+def _train_command(stage: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "longvita", "train", str(stage), "--out", str(out), *extra]
+
+
+def _run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def finished_run(train_setup, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "whole"
+    done = _run(_train_command(train_setup["stage"], out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_a_run_writes_metrics_checkpoints_and_a_plot(finished_run):
+    records = read_metrics(finished_run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for record in records:
+        assert record.keys() >= METRIC_FIELDS
+        assert record["supervised_tokens"] > 0 and record["tokens"] >= record["supervised_tokens"]
+    assert records[-1]["loss"] < records[0]["loss"]  # it learns
+    assert records[0]["lr"] == pytest.approx(1e-3) and records[-1]["lr"] < 3e-4  # the schedule
+    checkpoints = sorted(p.name for p in (finished_run / "checkpoints").iterdir())
+    assert checkpoints == ["step-4", "step-6"]  # keep_latest 2; no partial directory left
+    with Image.open(finished_run / "loss.png") as plot:
+        assert plot.format == "PNG" and plot.size[0] > 100
+
+
+def _kill_after(command: list[str], run: Path, steps: int) -> None:
+    """Start `command` in its own session and SIGKILL it once `steps` metrics are written."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= steps:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.distributed)])
+def test_a_killed_run_resumes_with_bitwise_the_same_losses(
+    train_setup, finished_run, tmp_path, nproc
+):
+    extra = ["--nproc", str(nproc)]
+    reference = finished_run
+    if nproc > 1:  # the reference of a 2-process run is a 2-process run
+        reference = tmp_path / "whole"
+        done = _run(_train_command(train_setup["stage"], reference, *extra))
+        assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "killed"
+    command = _train_command(train_setup["stage"], run, *extra)
+    _kill_after(command, run, steps=5)
+    assert max(_losses(run)) < 6
+    done = _run(command)  # the same command resumes from the latest complete checkpoint
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _losses(run) == _losses(reference)  # bitwise: float equality of every step
+    assert not list((run / "checkpoints").glob("*.partial"))
+
+
+def test_sigterm_writes_a_checkpoint_then_stops(train_setup, tmp_path):
+    run = tmp_path / "terminated"
+    command = _train_command(train_setup["stage"], run, "--set", "schedule.steps=200")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (run / "metrics.jsonl").is_file() and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    result = json.loads(out)
+    assert result["stopped"] and 0 < result["step"] < 200
+    assert Path(result["checkpoint"]).name == f"step-{result['step']}"
+    assert "rerun the same command to resume" in err
+
+
+def test_a_stage_transition_loads_the_weights_only(train_setup, finished_run, tmp_path):
+    stage = tmp_path / "next.yaml"
+    text = (
+        train_setup["stage"]
+        .read_text()
+        .replace(
+            f"init: {{model: tiny, tokenizer: {train_setup['tokenizer']}}}",
+            f"init: {{from: {finished_run}}}",
+        )
+    )
+    stage.write_text(text.replace("steps: 6", "steps: 2"))
+    run = tmp_path / "next"
+    done = _run(_train_command(stage, run))
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]  # the step restarts at 0
+    assert records[0]["lr"] == pytest.approx(1e-3)  # a fresh schedule (warmup of 1 step)
+    previous, _ = initialize(InitSpec(from_=str(finished_run)), seed=0)
+    started, _ = initialize(InitSpec(from_=str(finished_run / "checkpoints" / "step-6")), seed=1)
+    for (name, a), b in zip(previous.state_dict().items(), started.state_dict().values(),
+                            strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+
+
+def test_export_gives_the_trained_model(finished_run, tmp_path, media):
+    out = tmp_path / "export"
+    assert main(["export", str(finished_run), "--out", str(out)]) == 0
+    pipe = longvita.load(out)
+    # the checkpoint read by DCP's own converter, independently of our loading code
+    dcp_to_torch_save(finished_run / "checkpoints" / "step-6", tmp_path / "all.pt")
+    flat = torch.load(tmp_path / "all.pt", weights_only=False)["app"]["model"]
+    reference = LongVITAForCausalLM(LongVITAConfig.from_pretrained(out)).eval()
+    reference.load_state_dict(flat)
+    prompt = pipe.process("<image>\nWhat is this?", [media["image"]])
+    with torch.inference_mode():
+        got = pipe.model(prompt.input_ids[None], pixel_values=prompt.pixel_values,
+                         visual_mask=prompt.visual_mask[None])  # fmt: skip
+        want = reference(prompt.input_ids[None], pixel_values=prompt.pixel_values,
+                         visual_mask=prompt.visual_mask[None])  # fmt: skip
+    torch.testing.assert_close(got, want)
+
+
+def _forbid_launch(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a process started before the stage file was checked")
+
+    monkeypatch.setattr(sys.modules["longvita.parallel.launch"], "launch", forbidden)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "nproc", "message"),
+    [
+        (["optim.lr=-1"], 1, "optim.lr: must be > 0, got -1.0"),
+        (["optim.learning_rate=1"], 1, "optim.learning_rate: unknown key"),
+        (["batch.global_sequences=3"], 2, "batch.global_sequences: 3 sequences do not split"),
+        (["parallel.cp=2"], 3, "parallel.cp: 2 does not divide the 3 processes"),
+        (["init={from: /no/such/run}"], 1, "init.from: /no/such/run does not exist"),
+        (["data.mixture=/no/mixture.yaml"], 1, "data.mixture: /no/mixture.yaml does not exist"),
+    ],
+)
+def test_bad_stage_files_fail_in_one_line_before_any_process(
+    train_setup, tmp_path, capsys, monkeypatch, overrides, nproc, message
+):
+    _forbid_launch(monkeypatch)
+    argv = ["train", str(train_setup["stage"]), "--out", str(tmp_path / "r"), "--nproc", str(nproc)]
+    for override in overrides:
+        argv += ["--set", override]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_a_run_that_diverges_stops_with_an_error(train_setup, tmp_path):
+    command = _train_command(
+        train_setup["stage"], tmp_path / "diverged", "--set", "optim.lr=1e30",
+        "--set", "optim.max_nonfinite_steps=2",
+    )  # fmt: skip
+    done = _run(command)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "2 steps in a row had a loss or gradient that is not finite" in done.stderr
+    assert "Traceback" not in done.stderr
+    skipped = [r for r in read_metrics(tmp_path / "diverged" / "metrics.jsonl") if r["skipped"]]
+    assert len(skipped) >= 1
