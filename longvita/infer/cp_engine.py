@@ -34,6 +34,7 @@ import torch
 
 from longvita.errors import PromptError
 from longvita.infer.engine import (
+    EncodedTiles,
     RunnerStats,
     Sampler,
     allocate_cache,
@@ -66,7 +67,7 @@ class ShardedRunner:
         state: ParallelState,
         params: SamplingParams,
         pad_id: int,
-        tiles: TileSource | torch.Tensor | None = None,
+        tiles: TileSource | EncodedTiles | torch.Tensor | None = None,
         visual_mask: torch.Tensor | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         vision_batch: int = DEFAULT_VISION_BATCH,
@@ -194,7 +195,7 @@ def generate_sharded(
     params: SamplingParams,
     stop_ids: tuple[int, ...],
     pad_id: int,
-    tiles: TileSource | torch.Tensor | None = None,
+    tiles: TileSource | EncodedTiles | torch.Tensor | None = None,
     visual_mask: torch.Tensor | None = None,
     return_scores: bool = False,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,

@@ -5,9 +5,12 @@ Owns the skeleton every generation path shares and its single-process implementa
 - `SequenceRunner`, what one process does for one sequence: `prefill` the prompt, `choose` the
   next token from logits, `feed` a chosen token back. `LocalRunner` (here) is one process with
   the whole KV cache; `infer.cp_engine.ShardedRunner` is one rank of a context-parallel group.
-- `TokenStream`, the decode loop over a runner: yields the new tokens one by one (a server can
-  stream them), stops at a stop token or the length limit, keeps per-step logits when asked and
-  times prefill and decode. `run_to_end` drains it into a `GenerationOutput`.
+- `Continuation`, what each step decides for one sequence: the next token, and whether a stop
+  token, a stop sequence (through a `TextWatcher`, the text layer) or the length limit ends it;
+  shared by this one-sequence loop and the server's batched one (`infer.batch`).
+- `TokenStream`, the decode loop over a runner, and `GenerationStream` around it: the new
+  tokens one by one (with their text), then the whole `GenerationOutput`; `run_to_end` drains
+  it.
 
 Knows nothing of tokenization or media formats: it takes token ids, the visual mask and a tile
 source (`processing.tiles`) from the Processor. Memory beyond the weights and the KV cache is
@@ -117,9 +120,28 @@ class VisualFeatureStream:
         return features
 
 
+class EncodedTiles:
+    """Tiles already through the ViT and projector, standing in for a prompt's TileSource:
+    features [num_tiles, tokens_per_tile, hidden] (e.g. a V-NIAH haystack encoded once and
+    reused with the needle at every depth)."""
+
+    def __init__(self, features: torch.Tensor) -> None:
+        if features.dim() != 3:
+            shape = tuple(features.shape)
+            raise ValueError(f"features must be [num_tiles, tokens_per_tile, hidden], got {shape}")
+        self.features = features
+        self.num_tiles = features.shape[0]
+
+    def get(self, tile_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        return self.features[torch.as_tensor(tile_ids, dtype=torch.long)]
+
+    def close(self) -> None:
+        pass
+
+
 def feature_stream(
     model: LongVITAForCausalLM,
-    tiles: TileSource | None,
+    tiles: TileSource | EncodedTiles | None,
     visual_mask: torch.Tensor | None,
     *,
     vision_batch: int,
@@ -129,8 +151,9 @@ def feature_stream(
         return None
     if tiles is None:
         raise ValueError("the prompt has visual placeholders but no tiles were given")
+    encoded = isinstance(tiles, EncodedTiles)
     return VisualFeatureStream(
-        model.model.encode_tiles,
+        (lambda features: features) if encoded else model.model.encode_tiles,
         tiles,
         visual_mask,
         tokens_per_tile=model.config.vision.tokens_per_tile,
@@ -140,7 +163,7 @@ def feature_stream(
 
 
 @torch.inference_mode()
-def prefill(
+def prefill_chunks(
     model: LongVITAForCausalLM,
     input_ids: torch.Tensor,
     cache: KVCache,
@@ -148,19 +171,19 @@ def prefill(
     stream: VisualFeatureStream | None = None,
     visual_mask: torch.Tensor | None = None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-) -> torch.Tensor:
-    """Run the prompt `input_ids` [seq] into `cache`, `prefill_chunk` tokens per forward.
+) -> Iterator[torch.Tensor | None]:
+    """Run the prompt `input_ids` [seq] into `cache`, one forward of `prefill_chunk` tokens per
+    iteration: None after each chunk but the last, then the logits [1, vocab] of the last
+    prompt position (a server interleaves other sequences' decode steps between chunks).
 
     stream: the features of the prompt's tiles (`feature_stream`), with visual_mask [seq] bool.
-    Returns the logits [1, vocab] of the last prompt position. Raises PromptError naming the
-    chunk when the device runs out of memory.
+    Raises PromptError naming the chunk when the device runs out of memory.
     """
     device = model.lm_head.weight.device
     seq = input_ids.numel()
     if seq == 0:
         raise ValueError("the prompt has no token")
     no_logits = torch.zeros(0, dtype=torch.long, device=device)
-    logits = None
     for start in range(0, seq, prefill_chunk):
         end = min(start + prefill_chunk, seq)
         positions = torch.arange(start, end)  # [chunk] global positions
@@ -177,7 +200,13 @@ def prefill(
         except torch.OutOfMemoryError as err:
             raise PromptError(_oom_message(start, end, seq, prefill_chunk)) from err
         cache.advance(end - start)
-    return logits[:, -1]
+        yield logits[:, -1] if end == seq else None
+
+
+def prefill(model: LongVITAForCausalLM, input_ids: torch.Tensor, cache: KVCache, **options):
+    """`prefill_chunks` run to the end: the logits [1, vocab] of the last prompt position."""
+    *_, logits = prefill_chunks(model, input_ids, cache, **options)
+    return logits
 
 
 def _oom_message(start: int, end: int, seq: int, prefill_chunk: int) -> str:
@@ -246,33 +275,92 @@ class SequenceRunner(Protocol):
 
 @dataclass
 class TokenStep:
-    """One new token."""
+    """One new token, or (token_id None) the text held back until the answer ended."""
 
-    token_id: int
-    logits: torch.Tensor | None
+    token_id: int | None
+    logits: torch.Tensor | None = None
     """float32 [vocab] on the CPU: the raw logits it was chosen from, when scores are kept."""
+    text: str = ""
+    """The text this token releases (`TextWatcher.push`; "" without one)."""
+
+
+class TextWatcher(Protocol):
+    """The text layer of a stream (`infer.detokenize.Detokenizer`): decodes the tokens as they
+    come and says when a stop sequence has ended the answer."""
+
+    stopped: bool
+
+    def push(self, token_id: int) -> str: ...
+
+    def finish(self) -> str: ...
+
+
+class Continuation:
+    """What follows a prompt, decided one token at a time: each logits row -> the next token,
+    until a stop token, a stop sequence (with a `TextWatcher`) or the length limit.
+
+    The per-sequence logic every decode loop shares (`TokenStream` for one sequence, the
+    server's batch of many). After `finished`, `stop_reason` is "stop_token", "stop_sequence"
+    or "length", and `tail` the text a watcher still held.
+    """
+
+    def __init__(
+        self,
+        choose: Callable[[torch.Tensor], torch.Tensor],
+        params: SamplingParams,
+        stop_ids: tuple[int, ...],
+        *,
+        text: TextWatcher | None = None,
+        keep_logits: bool = False,
+    ) -> None:
+        self.choose = choose
+        self.max_new_tokens = params.max_new_tokens
+        self.stop_ids = frozenset(stop_ids)
+        self.text = text
+        self.keep_logits = keep_logits
+        self.num_tokens = 0
+        self.stop_reason = ""
+        self.tail = ""
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.stop_reason)
+
+    def next(self, logits: torch.Tensor) -> TokenStep | None:
+        """The token chosen from logits [1, vocab]; None when it is a stop token."""
+        if self.finished:
+            raise RuntimeError(f"the sequence is finished ({self.stop_reason})")
+        token_id = int(self.choose(logits))
+        if token_id in self.stop_ids:
+            self._finish("stop_token")
+            return None
+        self.num_tokens += 1
+        step = TokenStep(token_id, logits[0].float().cpu() if self.keep_logits else None)
+        if self.text is not None:
+            step.text = self.text.push(token_id)
+            if self.text.stopped:
+                self._finish("stop_sequence")
+        if not self.finished and self.num_tokens == self.max_new_tokens:
+            self._finish("length")
+        return step
+
+    def _finish(self, reason: str) -> None:
+        self.stop_reason = reason
+        if self.text is not None:
+            self.tail = self.text.finish()
 
 
 class TokenStream:
     """The new tokens of one sequence, one per iteration; the prompt is prefilled on the first.
 
-    After the iteration ends, `stop_reason` ("stop_token" or "length"), `prefill_seconds`
-    and `decode_seconds` say how it went. The stop token is not yielded.
+    After the iteration ends, `continuation.stop_reason` ("stop_token", "stop_sequence" or
+    "length"), `prefill_seconds` and `decode_seconds` say how it went. The stop token is not
+    yielded.
     """
 
-    def __init__(
-        self,
-        runner: SequenceRunner,
-        params: SamplingParams,
-        stop_ids: tuple[int, ...],
-        *,
-        keep_logits: bool = False,
-    ) -> None:
+    def __init__(self, runner: SequenceRunner, continuation: Continuation) -> None:
         self.runner = runner
-        self.params = params
-        self.stop_ids = frozenset(stop_ids)
-        self.keep_logits = keep_logits
-        self.stop_reason = ""
+        self.continuation = continuation
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
 
@@ -282,18 +370,95 @@ class TokenStream:
         self.prefill_seconds = time.perf_counter() - start
         start = time.perf_counter()
         try:
-            for step in range(self.params.max_new_tokens):
-                token = self.runner.choose(logits)  # [1]
-                token_id = int(token)
-                if token_id in self.stop_ids:
-                    self.stop_reason = "stop_token"
+            while True:
+                step = self.continuation.next(logits)
+                if step is not None:
+                    yield step
+                if self.continuation.finished:
                     return
-                yield TokenStep(token_id, logits[0].float().cpu() if self.keep_logits else None)
-                if step + 1 < self.params.max_new_tokens:
-                    logits = self.runner.feed(token, step)
-            self.stop_reason = "length"
+                token = torch.tensor([step.token_id])
+                logits = self.runner.feed(token, self.continuation.num_tokens - 1)
         finally:
             self.decode_seconds = time.perf_counter() - start
+
+
+class GenerationStream:
+    """The tokens of one sequence as they come (`TokenStep`s, with their text when a watcher
+    decodes them), then, once iterated to the end, the whole `output` (a GenerationOutput:
+    tokens, text, scores, timings, cache statistics). Closes the runner when done or dropped.
+
+    The one decode loop of every path: `Pipeline.generate` drains it, `Pipeline.stream` hands
+    it out, a context-parallel rank runs it with a `ShardedRunner`.
+    """
+
+    def __init__(
+        self,
+        runner: SequenceRunner,
+        continuation: Continuation,
+        *,
+        vocab_size: int,
+        finalize: Callable[[GenerationOutput], GenerationOutput] | None = None,
+    ) -> None:
+        self.tokens = TokenStream(runner, continuation)
+        self.vocab_size = vocab_size
+        self.finalize = finalize
+        self.output: GenerationOutput | None = None
+        """Set when the iteration has ended."""
+        self._steps: Iterator[TokenStep] | None = None
+
+    def __iter__(self) -> Iterator[TokenStep]:
+        if self._steps is None:
+            self._steps = self._generate()
+        return self._steps
+
+    def close(self) -> None:
+        """Stop early: release the runner (its KV cache and media decoders)."""
+        if self._steps is not None:
+            self._steps.close()
+        self.tokens.runner.close()
+
+    def _generate(self) -> Iterator[TokenStep]:
+        steps: list[TokenStep] = []
+        continuation = self.tokens.continuation
+        runner = self.tokens.runner
+        try:
+            for step in self.tokens:
+                steps.append(step)
+                yield step
+            if continuation.tail:  # text a watcher held back until the end
+                yield TokenStep(None, text=continuation.tail)
+            stats = runner.stats()
+        finally:
+            runner.close()
+        self.output = self._output(steps, stats)
+        if self.finalize is not None:
+            self.output = self.finalize(self.output)
+
+    def run(self) -> GenerationOutput:
+        """Iterate to the end; the output."""
+        for _ in self:
+            pass
+        return self.output
+
+    def _output(self, steps: list[TokenStep], stats: RunnerStats) -> GenerationOutput:
+        continuation = self.tokens.continuation
+        scores = None
+        if continuation.keep_logits:
+            logits = [step.logits for step in steps]
+            scores = torch.stack(logits) if logits else torch.zeros(0, self.vocab_size)
+        return GenerationOutput(
+            token_ids=[step.token_id for step in steps],
+            text="".join(step.text for step in steps) + continuation.tail,
+            scores=scores,
+            stop_reason=continuation.stop_reason,
+            prefill_seconds=self.tokens.prefill_seconds,
+            decode_seconds=self.tokens.decode_seconds,
+            cp=len(stats.kv_cache_bytes),
+            prefill_rounds=stats.prefill_rounds,
+            kv_cache_bytes_per_rank=stats.kv_cache_bytes,
+            kv_cache_tokens_per_rank=stats.kv_cache_tokens,
+            tiles_encoded_per_rank=stats.tiles_encoded,
+        )
 
 
 def run_to_end(
@@ -304,30 +469,9 @@ def run_to_end(
     return_scores: bool,
     vocab_size: int,
 ) -> GenerationOutput:
-    """Drain a TokenStream into a GenerationOutput (tokens, scores, timings, cache stats);
-    the text and prompt fields are the Pipeline's to fill. Closes the runner."""
-    stream = TokenStream(runner, params, stop_ids, keep_logits=return_scores)
-    try:
-        steps = list(stream)
-        stats = runner.stats()
-    finally:
-        runner.close()
-    scores = None
-    if return_scores:
-        logits = [step.logits for step in steps]
-        scores = torch.stack(logits) if logits else torch.zeros(0, vocab_size)
-    return GenerationOutput(
-        token_ids=[step.token_id for step in steps],
-        scores=scores,
-        stop_reason=stream.stop_reason,
-        prefill_seconds=stream.prefill_seconds,
-        decode_seconds=stream.decode_seconds,
-        cp=len(stats.kv_cache_bytes),
-        prefill_rounds=stats.prefill_rounds,
-        kv_cache_bytes_per_rank=stats.kv_cache_bytes,
-        kv_cache_tokens_per_rank=stats.kv_cache_tokens,
-        tiles_encoded_per_rank=stats.tiles_encoded,
-    )
+    """One sequence's tokens, scores, timings and cache statistics, without a text layer."""
+    continuation = Continuation(runner.choose, params, stop_ids, keep_logits=return_scores)
+    return GenerationStream(runner, continuation, vocab_size=vocab_size).run()
 
 
 class LocalRunner:
@@ -339,7 +483,7 @@ class LocalRunner:
         input_ids: torch.Tensor,
         *,
         params: SamplingParams,
-        tiles: TileSource | torch.Tensor | None = None,
+        tiles: TileSource | EncodedTiles | torch.Tensor | None = None,
         visual_mask: torch.Tensor | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         vision_batch: int = DEFAULT_VISION_BATCH,
@@ -395,7 +539,7 @@ def generate(
     *,
     params: SamplingParams,
     stop_ids: tuple[int, ...],
-    tiles: TileSource | torch.Tensor | None = None,
+    tiles: TileSource | EncodedTiles | torch.Tensor | None = None,
     visual_mask: torch.Tensor | None = None,
     return_scores: bool = False,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,

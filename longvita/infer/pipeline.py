@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +22,28 @@ from longvita.checks import check_int
 from longvita.config import LongVITAConfig
 from longvita.errors import CheckpointError, PromptError
 from longvita.infer.cp_engine import ShardedRunner
-from longvita.infer.engine import LocalRunner, run_to_end
+from longvita.infer.detokenize import Detokenizer
+from longvita.infer.engine import (
+    Continuation,
+    EncodedTiles,
+    GenerationStream,
+    LocalRunner,
+)
 from longvita.infer.plan import check_prompt_memory
-from longvita.infer.request import GenerationOutput, GenerationRequest, SamplingParams
+from longvita.infer.request import (
+    DEFAULT_PREFILL_CHUNK,
+    DEFAULT_VISION_BATCH,
+    GenerationOutput,
+    GenerationRequest,
+    SamplingParams,
+)
 from longvita.model.checkpoint import load_model, save_model
 from longvita.model.long_vita import LongVITAForCausalLM
 from longvita.parallel.state import ParallelState
 from longvita.processing.chat import Messages
 from longvita.processing.image import DEFAULT_MAX_PIXELS
 from longvita.processing.processor import ImageInput, ProcessedPrompt, Processor, VideoInput
+from longvita.processing.tiles import TileSource
 from longvita.processing.tokens import load_tokenizer
 from longvita.runtime import resolve_device, resolve_dtype
 
@@ -80,12 +93,32 @@ class Pipeline:
         images / videos: one per `<image>` / `<video>` tag, in order (paths, PIL images; video
         files or frame directories). Options (GenerationRequest, SamplingParams):
         max_new_tokens=64, temperature=0.0 (greedy), top_p=1.0, top_k=0, seed=None,
-        max_frames=None / fps=None (the model's 4096 frames at 1 fps), return_scores=False,
+        stop=() (strings: the answer ends before the first one), max_frames=None / fps=None
+        (the model's 4096 frames at 1 fps), return_scores=False,
         prefill_chunk=4096 tokens and vision_batch=16 tiles (working memory, not results).
         A prompt longer than the model's positions, or whose KV cache and prefill do not fit
         the free memory, raises PromptError before any media is decoded.
         """
         return self.run(GenerationRequest.create(messages, images, videos, **options))
+
+    def stream(
+        self,
+        messages: Messages,
+        images: Sequence[ImageInput] | None = None,
+        videos: Sequence[VideoInput] | None = None,
+        **options: Any,
+    ) -> GenerationStream:
+        """`generate`, with the answer as it comes: iterate for its pieces (`TokenStep`: a new
+        token's id and the text it completes, never half a character), then read `.output`
+        (the GenerationOutput `generate` returns). Same options as `generate`.
+
+            for piece in pipe.stream("Tell a story", max_new_tokens=100):
+                print(piece.text, end="", flush=True)
+
+        Checks run here, before the first piece; the media decoders are released when the
+        iteration ends (or by `close()` if it is left early).
+        """
+        return self.open(GenerationRequest.create(messages, images, videos, **options))
 
     def run(
         self, request: GenerationRequest, *, state: ParallelState | None = None
@@ -93,34 +126,90 @@ class Pipeline:
         """Generate the answer to a request: in this process, or, with a `state` whose cp group
         has several ranks, with the prompt, tiles and KV cache split over that group (every rank
         calls this with the same request; all get the same tokens, scores are on cp rank 0)."""
+        return self.open(request, state=state).run()
+
+    def open(
+        self, request: GenerationRequest, *, state: ParallelState | None = None
+    ) -> GenerationStream:
+        """The stream of a request (`run` drains it, `stream` hands it out): the prompt planned
+        and checked, nothing generated yet."""
         cp = 1 if state is None else state.cp_size
         ranks_per_host = 1 if state is None else state.local_world_size
         prompt, sampling = self.prepare(request, cp=cp, ranks_per_host=ranks_per_host)
+        try:
+            return self.token_stream(
+                prompt.input_ids,
+                prompt.visual_mask,
+                prompt.tiles,
+                sampling,
+                stop=request.stop,
+                prefill_chunk=request.prefill_chunk,
+                vision_batch=request.vision_batch,
+                return_scores=request.return_scores,
+                state=state,
+                finalize=lambda output: self.describe(output, prompt),
+            )
+        except BaseException:
+            prompt.tiles.close()
+            raise
+
+    def generate_tokens(self, *args: Any, **kwargs: Any) -> GenerationOutput:
+        """`token_stream(...)` run to the end."""
+        return self.token_stream(*args, **kwargs).run()
+
+    def token_stream(
+        self,
+        input_ids: torch.Tensor,
+        visual_mask: torch.Tensor,
+        tiles: TileSource | EncodedTiles,
+        sampling: SamplingParams,
+        *,
+        finalize: Callable[[GenerationOutput], GenerationOutput] | None = None,
+        **options: Any,
+    ) -> GenerationStream:
+        """The engine on a prompt already processed (no checks): `open` and callers that bring
+        their own tiles, e.g. features encoded once and reused (V-NIAH). Options: `sequence`'s."""
+        runner, continuation = self.sequence(input_ids, visual_mask, tiles, sampling, **options)
+        return GenerationStream(
+            runner, continuation, vocab_size=self.config.vocab_size, finalize=finalize
+        )
+
+    def sequence(
+        self,
+        input_ids: torch.Tensor,
+        visual_mask: torch.Tensor,
+        tiles: TileSource | EncodedTiles,
+        sampling: SamplingParams,
+        *,
+        stop: Sequence[str] = (),
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        vision_batch: int = DEFAULT_VISION_BATCH,
+        return_scores: bool = False,
+        state: ParallelState | None = None,
+    ) -> tuple[LocalRunner | ShardedRunner, Continuation]:
+        """What generating after a processed prompt needs, nothing run yet: the runner (this
+        process, or this rank's share under `state`) and the continuation that decides each
+        token, with the text decoded as it comes up to the first `stop` sequence."""
         inputs = {
             "params": sampling,
-            "tiles": prompt.tiles,
-            "visual_mask": prompt.visual_mask,
-            "prefill_chunk": request.prefill_chunk,
-            "vision_batch": request.vision_batch,
+            "tiles": tiles,
+            "visual_mask": visual_mask,
+            "prefill_chunk": prefill_chunk,
+            "vision_batch": vision_batch,
         }
-        try:
-            if cp == 1:
-                runner = LocalRunner(self.model, prompt.input_ids, **inputs)
-            else:
-                pad = self.processor.tokens.pad
-                runner = ShardedRunner(
-                    self.model, prompt.input_ids, state=state, pad_id=pad, **inputs
-                )
-            output = run_to_end(
-                runner,
-                sampling,
-                self.processor.tokens.stop,
-                return_scores=request.return_scores and (state is None or state.cp_rank == 0),
-                vocab_size=self.config.vocab_size,
-            )
-        finally:
-            prompt.tiles.close()
-        return self.describe(output, prompt)
+        if state is None or state.cp_size == 1:
+            runner = LocalRunner(self.model, input_ids, **inputs)
+        else:
+            pad = self.processor.tokens.pad
+            runner = ShardedRunner(self.model, input_ids, state=state, pad_id=pad, **inputs)
+        continuation = Continuation(
+            runner.choose,
+            sampling,
+            self.processor.tokens.stop,
+            text=Detokenizer(self.tokenizer, stop),
+            keep_logits=return_scores and (state is None or state.cp_rank == 0),
+        )
+        return runner, continuation
 
     def prepare(
         self, request: GenerationRequest, *, cp: int = 1, ranks_per_host: int = 1
@@ -155,10 +244,9 @@ class Pipeline:
         return prompt, dataclasses.replace(request.sampling, max_new_tokens=max_new_tokens)
 
     def describe(self, output: GenerationOutput, prompt: ProcessedPrompt) -> GenerationOutput:
-        """The engine's output with its text and what the prompt held."""
+        """The engine's output with what the prompt held."""
         return dataclasses.replace(
             output,
-            text=self.processor.decode(output.token_ids),
             prompt_tokens=prompt.num_tokens,
             num_tiles=prompt.num_tiles,
             image_grids=prompt.image_grids,

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from longvita.checks import check_int, check_number
+from longvita.infer.detokenize import check_stop_sequences
 from longvita.processing.chat import Messages
 
 DEFAULT_PREFILL_CHUNK = 4096
@@ -64,6 +65,8 @@ class GenerationRequest:
     videos: tuple = ()
     """Video files or frame directories, one per `<video>` tag, in order."""
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    """Stop sequences: the answer ends right before the first one generated (not included)."""
     max_frames: int | None = None
     """Frames per video; None = the model's default (4096)."""
     fps: float | None = None
@@ -81,6 +84,7 @@ class GenerationRequest:
             if isinstance(value, str | Path) or not isinstance(value, Sequence):
                 raise ValueError(f"{name} must be a list (one per tag), got {value!r}")
             object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, "stop", check_stop_sequences(self.stop))
         if self.max_frames is not None:
             check_int("max_frames", self.max_frames, minimum=1)
         if self.fps is not None:
@@ -122,11 +126,11 @@ class GenerationOutput:
     token_ids: list[int]
     """The new tokens (stop token not included)."""
     text: str = ""
-    """The new tokens decoded without special tokens."""
+    """The new tokens decoded without special tokens, up to the first stop sequence."""
     scores: torch.Tensor | None = None
     """With return_scores: float32 [len(token_ids), vocab], raw logits of each step."""
     stop_reason: str = ""
-    """"stop_token" or "length"."""
+    """"stop_token", "stop_sequence" (one of the request's `stop` strings) or "length"."""
     prompt_tokens: int = 0
     """Tokens in the expanded prompt."""
     num_tiles: int = 0

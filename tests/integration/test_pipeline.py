@@ -85,6 +85,43 @@ def test_stops_at_stop_token_without_including_it(pipe, monkeypatch):
     assert out.stop_reason == "stop_token" and out.scores.shape[0] == 2
 
 
+def test_stream_pieces_are_the_answer_of_generate(pipe, media):
+    kwargs = {"images": [media["image"]], "max_new_tokens": 12, "return_scores": True}
+    whole = pipe.generate("<image>\nWhat?", **kwargs)
+    stream = pipe.stream("<image>\nWhat?", **kwargs)
+    pieces = list(stream)
+    assert [p.token_id for p in pieces if p.token_id is not None] == whole.token_ids
+    assert "".join(p.text for p in pieces) == whole.text == stream.output.text
+    assert stream.output.token_ids == whole.token_ids and stream.output.prompt_tokens > 0
+    assert torch.equal(stream.output.scores, whole.scores)
+
+
+def test_stop_sequences_end_the_text_before_them(pipe):
+    full = pipe.generate("Tell me a story.", max_new_tokens=16)
+    text = full.text
+    assert len(text) > 4, text
+    stop = text[2:4]  # generated for sure, so the answer must end before its first occurrence
+    out = pipe.generate("Tell me a story.", max_new_tokens=16, stop=[stop, "never generated"])
+    assert out.stop_reason == "stop_sequence" and out.text == text[: text.index(stop)]
+    assert out.token_ids == full.token_ids[: len(out.token_ids)]
+    with pytest.raises(ValueError, match=r"stop\[0\]"):
+        pipe.generate("hi", stop=[""])
+
+
+def test_a_stream_left_early_releases_its_media(pipe, media, monkeypatch):
+    closed = []
+    original = longvita.processing.tiles.TileSource.close
+    monkeypatch.setattr(
+        longvita.processing.tiles.TileSource,
+        "close",
+        lambda self: (closed.append(True), original(self))[1],
+    )
+    stream = pipe.stream("<image>\nWhat?", images=[media["image"]], max_new_tokens=8)
+    next(iter(stream))
+    stream.close()
+    assert closed
+
+
 def test_prompt_longer_than_positions_is_refused(pipe, media, monkeypatch):
     monkeypatch.setattr(pipe.config, "max_position_embeddings", 50)
     with pytest.raises(PromptError, match=r"\d+ tokens but the model accepts at most 50"):
