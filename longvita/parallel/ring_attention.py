@@ -182,7 +182,19 @@ class _RingPlan:
             dist.P2POp(dist.isend, tensor, self.next_peer, self.group),
             dist.P2POp(dist.irecv, received, self.prev_peer, self.group),
         ]
-        return _Exchange(dist.batch_isend_irecv(ops), tensor, received, what, step, self)
+        try:
+            works = dist.batch_isend_irecv(ops)
+        except RuntimeError as err:  # a peer already gone can fail the send as it is posted
+            raise self.failure(what, step, err) from err
+        return _Exchange(works, tensor, received, what, step, self)
+
+    def failure(self, what: str, step: int, err: RuntimeError) -> RuntimeError:
+        """The error of a ring hop that failed, saying which and between whom."""
+        return RuntimeError(
+            f"ring attention: passing {what} at step {step} failed on cp rank {self.rank}/"
+            f"{self.cp} (send to global rank {self.next_peer}, receive from {self.prev_peer}); "
+            f"a peer died, stalled or the group timed out: {err}"
+        )
 
 
 @dataclass
@@ -202,12 +214,7 @@ class _Exchange:
             for work in self.works:
                 work.wait()
         except RuntimeError as err:  # DistBackendError and gloo timeouts are RuntimeErrors
-            plan = self.plan
-            raise RuntimeError(
-                f"ring attention: passing {self.what} at step {self.step} failed on cp rank "
-                f"{plan.rank}/{plan.cp} (send to global rank {plan.next_peer}, receive from "
-                f"{plan.prev_peer}); a peer died, stalled or the group timed out: {err}"
-            ) from err
+            raise self.plan.failure(self.what, self.step, err) from err
         return self.received
 
 
