@@ -173,8 +173,10 @@ def _rank_main(rank, world_size, cp, workdir, device_type, timeout_s, fn, args) 
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size),
     )
-    if device_type == "cpu":  # the processes share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    if device_type == "cpu":  # the processes share the cores, unless the user said otherwise
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        share = max(1, (os.cpu_count() or 1) // world_size)
+        torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else share)
     device = torch.device(device_type, rank) if device_type != "cpu" else torch.device("cpu")
     try:
         state = ParallelState.init(
