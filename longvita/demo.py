@@ -1,84 +1,117 @@
-"""`longvita demo`: the whole pipeline on a tiny random model and synthetic media.
+"""`longvita demo`: the shipped demo model answers questions about media it has never seen.
 
-Prints what each step did (tiles, tokens), its time and the process's peak memory. The weights
-are random, so the text is noise; the point is to show every stage running end to end.
+The demo model (`longvita.DEMO_MODEL`, trained by `longvita demo train` through the four
+stages) is shown an image and a long video rendered now, from a seed no training data used:
+a digit, a letter or a shape to name, and a digit hidden among a thousand frames of letters.
+For each question the demo prints the question, the answer, the truth, and what it cost
+(tokens, tiles, time). `longvita demo train` (docs/demo.md) trains the model again.
 """
 
 from __future__ import annotations
 
-import resource
-import sys
+import argparse
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
-T = TypeVar("T")
+from longvita.data.synth import DIGITS, LETTERS, NEEDLE_QUESTION, SHAPES, Renderer
 
-
-def _peak_rss_mb() -> float:
-    """High-water mark of this process's resident memory, in MB (Linux reports KB)."""
-    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kilobytes / 1024 if sys.platform != "darwin" else kilobytes / 1024**2
+DEMO_SEED = 424242
 
 
-def _step(name: str, fn: Callable[[], T]) -> T:
-    start = time.perf_counter()
-    result = fn()
-    seconds = time.perf_counter() - start
-    print(f"  {name:<48} {seconds * 1000:9.1f} ms   peak RSS {_peak_rss_mb():7.0f} MB")
-    return result
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="the shipped demo model answers about an image and a long video it never saw",
+        description=(
+            "Render an image and a long video the demo model has never seen (a digit, a letter "
+            "or a shape; a digit among --frames frames of letters), ask about them, and print "
+            "question, answer and truth. `longvita demo train` trains the demo model through "
+            "the four stages (about 30 minutes on a laptop CPU)."
+        ),
+    )
+    p.add_argument("--model", default="demo", help="the model (default: the shipped demo)")
+    p.add_argument("--output", default="demo_output", help="where the media go (%(default)s)")
+    p.add_argument("--frames", type=int, default=1024, help="frames of the video (1024)")
+    p.add_argument("--seed", type=int, default=DEMO_SEED, help="of the renders")
+    p.set_defaults(func=run_demo)
+    sub = p.add_subparsers(dest="demo_command", metavar="COMMAND")
+    t = sub.add_parser(
+        "train",
+        help="train the demo model through the four stages and evaluate it",
+        description=(
+            "Synthetic curriculum data, then stages 1-4 of configs/tiny with the ordinary "
+            "trainer (stages 3-4 with context parallelism 2), V-NIAH and short-context "
+            "accuracy after stages 2 and 4; OUT/report.md says what each stage did. Rerun to "
+            "resume. --install copies the result into the package as the demo model."
+        ),
+    )
+    t.add_argument("--out", default="runs/demo", help="the run directory (%(default)s)")
+    t.add_argument("--scale", type=float, default=1.0, help="x every stage's samples")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of every stage file")  # fmt: skip
+    t.add_argument("--frames", type=int, nargs="+", default=[16, 64, 256, 1024, 4096],
+                   help="V-NIAH haystack lengths")  # fmt: skip
+    t.add_argument("--needles", type=int, default=20, help="V-NIAH questions per cell")
+    t.add_argument("--no-eval", action="store_true", help="train only")
+    t.add_argument("--install", action="store_true", help="make the result the shipped model")
+    t.set_defaults(func=run_demo_train)
 
 
-def run(output: str | Path, *, max_new_tokens: int = 16) -> None:
+def run_demo_train(args: argparse.Namespace) -> int:
+    from longvita.demo_train import run_demo_training
+
+    report = run_demo_training(
+        args.out,
+        scale=args.scale,
+        frames=tuple(args.frames),
+        needles=args.needles,
+        extra=args.set,
+        evaluate_stages=not args.no_eval,
+        install=args.install,
+    )
+    print((Path(args.out) / "report.md").read_text())
+    return 0 if report else 1
+
+
+def run_demo(args: argparse.Namespace) -> int:
     import longvita
-    from longvita.testing import make_image, make_tiny_checkpoint, make_video
+    from longvita.assets import resolve_model_dir
+    from longvita.data.synth import write_lossless_video
 
-    output = Path(output)
-    media = output / "media"
-    media.mkdir(parents=True, exist_ok=True)
-    checkpoint = output / "tiny-random-long-vita"
-    print("longvita demo: a TINY RANDOM model (the weights are random: its text is noise)")
-    print(f"writing into {output.resolve()}\n")
-    _step("build random checkpoint", lambda: make_tiny_checkpoint(checkpoint))
-    image = _step("synthetic image 640x360", lambda: make_image(media / "scene.png"))
-    video = _step(
-        "synthetic video 12 s @ 4 fps", lambda: make_video(media / "clip.mp4", num_frames=48)
-    )
-    pipe = _step("longvita.load", lambda: longvita.load(checkpoint, device="cpu", dtype="float32"))
-    tile = pipe.config.vision.image_size
-    print(
-        f"\nmodel: {sum(p.numel() for p in pipe.model.parameters()):,} parameters, "
-        f"{tile}-px tiles of {pipe.config.vision.tokens_per_tile} tokens\n"
-    )
-    cases = [
-        ("text only", "Describe a quiet morning.", [], []),
-        ("one image", "<image>\nWhat is in this image?", [image], []),
-        ("one video", "<video>\nDescribe the video.", [], [video]),
-    ]
-    for label, prompt, images, videos in cases:
-        print(f"[{label}] prompt: {prompt!r}")
-        processed = _step(
-            "process (tokenize, lay out tiles)",
-            lambda p=prompt, i=images, v=videos: pipe.process(p, i, v),
-        )
-        print(
-            f"    grids {processed.image_grids} frames {processed.video_frames} "
-            f"tiles {processed.num_tiles} prompt tokens {processed.num_tokens}"
-        )
-        out = _step(
-            "generate (decode pixels, ViT, prefill, decode)",
-            lambda p=prompt, i=images, v=videos: pipe.generate(
-                p, images=i, videos=v, max_new_tokens=max_new_tokens
-            ),
-        )
-        rate = len(out.token_ids) / out.decode_seconds if out.decode_seconds else float("nan")
-        print(
-            f"    prefill {out.prefill_seconds * 1000:.1f} ms, {len(out.token_ids)} new tokens "
-            f"at {rate:.0f} tok/s ({out.stop_reason})"
-        )
-        print(f"    text (random weights): {out.text!r}\n")
-    print(
-        "done: every stage ran. Point `longvita generate --model DIR` at a real checkpoint for "
-        "real answers."
-    )
+    start = time.perf_counter()
+    pipe = longvita.load(resolve_model_dir(args.model))
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    renderer = Renderer(args.seed)
+    size = sum(p.numel() for p in pipe.model.parameters())
+    print(f"longvita demo: {args.model} ({size:,} parameters, trained by longvita's four "
+          f"stages); media rendered now (seed {args.seed}), never seen in training")  # fmt: skip
+    right, asked = 0, 0
+    for kind, values in (("digit", DIGITS), ("letter", LETTERS), ("shape", SHAPES)):
+        item = renderer.item(kind, str(renderer.rng.choice(list(values))))
+        path = output / f"{kind}.png"
+        renderer.render(item).save(path)
+        right += _ask(pipe, f"<image>\nWhat {kind} is this?", item.value, images=[path])
+        asked += 1
+    frames = [renderer.render(renderer.item("letter")) for _ in range(args.frames - 1)]
+    needle = renderer.item("digit")
+    depth = int(renderer.rng.integers(0, args.frames))
+    frames.insert(depth, renderer.render(needle))
+    video = write_lossless_video(output / "haystack.mkv", frames)
+    print(f"\nvideo: {video} ({args.frames} frames, one second each; the digit is frame {depth})")
+    right += _ask(pipe, f"<video>\n{NEEDLE_QUESTION}", needle.value, videos=[video])
+    asked += 1
+    seconds = time.perf_counter() - start
+    print(f"\n{right} of {asked} right, in {seconds:.1f} s")
+    return 0
+
+
+def _ask(pipe, prompt: str, truth: str, **media) -> bool:
+    out = pipe.generate(prompt, max_new_tokens=4, max_frames=8192, **media)
+    answer = out.text.strip()
+    mark = "right" if answer == truth else "WRONG"
+    question = prompt.split("\n", 1)[1]
+    print(f"\nQ: {question}  [{out.prompt_tokens} tokens, {out.num_tiles} tiles, "
+          f"{out.prefill_seconds + out.decode_seconds:.2f} s]")  # fmt: skip
+    print(f"A: {answer!r}   truth: {truth!r}   {mark}")
+    return answer == truth

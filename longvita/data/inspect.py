@@ -22,6 +22,7 @@ from longvita.data.encode import SampleReader
 from longvita.data.mixture import Mixture, MixtureConfig
 from longvita.data.packing import GreedyPacker
 from longvita.data.stats import SKIP_REASONS, DataStats
+from longvita.data.synth import add_parser as add_synth_parser
 from longvita.processing.processor import Processor
 
 PERCENTILES = (0, 50, 90, 99, 100)
@@ -140,6 +141,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "data", help="training data tools", description="Training data tools."
     )
     sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    add_synth_parser(sub)
     p = sub.add_parser(
         "inspect",
         help="report what a mixture YAML gives at a sequence length",
@@ -157,7 +159,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("mixture", metavar="MIXTURE.yaml", help="the mixture file")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per packed sequence")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (Qwen2 files)")
-    p.add_argument("--model", metavar="DIR", help="checkpoint directory (config + tokenizer)")
+    p.add_argument(
+        "--model", metavar="DIR", help="checkpoint directory (config + tokenizer), or demo"
+    )
     p.add_argument("--max-samples", type=int, default=None, help="read only the first K samples")
     p.add_argument(
         "--data-root", default=None, help="base of relative data paths (default: current dir)"
@@ -186,12 +190,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _processor(args: argparse.Namespace) -> Processor:
+    from longvita.assets import resolve_model_dir
     from longvita.config import LongVITAConfig, VisionConfig
     from longvita.processing.tokens import load_tokenizer
 
     if (args.tokenizer is None) == (args.model is None):
         raise ValueError("give exactly one of --tokenizer DIR or --model DIR")
-    directory = Path(args.model or args.tokenizer)
+    directory = resolve_model_dir(args.model) if args.model else Path(args.tokenizer)
     if not directory.is_dir():
         raise ValueError(f"{str(directory)!r} is not a directory")
     vision = LongVITAConfig.from_pretrained(directory).vision if args.model else VisionConfig()

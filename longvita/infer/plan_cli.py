@@ -12,6 +12,7 @@ import json
 
 import torch
 
+from longvita.assets import resolve_model_dir
 from longvita.config import LongVITAConfig
 from longvita.infer.plan import (
     DEFAULT_TEXT_TOKENS,
@@ -40,7 +41,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
         epilog="example: longvita plan --model Long-VITA-1M_HF --frames 4096 --cp 8 --dtype bf16",
     )
-    p.add_argument("--model", required=True, help="checkpoint directory (reads config.json)")
+    p.add_argument(
+        "--model", required=True, help="checkpoint directory (reads config.json), or demo"
+    )
     p.add_argument("--frames", type=int, default=0, help="video frames (default 0)")
     p.add_argument("--images", type=int, default=0, help="images (default 0)")
     p.add_argument(
@@ -67,7 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    config = LongVITAConfig.from_pretrained(args.model)
+    config = LongVITAConfig.from_pretrained(resolve_model_dir(args.model))
     tokens = args.prompt_tokens
     if tokens is None:
         tokens = count_prompt_tokens(

@@ -21,18 +21,25 @@ import torch
 from PIL import Image
 
 from longvita.config import VisionConfig
-from longvita.errors import PromptError, ReservedTokenError
+from longvita.errors import MediaError, PromptError, ReservedTokenError
 from longvita.ops.loss import IGNORE_INDEX
 from longvita.processing.chat import Messages, build_prompt, build_training_text
-from longvita.processing.image import DEFAULT_MAX_PIXELS, choose_grid, image_size
-from longvita.processing.tiles import ImageTiles, TileSource, VideoFrameTiles
+from longvita.processing.image import DEFAULT_MAX_PIXELS, check_pixels, choose_grid, image_size
+from longvita.processing.tiles import FrameListTiles, ImageTiles, TileSource, VideoFrameTiles
 from longvita.processing.tokens import SpecialTokenIds, load_tokenizer, special_token_ids
-from longvita.processing.video import DEFAULT_MAX_FPS, DEFAULT_MAX_FRAMES, plan_video
+from longvita.processing.video import (
+    DEFAULT_MAX_FPS,
+    DEFAULT_MAX_FRAMES,
+    frame_dir_indices,
+    plan_video,
+)
 
 logger = logging.getLogger(__name__)
 
 ImageInput = str | Path | Image.Image
-VideoInput = str | Path
+VideoInput = str | Path | Sequence[Image.Image]
+"""A video file, a directory of frame files, or the frames themselves (PIL images, taken as
+1 fps like a directory's)."""
 
 MAX_TILES = 12
 
@@ -223,7 +230,7 @@ class Processor:
         images, videos = list(images or []), list(videos or [])
         self._check_reserved(ids)
         self._check_media_counts(ids, len(images), len(videos))
-        segments: list[ImageTiles | VideoFrameTiles] = []  # one per tag, in tag order
+        segments: list[ImageTiles | VideoFrameTiles | FrameListTiles] = []  # one per tag
         image_grids, video_frames = [], []
         image_iter, video_iter = iter(images), iter(videos)
         for token in ids:
@@ -266,16 +273,28 @@ class Processor:
 
     def _plan_video(
         self, video: VideoInput, max_frames: int | None, fps: float | None
-    ) -> VideoFrameTiles:
-        plan = plan_video(
-            video,
-            max_frames=DEFAULT_MAX_FRAMES if max_frames is None else max_frames,
-            max_fps=DEFAULT_MAX_FPS if fps is None else fps,
-            max_pixels=self.max_pixels,
-        )
+    ) -> VideoFrameTiles | FrameListTiles:
+        max_frames = DEFAULT_MAX_FRAMES if max_frames is None else max_frames
+        max_fps = DEFAULT_MAX_FPS if fps is None else fps
+        if not isinstance(video, str | Path):
+            return self._plan_frame_list(video, max_frames, max_fps)
+        plan = plan_video(video, max_frames=max_frames, max_fps=max_fps, max_pixels=self.max_pixels)
         return VideoFrameTiles.from_plan(
             video, plan, tile_size=self.tile_size, max_pixels=self.max_pixels
         )
+
+    def _plan_frame_list(self, frames, max_frames: int, max_fps: float) -> FrameListTiles:
+        """Frames given in memory: checked, then sampled like a frame directory (1 fps)."""
+        frames = list(frames)
+        if not frames or not all(isinstance(frame, Image.Image) for frame in frames):
+            raise MediaError(
+                "a video must be a path (a file or a directory of frames) or a non-empty list "
+                f"of PIL images, got {type(frames).__name__} of {len(frames)} item(s)"
+            )
+        for k, frame in enumerate(frames):
+            check_pixels(f"video frame {k}", frame.width, frame.height, self.max_pixels)
+        indices = frame_dir_indices(len(frames), max_frames=max_frames, max_fps=max_fps)
+        return FrameListTiles(frames, indices, tile_size=self.tile_size)
 
     def _check_reserved(self, ids: Sequence[int]) -> None:
         """ReservedTokenError naming the tokens of `RESERVED_TOKENS` found in the text."""

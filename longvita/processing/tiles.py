@@ -312,6 +312,36 @@ class VideoFrameTiles:
         self._ended = True
 
 
+class FrameListTiles:
+    """A video given as RGB frames in memory (PIL images): the frames at `frame_indices`, one
+    tile each, normalized when asked for."""
+
+    def __init__(
+        self, frames: Sequence[Image.Image], frame_indices: Sequence[int], *, tile_size: int
+    ) -> None:
+        self.frames = list(frames)
+        self.frame_indices = list(frame_indices)
+        self.tile_size = tile_size
+        self.num_tiles = len(self.frame_indices)
+
+    def load(self, local_ids: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
+        chosen = [self.frames[self.frame_indices[i]].convert("RGB") for i in local_ids]
+        pixels = to_pixel_values(chosen, tile_size=self.tile_size)  # [n, 3, S, S]
+        return pixels if out is None else out.copy_(pixels)
+
+    def release(self) -> None:
+        pass
+
+    def decode_bytes(self, batch_size: int) -> int:
+        """The batch's RGB copies and their normalization (the frames are the caller's)."""
+        width = max(frame.width for frame in self.frames)
+        height = max(frame.height for frame in self.frames)
+        batch = min(batch_size, self.num_tiles)
+        return batch * (PIL_RGB_BYTES * width * height + _tile_bytes(self.tile_size)) + (
+            normalize_bytes(width, height, self.tile_size, batch)
+        )
+
+
 class TileSource:
     """The pixel tiles of one prompt, in placeholder order, loaded on demand by id.
 

@@ -1,0 +1,198 @@
+"""`longvita demo train`: the demo model through Long-VITA's four stages, and what each did.
+
+One command runs the recipe of docs/demo.md: synthetic curriculum data (`data.synth`, the
+train split), the tiny stage files (`configs/tiny/stage{0..4}.yaml`: stage 0 the LLM alone on
+text, standing in for the pretrained Qwen2.5 the official schema starts from; stage 1 the projector
+on captions; stage 2 everything on image and short-video questions; stages 3-4 the LLM and
+projector on 16-512 and 256-4,096-frame haystacks with context parallelism 2, stage 4 with the
+logits-masked head), each with the ordinary trainer (`train.loop.run_training`, ranks started
+by `parallel.launch`), then V-NIAH (`eval.vniah`) and short-context accuracy (single-image
+questions of the test split) after stage 2 and after stage 4. Writes OUT/report.json and
+OUT/report.md (wall times, accuracies, the heatmaps), exports OUT/model in the official layout
+and, with `install`, copies it to `longvita.DEMO_MODEL`. Rerunning resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from longvita.data.synth import DIGITS, LETTERS, SHAPES, Renderer, synthesize
+from longvita.eval.vniah import TEST_SEED
+
+logger = logging.getLogger(__name__)
+
+STAGE_FILES = Path(__file__).resolve().parent / "configs" / "tiny"
+DATA_DONE = ".complete"
+STAGES = (0, 1, 2, 3, 4)
+"""Stage 0 stands in for the pretrained LLM the official stage 1 starts from."""
+SHORT_QUESTIONS = 200
+"""Single-image questions of the short-context check."""
+
+
+def stage_file(stage: int) -> Path:
+    return STAGE_FILES / f"stage{stage}.yaml"
+
+
+def stage_overrides(stage: int, out: Path) -> list[str]:
+    """Where stage `stage` finds its data and weights under `out` (the files assume runs/demo)."""
+    data = out / "data"
+    overrides = [f"data.mixture={data / f'stage{stage}' / 'mixture.yaml'}"]
+    if stage == 0:
+        overrides.append(f"init={{model: demo, tokenizer: {data / 'tokenizer'}}}")
+    else:
+        overrides.append(f"init={{from: {out / f'stage{stage - 1}'}}}")
+    return overrides
+
+
+def make_data(out: Path, *, scale: float, seed: int = 0) -> Path:
+    """The train split under out/data, written once (a marker says it is complete)."""
+    data = out / "data"
+    if not (data / DATA_DONE).is_file():
+        shutil.rmtree(data, ignore_errors=True)
+        synthesize(data, seed=seed, scale=scale)
+        (data / DATA_DONE).write_text(json.dumps({"scale": scale, "seed": seed}))
+    return data
+
+
+def train_stage(stage: int, out: Path, extra: list[str] = ()) -> dict:
+    """Train one stage into out/stageN (resuming if it was interrupted); its summary."""
+    from longvita.parallel.launch import launch
+    from longvita.train.config import StageConfig
+    from longvita.train.loop import run_training
+
+    config = StageConfig.from_yaml(stage_file(stage), [*stage_overrides(stage, out), *extra])
+    world_size = config.parallel.cp  # one data-parallel group: the demo runs on one machine
+    config.check_world(world_size)
+    start = time.perf_counter()
+    result = launch(
+        run_training,
+        cp=config.parallel.cp,
+        world_size=world_size,
+        args=(config, str(out / f"stage{stage}")),
+        timeout_s=1800,
+    )
+    return {**asdict(result), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def export(out: Path, stage: int, name: str) -> Path:
+    from longvita.train.export import export_checkpoint
+
+    return export_checkpoint(out / f"stage{stage}", out / name)
+
+
+def short_context_accuracy(model_dir: Path, *, seed: int = TEST_SEED + 7) -> float:
+    """Exact-match accuracy on single-image questions (digit, letter, shape) of test renders."""
+    import longvita
+
+    pipe = longvita.load(model_dir)
+    renderer = Renderer(seed)
+    right = 0
+    for k in range(SHORT_QUESTIONS):
+        kind = ("digit", "letter", "shape")[k % 3]
+        value = (DIGITS, LETTERS, SHAPES)[k % 3][k % len((DIGITS, LETTERS, SHAPES)[k % 3])]
+        image = renderer.render(renderer.item(kind, value))
+        answer = pipe.generate(f"<image>\nWhat {kind} is this?", images=[image], max_new_tokens=4)
+        right += answer.text.strip() == value
+    return right / SHORT_QUESTIONS
+
+
+def evaluate(model_dir: Path, out: Path, frames: tuple[int, ...], needles: int) -> dict:
+    """V-NIAH (results.json + heatmap.png under `out`) and the short-context accuracy."""
+    import longvita
+    from longvita.eval.vniah import (
+        PipelineAnswerer,
+        VniahConfig,
+        rendered_haystack,
+        run_vniah,
+        write_report,
+    )
+
+    config = VniahConfig(frames=frames, needles=needles)
+    answerer = PipelineAnswerer(longvita.load(model_dir))
+    cells = run_vniah(answerer, config, haystack_frames=rendered_haystack(config.seed))
+    report = write_report(cells, config, out, title=f"V-NIAH {model_dir.name}")
+    return {
+        "vniah_accuracy": report["accuracy"],
+        "vniah_by_frames": report["accuracy_by_frames"],
+        "short_context_accuracy": short_context_accuracy(model_dir),
+    }
+
+
+def run_demo_training(
+    out: str | Path,
+    *,
+    scale: float = 1.0,
+    frames: tuple[int, ...] = (16, 64, 256, 1024, 4096),
+    needles: int = 20,
+    extra: list[str] = (),
+    stage_extra: dict[int, list[str]] | None = None,
+    evaluate_stages: bool = True,
+    install: bool = False,
+) -> dict:
+    """The whole recipe into `out`; returns (and writes as report.json / report.md) what each
+    stage took and what the model could do after stage 2 and after stage 4.
+
+    extra: `--set` overrides for every stage; stage_extra: more for some stages ({3: [...]}).
+    """
+    out = Path(out).resolve()
+    # one compute thread per rank: each stage's data worker takes the other core (a tiny model's
+    # steps are many small kernels, which two contended OpenMP threads make several times slower)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    report: dict = {"stages": {}, "evaluations": {}}
+    start = time.perf_counter()
+    make_data(out, scale=scale)
+    report["data_seconds"] = round(time.perf_counter() - start, 1)
+    for stage in STAGES:
+        logger.warning("demo: training stage %d", stage)
+        overrides = [*extra, *(stage_extra or {}).get(stage, [])]
+        report["stages"][stage] = train_stage(stage, out, overrides)
+        if stage in (2, 4):
+            name = "after-stage2" if stage == 2 else "model"
+            model = export(out, stage, name)
+            if evaluate_stages:
+                logger.warning("demo: evaluating %s", name)
+                report["evaluations"][name] = evaluate(
+                    model, out / f"vniah-{name}", frames, needles
+                )
+    report["training_seconds"] = round(sum(s["seconds"] for s in report["stages"].values()), 1)
+    report["total_seconds"] = round(time.perf_counter() - start, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(report_markdown(report))
+    if install:
+        install_model(out / "model")
+    return report
+
+
+def install_model(model: Path) -> Path:
+    """Copy an exported model into the package as the demo model (`longvita.DEMO_MODEL`)."""
+    from longvita.assets import DEMO_MODEL
+
+    shutil.rmtree(DEMO_MODEL, ignore_errors=True)
+    shutil.copytree(model, DEMO_MODEL)
+    return DEMO_MODEL
+
+
+def report_markdown(report: dict) -> str:
+    lines = ["# Demo model: the four stages", "", "| stage | steps | final loss | seconds |",
+             "|---|---|---|---|"]  # fmt: skip
+    for stage, summary in report["stages"].items():
+        loss = summary["final_loss"]
+        lines.append(f"| {stage} | {summary['step']} | {loss:.4f} | {summary['seconds']} |")
+    lines += ["", f"Training {report['training_seconds']} s, in all (data and evaluations "
+              f"included) {report['total_seconds']} s.", ""]  # fmt: skip
+    for name, evaluation in report["evaluations"].items():
+        by_frames = ", ".join(
+            f"{f}: {100 * a:.1f}%" for f, a in evaluation["vniah_by_frames"].items()
+        )
+        lines += [f"## {name}", "",
+                  f"- V-NIAH: {100 * evaluation['vniah_accuracy']:.1f}% ({by_frames})",
+                  f"- short context (single-image questions): "
+                  f"{100 * evaluation['short_context_accuracy']:.1f}%",
+                  f"- heatmap: vniah-{name}/heatmap.png", ""]  # fmt: skip
+    return "\n".join(lines)

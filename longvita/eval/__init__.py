@@ -1,0 +1,1 @@
+"""Evaluation: V-NIAH (needle in a video haystack) and local multiple-choice benchmark files."""

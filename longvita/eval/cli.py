@@ -1,0 +1,106 @@
+"""`longvita eval vniah` (and the other evaluations): arguments, the ranks, what is printed.
+
+Owns the command line of evaluation; `longvita.cli` wires `add_parsers` in. The work is in
+`eval.vniah` (and `eval.mcq`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    group = subparsers.add_parser(
+        "eval", help="evaluate a model", description="Evaluate a Long-VITA model."
+    )
+    sub = group.add_subparsers(dest="eval_command", required=True, metavar="COMMAND")
+    p = sub.add_parser(
+        "vniah",
+        help="visual needle in a haystack: a digit among up to thousands of frames",
+        description=(
+            "LongVA's V-NIAH protocol: a needle frame (a rendered digit, test split) at each "
+            "depth of haystacks of each length (rendered letters, or frames sampled evenly "
+            "from --haystack), asked 'What digit appears in the video?', scored by exact match "
+            "(or the digits' next-token logits with --teacher-forced). Each haystack is "
+            "encoded by the vision tower once and reused at every depth. Writes "
+            "OUT/results.json and OUT/heatmap.png."
+        ),
+        epilog="example: longvita eval vniah --model demo --out runs/vniah --frames 16 256 4096",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory, or demo")
+    p.add_argument("--out", required=True, help="where results.json and heatmap.png go")
+    p.add_argument("--frames", type=int, nargs="+", default=None, help="16 64 256 1024 4096")
+    p.add_argument("--depths", type=float, nargs="+", default=None, help="0 0.25 0.5 0.75 1")
+    p.add_argument("--needles", type=int, default=20, help="questions per cell (default 20)")
+    p.add_argument("--haystack", default=None, help="a video (file or frame directory)")
+    p.add_argument("--seed", type=int, default=None, help="the test renders' seed")
+    p.add_argument("--teacher-forced", action="store_true", help="score by next-token logits")
+    p.add_argument("--cp", type=int, default=1, help="context-parallel ranks (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--dtype", default=None, help="default: fp32 on CPU, bf16 on GPU")
+    p.set_defaults(func=run_vniah_command)
+
+
+def vniah_config(args: argparse.Namespace):
+    from longvita.eval.vniah import DEFAULT_DEPTHS, DEFAULT_FRAMES, TEST_SEED, VniahConfig
+
+    return VniahConfig(
+        frames=tuple(args.frames or DEFAULT_FRAMES),
+        depths=tuple(args.depths if args.depths is not None else DEFAULT_DEPTHS),
+        needles=args.needles,
+        seed=TEST_SEED if args.seed is None else args.seed,
+        haystack=args.haystack,
+        teacher_forced=args.teacher_forced,
+    )
+
+
+def run_vniah_command(args: argparse.Namespace) -> int:
+    from longvita.assets import resolve_model_dir
+    from longvita.parallel.launch import launch
+
+    config = vniah_config(args)  # bad values fail here, before any process starts
+    model_dir = resolve_model_dir(args.model)
+    if args.haystack is not None and not Path(args.haystack).exists():
+        raise ValueError(f"--haystack {args.haystack} does not exist")
+    report = launch(
+        _vniah_on_rank,
+        cp=args.cp,
+        args=(str(model_dir), config, args.out, args.dtype),
+        device=args.device,
+    )
+    if report is None:  # a non-main rank of a torchrun job
+        return 0
+    rows = {f: v for f, v in report["accuracy_by_frames"].items()}
+    print(json.dumps({"accuracy": report["accuracy"], "accuracy_by_frames": rows}))
+    print(f"wrote {Path(args.out) / 'results.json'} and heatmap.png", file=sys.stderr)
+    return 0
+
+
+def _vniah_on_rank(state, model_dir: str, config, out: str, dtype: str | None) -> dict | None:
+    import longvita
+    from longvita.eval.vniah import (
+        PipelineAnswerer,
+        rendered_haystack,
+        run_vniah,
+        video_haystack,
+        write_report,
+    )
+
+    pipe = longvita.load(model_dir, device=state.device, dtype=dtype)
+    answerer = PipelineAnswerer(pipe, state=state if state.cp_size > 1 else None)
+    if config.haystack is None:
+        haystack = rendered_haystack(config.seed)
+    else:
+        haystack = video_haystack(config.haystack, max_pixels=pipe.processor.max_pixels)
+    progress = None
+    if state.is_main and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        progress = lambda cells: tqdm(cells, desc="vniah", unit="cell", file=sys.stderr)  # noqa: E731
+    cells = run_vniah(answerer, config, haystack_frames=haystack, progress=progress)
+    if not state.is_main:
+        return None
+    return write_report(cells, config, Path(out), title=f"V-NIAH {Path(model_dir).name}")
