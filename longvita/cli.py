@@ -1,4 +1,4 @@
-"""The `longvita` command: generate, plan, data inspect, train, export, demo.
+"""The `longvita` command: generate, plan, data, train, export, eval, serve, demo.
 
 Owns argument parsing, what is printed, and how a run ends: a user error (a missing file, a
 bad setting, a prompt that does not fit, a device this machine lacks) is one line on stderr and
@@ -74,7 +74,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         epilog='example: longvita generate --model Long-VITA-16K_HF --prompt "<image>\\nWhat is '
         'this?" --image cat.png --json',
     )
-    p.add_argument("--model", required=True, help="checkpoint directory (official HF layout)")
+    p.add_argument(
+        "--model", required=True, help="checkpoint directory (official HF layout), or demo"
+    )
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the user turn, with <image>/<video> tags")
     prompt.add_argument(
@@ -92,6 +94,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass, 1 = off (default)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop sequence: the answer ends before it (repeat for several)",
+    )
     p.add_argument("--max-frames", type=int, default=None, help="frames per video (default 4096)")
     p.add_argument("--fps", type=float, default=None, help="video sampling rate (default 1)")
     p.add_argument(
@@ -142,6 +151,7 @@ def generation_request(args: argparse.Namespace):
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
+        stop=[unescape(argument_text(stop, "--stop")) for stop in args.stop],
         max_frames=args.max_frames,
         fps=args.fps,
         **{k: v for k, v in chunking.items() if v is not None},
@@ -149,7 +159,10 @@ def generation_request(args: argparse.Namespace):
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from longvita.assets import resolve_model_dir
+
     request = generation_request(args)
+    model = resolve_model_dir(args.model)
     media = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
     if args.cp < 1:
         raise ValueError(f"--cp must be >= 1, got {args.cp}")
@@ -157,38 +170,22 @@ def run_generate(args: argparse.Namespace) -> int:
         from longvita.infer.cp_launch import generate_cp
 
         output = generate_cp(
-            args.model, request, cp=args.cp, device=args.device, dtype=args.dtype, **media
+            model, request, cp=args.cp, device=args.device, dtype=args.dtype, **media
         )
         if output is None:  # a non-main rank of a torchrun job: rank 0 prints
             return 0
     else:
         import longvita
 
-        pipe = longvita.load(args.model, device=args.device, dtype=args.dtype, **media)
-        output = pipe.run(request)
+        pipe = longvita.load(model, device=args.device, dtype=args.dtype, **media)
+        stream = pipe.open(request)
+        if not args.json:  # the answer as it comes
+            for piece in stream:
+                print(piece.text, end="", flush=True)
+            print()
+            return 0
+        output = stream.run()
     print(json.dumps(output.to_record(), ensure_ascii=False) if args.json else output.text)
-    return 0
-
-
-def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="run the whole pipeline on a tiny random model and synthetic media",
-        description=(
-            "Build a tiny random checkpoint, a synthetic image and video, and run processing and "
-            "generation on them, printing tiles, tokens, time and memory of each step. The "
-            "weights are random: the generated text is noise."
-        ),
-    )
-    p.add_argument("--output", default="demo_output", help="where to write (default %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="default: %(default)s")
-    p.set_defaults(func=run_demo)
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    from longvita.demo import run
-
-    run(args.output, max_new_tokens=args.max_new_tokens)
     return 0
 
 
@@ -206,7 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_subcommands(sub)
-    _add_demo(sub)
     _accept_verbose_everywhere(parser)
     return parser
 
@@ -214,12 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_subcommands(sub: argparse._SubParsersAction) -> None:
     """Commands whose parsers live beside their code."""
     from longvita.data.inspect import add_parser as add_data_parser
+    from longvita.demo import add_parser as add_demo_parser
+    from longvita.eval.cli import add_parsers as add_eval_parsers
     from longvita.infer.plan_cli import add_parser as add_plan_parser
+    from longvita.serve.cli import add_parser as add_serve_parser
     from longvita.train.cli import add_parsers as add_train_parsers
 
     add_plan_parser(sub)
     add_data_parser(sub)
     add_train_parsers(sub)
+    add_eval_parsers(sub)
+    add_serve_parser(sub)
+    add_demo_parser(sub)
 
 
 def _accept_verbose_everywhere(parser: argparse.ArgumentParser) -> None:
@@ -255,7 +257,7 @@ def configure_logging(verbose: bool, *, route_transformers: bool) -> None:
         hf_logging.set_verbosity(logging.INFO if verbose else logging.ERROR)
 
 
-_TOKENIZER_COMMANDS = ("generate", "data", "demo", "train", "export")
+_TOKENIZER_COMMANDS = ("generate", "data", "demo", "train", "export", "eval", "serve")
 """Commands that load a tokenizer (and import transformers)."""
 
 

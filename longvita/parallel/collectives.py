@@ -2,8 +2,9 @@
 `ParallelState`, each failing with a message that says what was being done and by which rank.
 
 Owns `peer_errors` (a failed or timed-out collective re-raised with its context), `broadcast`
-from one cp rank and `gather_ints` (small per-rank counters, in cp rank order). Callers outside
-`parallel/` use these instead of importing torch.distributed themselves.
+from one cp rank (a tensor, or with `broadcast_object` a picklable object) and `gather_ints`
+(small per-rank counters, in cp rank order). Callers outside `parallel/` use these instead of
+importing torch.distributed themselves.
 """
 
 from __future__ import annotations
@@ -36,6 +37,17 @@ def broadcast(tensor: torch.Tensor, state: ParallelState, *, src_cp_rank: int, w
     src = dist.get_global_rank(state.cp_group, src_cp_rank)
     with peer_errors(what, state.cp_rank, state.cp_size):
         dist.broadcast(tensor, src=src, group=state.cp_group)
+
+
+def broadcast_object(obj: object, state: ParallelState, *, what: str) -> object:
+    """cp rank 0's picklable `obj` on every rank of the cp group (the others pass None)."""
+    if state.cp_size == 1:
+        return obj
+    holder = [obj]
+    src = dist.get_global_rank(state.cp_group, 0)
+    with peer_errors(what, state.cp_rank, state.cp_size):
+        dist.broadcast_object_list(holder, src=src, group=state.cp_group, device=state.device)
+    return holder[0]
 
 
 def gather_ints(values: list[int], state: ParallelState) -> list[list[int]]:

@@ -1,0 +1,268 @@
+"""Many sequences on one model at once: continuous batching with chunked prefill.
+
+The engine of the server (one process, one device). Each step is one forward over a *packed*
+row of tokens: the next token of every decoding sequence, then prompt chunks of sequences still
+prefilling, up to `step_tokens` tokens in all. Every sequence keeps its own KV cache
+(`model.kv_cache.KVCache`, sized for its prompt + max_new_tokens) and positions; in the forward,
+each segment of the row attends to its own cache only (`PackedCaches`), so sequences of any
+lengths share the linear layers' work without padding and without seeing each other. A
+sequence joins between steps, leaves when finished, cancelled or past its deadline, and a long
+prompt is prefilled a chunk per step while the others keep getting tokens.
+
+Per-sequence decisions (sampling with its own seed, stop tokens, stop sequences through its
+`Detokenizer`, the length limit) are `engine.Continuation`'s, as in the one-sequence loop, so a
+sequence gets the tokens it would get alone (greedy: the same up to float rounding of the
+batched matmuls). Knows nothing of HTTP or threads: the server's worker calls `add` and `step`
+from one thread and hands each `TokenStep` to its client through the sequence's callbacks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from longvita.infer.engine import Continuation, LocalRunner, TokenStep
+from longvita.model.kv_cache import KVCache
+from longvita.model.long_vita import LongVITAForCausalLM
+
+DEFAULT_STEP_TOKENS = 512
+"""Tokens per batched forward: decode tokens first, prompt chunks in what is left."""
+
+
+@dataclass(eq=False)
+class BatchSequence:
+    """One request in the batch: its prompt runner (cache, tiles, sampler), its continuation,
+    where it stands, and how its tokens reach the client."""
+
+    runner: LocalRunner
+    continuation: Continuation
+    on_step: Callable[[TokenStep], None]
+    """Called with each new token (and the held-back text at the end, token_id None)."""
+    on_finish: Callable[[str, Exception | None], None]
+    """Called once with the stop reason ("stop_token", "stop_sequence", "length", "cancelled",
+    "timeout" or "error") and, for "error", the exception."""
+    deadline: float = float("inf")
+    """time.monotonic() after which the sequence is ended with "timeout"."""
+    cancelled: bool = False
+    """Set from any thread (the client went away): the sequence leaves at the next step."""
+    prefilled: int = 0
+    """Prompt tokens already in the cache."""
+    next_token: int | None = None
+    """The token chosen last, to be fed at the next step."""
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.runner.input_ids.numel()
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < self.prompt_tokens
+
+
+@dataclass
+class Segment:
+    """A sequence's tokens in a packed step: [offset, offset + length) of the row."""
+
+    sequence: BatchSequence
+    offset: int
+    length: int
+    positions: torch.Tensor
+    """[length] the tokens' positions in their own sequence."""
+    needs_logits: bool
+    """A decode token, or the chunk that ends a prompt: its last token chooses the next."""
+    input_ids: torch.Tensor | None = None
+    visual_mask: torch.Tensor | None = None
+    """[length] bool where the segment has visual features, else None."""
+    features: torch.Tensor | None = None
+    """[num_visual_slots, hidden] of the segment's positions, or None."""
+
+
+class PackedCaches:
+    """Attention strategy of a packed row: segment i attends to cache i (and stores its keys
+    and values there), never to another segment."""
+
+    def __init__(self, spans: list[tuple[KVCache, int, int]]) -> None:
+        self.spans = spans  # (cache, start, end) in the packed row
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int
+    ) -> torch.Tensor:
+        """q [1, heads, T, head_dim], k, v [1, kv_heads, T, head_dim] -> [1, heads, T, head_dim]."""
+        outs = [
+            cache(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], layer_idx)
+            for cache, start, end in self.spans
+        ]
+        return torch.cat(outs, dim=2)
+
+
+class BatchEngine:
+    """The running and waiting sequences of one model, advanced one packed forward per `step`."""
+
+    def __init__(
+        self,
+        model: LongVITAForCausalLM,
+        *,
+        max_batch: int = 32,
+        step_tokens: int = DEFAULT_STEP_TOKENS,
+    ) -> None:
+        if max_batch < 1 or step_tokens < 1:
+            raise ValueError(f"need max_batch, step_tokens >= 1, got {max_batch=}, {step_tokens=}")
+        self.model = model
+        self.max_batch = max_batch
+        self.step_tokens = step_tokens
+        self.device = model.lm_head.weight.device
+        self.waiting: deque[BatchSequence] = deque()
+        self.running: list[BatchSequence] = []
+        self.steps = 0
+
+    def add(self, sequence: BatchSequence) -> None:
+        """Queue a sequence; it starts prefilling when a slot is free."""
+        self.waiting.append(sequence)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def step(self) -> int:
+        """One forward over the decoding sequences' next tokens and prompt chunks; the number
+        of tokens it ran (0 when there was nothing to do)."""
+        self._drop_ended()
+        while self.waiting and len(self.running) < self.max_batch:
+            self.running.append(self.waiting.popleft())
+        segments = self._with_inputs(self._schedule())
+        if not segments:
+            return 0
+        try:
+            logits = self._forward(segments)
+        except Exception as err:  # noqa: BLE001 - every sequence of the step gets the error
+            for segment in segments:
+                self._end(segment.sequence, "error", err)
+            return 0
+        choosing = [segment for segment in segments if segment.needs_logits]
+        for segment, row in zip(choosing, logits, strict=True):
+            self._advance(segment.sequence, row[None])
+        self.steps += 1
+        return sum(segment.length for segment in segments)
+
+    def close(self, error: Exception) -> None:
+        """End every sequence with `error` (the server is shutting down)."""
+        for sequence in [*self.running, *self.waiting]:
+            self._end(sequence, "error", error)
+        self.waiting.clear()
+
+    def _schedule(self) -> list[Segment]:
+        """Decode tokens first (one per decoding sequence), then prompt chunks, oldest first, in
+        the tokens left of the step (at least a quarter of it, so prompts always progress)."""
+        segments: list[Segment] = []
+        offset = 0
+        for sequence in self.running:
+            if not sequence.prefilling:
+                position = torch.tensor([sequence.runner.cache.length])
+                segments.append(Segment(sequence, offset, 1, position, needs_logits=True))
+                offset += 1
+        budget = max(self.step_tokens - offset, self.step_tokens // 4, 1)
+        for sequence in self.running:
+            if budget == 0:
+                break
+            if sequence.prefilling:
+                start = sequence.prefilled
+                length = min(sequence.prompt_tokens - start, budget)
+                positions = torch.arange(start, start + length)
+                ends = start + length == sequence.prompt_tokens
+                segments.append(Segment(sequence, offset, length, positions, needs_logits=ends))
+                offset += length
+                budget -= length
+        return segments
+
+    @torch.inference_mode()
+    def _with_inputs(self, segments: list[Segment]) -> list[Segment]:
+        """Each segment's token ids, visual mask and visual features; a sequence whose media
+        fail to decode (a corrupt frame) ends with the error, alone, and the offsets of the
+        others close up."""
+        kept, offset = [], 0
+        for segment in segments:
+            try:
+                self._inputs(segment)
+            except Exception as err:  # noqa: BLE001 - that request fails, not the step
+                self._end(segment.sequence, "error", err)
+                continue
+            segment.offset = offset
+            offset += segment.length
+            kept.append(segment)
+        return kept
+
+    def _inputs(self, segment: Segment) -> None:
+        sequence, runner = segment.sequence, segment.sequence.runner
+        if not sequence.prefilling:
+            segment.input_ids = torch.tensor([sequence.next_token])
+            return
+        segment.input_ids = runner.input_ids[segment.positions]
+        if runner.stream is not None:
+            segment.features = runner.stream.features(segment.positions)
+            if segment.features is not None:
+                segment.visual_mask = runner.visual_mask[segment.positions]
+
+    @torch.inference_mode()
+    def _forward(self, segments: list[Segment]) -> torch.Tensor:
+        """The packed row through the model -> logits [n, vocab] of the segments that need
+        them (decode tokens and prompts' last chunks), in segment order."""
+        features = [s.features for s in segments if s.features is not None]
+        visual_mask = None
+        if features:
+            masks = [
+                torch.zeros(s.length, dtype=torch.bool) if s.visual_mask is None else s.visual_mask
+                for s in segments
+            ]
+            visual_mask = torch.cat(masks).to(self.device)[None]  # [1, T]
+        input_ids = torch.cat([s.input_ids for s in segments]).to(self.device)[None]  # [1, T]
+        positions = torch.cat([s.positions for s in segments]).to(self.device)[None]  # [1, T]
+        logit_rows = [s.offset + s.length - 1 for s in segments if s.needs_logits]
+        spans = [(s.sequence.runner.cache, s.offset, s.offset + s.length) for s in segments]
+        logits = self.model(
+            input_ids,
+            position_ids=positions,
+            visual_mask=visual_mask,
+            visual_features=torch.cat(features) if features else None,
+            attention_fn=PackedCaches(spans),
+            logit_positions=torch.tensor(logit_rows, dtype=torch.long, device=self.device),
+        )  # [1, n, vocab]
+        for segment in segments:
+            sequence = segment.sequence
+            sequence.runner.cache.advance(segment.length)
+            if sequence.prefilling:
+                sequence.prefilled += segment.length
+                if not sequence.prefilling:
+                    sequence.runner.close()  # every tile encoded: free the decoders
+        return logits[0]
+
+    def _advance(self, sequence: BatchSequence, logits: torch.Tensor) -> None:
+        """Choose the sequence's next token from logits [1, vocab] and hand it out."""
+        step = sequence.continuation.next(logits)
+        if step is not None:
+            sequence.on_step(step)
+            sequence.next_token = step.token_id
+        continuation = sequence.continuation
+        if continuation.finished:
+            if continuation.tail:
+                sequence.on_step(TokenStep(None, text=continuation.tail))
+            self._end(sequence, continuation.stop_reason)
+
+    def _drop_ended(self) -> None:
+        now = time.monotonic()
+        for sequence in [*self.running, *self.waiting]:
+            if sequence.cancelled:
+                self._end(sequence, "cancelled")
+            elif now > sequence.deadline:
+                self._end(sequence, "timeout")
+
+    def _end(self, sequence: BatchSequence, reason: str, error: Exception | None = None) -> None:
+        sequence.runner.close()
+        if sequence in self.running:
+            self.running.remove(sequence)
+        elif sequence in self.waiting:
+            self.waiting.remove(sequence)
+        sequence.on_finish(reason, error)

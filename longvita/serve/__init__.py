@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: media policy, batching worker, HTTP API, chat page."""

@@ -1,0 +1,366 @@
+"""The HTTP API of `longvita serve`: OpenAI's chat completions over the model worker.
+
+Routes: `POST /v1/chat/completions` (streamed as server-sent events or whole), `GET /v1/models`,
+`GET /health`, `GET /metrics` (Prometheus text) and `GET /` (the chat page). A request goes:
+body read under a size limit -> `protocol.parse_chat_request` (400 on anything malformed) ->
+a slot reserved in the worker (503 with Retry-After when full) -> its media fetched under the
+`MediaPolicy` into a per-request directory and the prompt planned and checked by
+`Pipeline.prepare`, in a thread (4xx on bad media or a prompt too long) -> the worker -> tokens
+out as they come. A client that disconnects has its sequence cancelled at the next step.
+Every error is OpenAI's error JSON; after a stream has started, an error is sent as an event.
+Owns the HTTP side only: parsing and formatting are `protocol`'s, fetching `media`'s, running
+the model `worker`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+
+from longvita.errors import MediaError, PromptError
+from longvita.infer.request import GenerationRequest
+from longvita.serve import protocol, responses
+from longvita.serve.media import MediaPolicy, MediaRefused, fetch_image, fetch_video
+from longvita.serve.metrics import CONTENT_TYPE, ServerMetrics
+from longvita.serve.protocol import ApiError, ChatRequest
+from longvita.serve.worker import USER_ERRORS, Event, Job, ServerBusy
+
+logger = logging.getLogger(__name__)
+
+CHAT_PAGE = Path(__file__).resolve().parent / "static" / "index.html"
+DISCONNECT_POLL_S = 0.5
+"""How often a handler waiting for tokens checks that its client is still there."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    """What the server accepts and how long it waits (the `longvita serve` flags)."""
+
+    model_id: str
+    """The name clients use (`GET /v1/models`); requests naming another model get 404."""
+    media: MediaPolicy = MediaPolicy()
+    max_body_bytes: int = 64 * 2**20
+    """Request bodies above this are refused (413) before being parsed."""
+    default_max_tokens: int = 256
+    """max_tokens of a request that gives none."""
+    max_frames: int = 512
+    """The most frames a request may ask per video (and the default when it asks none)."""
+    max_prompt_tokens: int | None = None
+    """The most tokens an expanded prompt may have; None: the model's positions."""
+    request_timeout_s: float = 600.0
+    """From arrival to the last token; later, the request ends with a timeout error."""
+    escape_control_tokens: bool = True
+    """Typed control tokens (`<|im_start|>`, `<image>`...) stay text; False for trusted
+    clients who write them on purpose."""
+    api_key: str | None = None
+    """When set, /v1 routes need `Authorization: Bearer <api_key>`."""
+    retry_after_s: int = 1
+    """The Retry-After of a 503."""
+
+
+def create_app(pipeline, worker, settings: ServerSettings) -> FastAPI:
+    """The FastAPI application around a loaded Pipeline and its (not yet started) worker; the
+    worker starts and stops with the application's lifespan."""
+    metrics = ServerMetrics()
+    created = int(time.time())
+    control_tokens = tuple(pipeline.tokenizer.get_added_vocab())
+    max_prompt = settings.max_prompt_tokens or pipeline.config.max_position_embeddings
+
+    async def lifespan(app: FastAPI):
+        worker.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(worker.stop)
+
+    app = FastAPI(title="longvita", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        metrics.requests.inc(status=err.status)
+        headers = {"Retry-After": str(settings.retry_after_s)} if err.status == 503 else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page() -> HTMLResponse:
+        return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {
+            "status": "ok",
+            "model": settings.model_id,
+            "running": worker.running,
+            "queued": worker.queued,
+        }
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        metrics.queue_depth.set(worker.queued)
+        metrics.running.set(worker.running)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        check_api_key(request, settings)
+        positions = pipeline.config.max_position_embeddings
+        return responses.model_list_body(
+            settings.model_id, created=created, max_model_len=positions
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        arrived = time.monotonic()
+        check_api_key(request, settings)
+        chat = protocol.parse_chat_request(
+            json_body(await read_body(request, settings.max_body_bytes)),
+            control_tokens=control_tokens,
+            escape=settings.escape_control_tokens,
+        )
+        if chat.model is not None and chat.model != settings.model_id:
+            raise ApiError(
+                404,
+                f"model {protocol.shown(chat.model)} does not exist; this "
+                f"server serves {settings.model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
+        try:
+            worker.reserve()
+        except ServerBusy as err:
+            raise ApiError(503, str(err)) from None
+        job = Job(asyncio.get_running_loop(), Path(tempfile.mkdtemp(prefix="longvita-request-")))
+        try:
+            generation, prepared = await asyncio.to_thread(
+                prepare, pipeline, chat, job.workdir, settings, max_prompt
+            )
+            metrics.prompt_tokens.inc(prepared[0].num_tokens)
+            worker.submit(job, generation, prepared, deadline=arrived + settings.request_timeout_s)
+        except BaseException:
+            worker.release()
+            shutil.rmtree(job.workdir, ignore_errors=True)
+            raise
+        answer = Answer(job, request, chat, prepared[0].num_tokens, arrived, metrics, settings)
+        if chat.stream:
+            return StreamingResponse(
+                answer.events(),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        return await answer.whole()
+
+    return app
+
+
+def check_api_key(request: Request, settings: ServerSettings) -> None:
+    if settings.api_key is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+        raise ApiError(
+            401,
+            "a valid API key is needed: send Authorization: Bearer <key>",
+            code="invalid_api_key",
+        )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) past `limit` bytes, from Content-Length or while reading."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(
+            413,
+            f"the request body has {int(declared):,} bytes; this server accepts at most {limit:,}",
+        )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request body is over this server's limit of {limit:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def json_body(raw: bytes) -> object:
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ApiError(400, f"the request body is not valid JSON: {err}") from None
+
+
+def prepare(pipeline, chat: ChatRequest, workdir: Path, settings: ServerSettings, max_prompt):
+    """Fetch the media and plan the prompt (headers only): (GenerationRequest, prepared) or an
+    ApiError saying what to fix."""
+    images = [_fetch(fetch_image, part, settings.media, workdir) for part in chat.images]
+    videos = [_fetch(fetch_video, part, settings.media, workdir) for part in chat.videos]
+    options = chat.generation_options(default_max_tokens=settings.default_max_tokens)
+    frames = options.setdefault("max_frames", settings.max_frames)
+    if frames > settings.max_frames:
+        raise ApiError(
+            400,
+            f"max_frames={frames}: this server takes at most "
+            f"{settings.max_frames} frames per video",
+            param="max_frames",
+        )
+    try:
+        request = GenerationRequest.create(chat.messages, images, videos, stop=chat.stop, **options)
+        prepared = pipeline.prepare(request)
+    except (PromptError, MediaError, ValueError) as err:
+        raise ApiError(400, str(err)) from None
+    prompt = prepared[0]
+    if prompt.num_tokens > max_prompt:
+        prompt.tiles.close()
+        raise ApiError(
+            400,
+            f"the prompt has {prompt.num_tokens:,} tokens; this server accepts "
+            f"at most {max_prompt:,} (fewer frames or images)",
+        )
+    return request, prepared
+
+
+def _fetch(fetch, part: protocol.MediaPart, policy: MediaPolicy, workdir: Path) -> Path:
+    try:
+        return fetch(part.url, policy, workdir)
+    except MediaRefused as err:
+        raise protocol.media_api_error(err, part) from None
+
+
+class Answer:
+    """The response to one chat request, from its job's events: streamed or whole."""
+
+    def __init__(
+        self,
+        job: Job,
+        request: Request,
+        chat: ChatRequest,
+        prompt_tokens: int,
+        arrived: float,
+        metrics: ServerMetrics,
+        settings: ServerSettings,
+    ) -> None:
+        self.job = job
+        self.request = request
+        self.chat = chat
+        self.prompt_tokens = prompt_tokens
+        self.arrived = arrived
+        self.metrics = metrics
+        self.settings = settings
+        self.completion_tokens = 0
+        self.id = responses.new_completion_id()
+        self.created = int(time.time())
+
+    async def next_events(self) -> AsyncIterator[Event]:
+        """The job's events until its last; cancels the job if the client goes away."""
+        first = True
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(self.job.events.get(), DISCONNECT_POLL_S)
+                except TimeoutError:
+                    if await self.request.is_disconnected():
+                        self.job.cancel()
+                        return
+                    continue
+                if event.tokens:
+                    now = time.monotonic()
+                    if first:
+                        self.metrics.time_to_first_token.observe(now - self.arrived)
+                        first = False
+                    self.completion_tokens += event.tokens
+                    self.metrics.record_tokens(event.tokens, now)
+                yield event
+                if event.finish is not None:
+                    self.metrics.request_latency.observe(time.monotonic() - self.arrived)
+                    return
+        finally:
+            if not self.job.finished:
+                self.job.cancel()
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """Server-sent events: the role, the text as it comes, the finish reason (or an error
+        event), the usage when asked, [DONE]."""
+        envelope = {"id": self.id, "created": self.created, "model": self.settings.model_id}
+        yield responses.sse_event(
+            responses.chunk_body(
+                **envelope, delta={"role": "assistant", "content": ""}, finish_reason=None
+            )
+        )
+        status = 200
+        async for event in self.next_events():
+            if event.finish is None:
+                if event.text:
+                    delta = {"content": event.text}
+                    chunk = responses.chunk_body(**envelope, delta=delta, finish_reason=None)
+                    yield responses.sse_event(chunk)
+                continue
+            error = self.error(event)
+            if error is not None:
+                status = error.status
+                yield responses.sse_event(error.body())
+                break
+            finish = responses.finish_reason_of(event.finish)
+            yield responses.sse_event(
+                responses.chunk_body(**envelope, delta={}, finish_reason=finish)
+            )
+            if self.chat.include_usage:
+                yield responses.sse_event(
+                    responses.usage_chunk_body(
+                        **envelope,
+                        prompt_tokens=self.prompt_tokens,
+                        completion_tokens=self.completion_tokens,
+                    )
+                )
+        self.metrics.requests.inc(status=status)
+        yield responses.sse_event("[DONE]")
+
+    async def whole(self) -> JSONResponse:
+        text, finish = [], None
+        async for event in self.next_events():
+            text.append(event.text)
+            finish = event
+        if finish is None or finish.finish is None:  # the client went away
+            return JSONResponse({}, status_code=499)
+        error = self.error(finish)
+        if error is not None:
+            raise error
+        self.metrics.requests.inc(status=200)
+        return JSONResponse(
+            responses.completion_body(
+                id=self.id,
+                created=self.created,
+                model=self.settings.model_id,
+                text="".join(text),
+                finish_reason=responses.finish_reason_of(finish.finish),
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=self.completion_tokens,
+            )
+        )
+
+    def error(self, event: Event) -> ApiError | None:
+        """The ApiError of a final event that is not a normal end, else None."""
+        if event.finish == "timeout":
+            return ApiError(
+                504,
+                f"the request took longer than this server's limit of "
+                f"{self.settings.request_timeout_s:g} s",
+                code="timeout",
+            )
+        if event.finish == "cancelled":
+            return ApiError(503, "the request was cancelled (the server is shutting down)")
+        if event.finish == "error":
+            if isinstance(event.error, USER_ERRORS):
+                return ApiError(400, str(event.error))
+            logger.error("request %s failed: %r", self.id, event.error)
+            return ApiError(500, f"generation failed: {event.error}")
+        return None

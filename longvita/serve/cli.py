@@ -1,0 +1,237 @@
+"""`longvita serve`: the OpenAI-compatible server on a model directory, one process or a
+context-parallel group (`--cp N`: rank 0 serves HTTP and drives the others).
+
+Owns the command's flags and starting uvicorn; the API is `serve.app`, the model worker
+`serve.worker`, what media are fetched `serve.media`. FastAPI and uvicorn come with the
+`serve` extra (`pip install 'longvita[serve]'`, part of the default set-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+
+from longvita.infer.batch import DEFAULT_STEP_TOKENS
+
+logger = logging.getLogger(__name__)
+
+EPILOG = """\
+examples:
+  longvita serve --model demo
+  longvita serve --model Long-VITA-16K_HF --allowed-local-media-path /data/videos
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}'
+
+Media: data: URLs always; local paths and file:// URLs only under --allowed-local-media-path;
+http(s) URLs only with --allow-remote-media (public addresses, checked at every redirect).
+Open http://HOST:PORT/ in a browser for the chat page.
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (chat completions, streaming, batching)",
+        description="Serve a model over OpenAI's chat-completions API: POST "
+        "/v1/chat/completions (streamed or not), GET /v1/models, /health, /metrics, and a chat "
+        "page at /. Concurrent requests are batched; a full server answers 503.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory, or demo")
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model's name in the API (default: the directory's name)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
+    p.add_argument(
+        "--allowed-local-media-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory local media may be read from (repeatable; default none)",
+    )
+    p.add_argument(
+        "--allow-remote-media",
+        action="store_true",
+        help="fetch http(s) media URLs (public addresses only)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LONGVITA_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $LONGVITA_API_KEY)",
+    )
+    p.add_argument(
+        "--trust-control-tokens",
+        action="store_true",
+        help="do not escape control tokens typed in messages (trusted clients)",
+    )
+    limits = p.add_argument_group("limits")
+    limits.add_argument("--max-batch", type=int, default=32, help="sequences per step (32)")
+    limits.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests waiting beyond --max-batch before 503 (64)",
+    )
+    limits.add_argument(
+        "--step-tokens",
+        type=int,
+        default=DEFAULT_STEP_TOKENS,
+        help=f"tokens per batched forward ({DEFAULT_STEP_TOKENS}): long prompts "
+        "are prefilled this much per step between others' tokens",
+    )
+    limits.add_argument(
+        "--max-tokens", type=int, default=256, help="max_tokens of a request that gives none (256)"
+    )
+    limits.add_argument(
+        "--max-frames",
+        type=int,
+        default=512,
+        help="most frames per video a request may ask (512, also the default)",
+    )
+    limits.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="most tokens per expanded prompt (default: the model's positions)",
+    )
+    limits.add_argument(
+        "--max-body-mb", type=float, default=64.0, help="largest request body in MiB (64)"
+    )
+    limits.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="refuse images and frames with more pixels (default 89,478,485)",
+    )
+    limits.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds a request may take, arrival to last token (600)",
+    )
+    p.add_argument("--cp", type=int, default=1, help="context-parallel ranks (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    p.set_defaults(func=run_serve)
+    return p
+
+
+def settings_from_args(args: argparse.Namespace, model_dir):
+    """The ServerSettings of the flags (ValueError naming a bad one)."""
+    from longvita.processing.image import DEFAULT_MAX_PIXELS
+    from longvita.serve.app import ServerSettings
+    from longvita.serve.media import MediaPolicy
+
+    for flag in ("max_batch", "max_queue", "step_tokens", "max_tokens", "max_frames"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_body_mb <= 0 or args.timeout <= 0:
+        raise ValueError("--max-body-mb and --timeout must be positive")
+    if args.cp < 1:
+        raise ValueError(f"--cp must be >= 1, got {args.cp}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be 0-65535 (0: any free port), got {args.port}")
+    policy = MediaPolicy(
+        allowed_local_paths=tuple(args.allowed_local_media_path),
+        allow_remote=args.allow_remote_media,
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+    )
+    return ServerSettings(
+        model_id=args.served_model_name or model_dir.name,
+        media=policy,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        default_max_tokens=args.max_tokens,
+        max_frames=args.max_frames,
+        max_prompt_tokens=args.max_prompt_tokens,
+        request_timeout_s=args.timeout,
+        escape_control_tokens=not args.trust_control_tokens,
+        api_key=args.api_key,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from longvita.assets import resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model)
+    settings = settings_from_args(args, model_dir)
+    load_options = {"device": args.device, "dtype": args.dtype}
+    if args.max_pixels is not None:
+        load_options["max_pixels"] = args.max_pixels
+    worker_options = {
+        "max_batch": args.max_batch,
+        "max_queue": args.max_queue,
+        "step_tokens": args.step_tokens,
+    }
+    listen = bind(args.host, args.port)  # a busy port fails here, before the model loads
+    if args.cp == 1:
+        serve_local(str(model_dir), load_options, worker_options, settings, listen)
+        return 0
+    from longvita.parallel.launch import launch
+
+    listen.close()  # cp rank 0 listens itself (the check above: the address is free)
+    launch(
+        serve_on_rank,
+        cp=args.cp,
+        world_size=args.cp,
+        args=(str(model_dir), load_options, settings, args.max_queue, args.host, args.port),
+        device=args.device.split(":")[0],
+        timeout_s=24 * 3600,
+        grace_s=10.0,
+    )
+    return 0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (OSError naming the address if it is taken)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listen = socket.socket(family, socket.SOCK_STREAM)
+    listen.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listen.bind((host, port))
+    except OSError as err:
+        listen.close()
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    listen.listen(128)
+    return listen
+
+
+def serve_local(model_dir: str, load_options: dict, worker_options: dict, settings, listen):
+    import longvita
+    from longvita.serve.app import create_app
+    from longvita.serve.worker import BatchWorker
+
+    pipe = longvita.load(model_dir, **load_options)
+    app = create_app(pipe, BatchWorker(pipe, **worker_options), settings)
+    run_uvicorn(app, listen, settings.model_id)
+
+
+def serve_on_rank(state, model_dir, load_options, settings, max_queue: int, host: str, port: int):
+    """Every rank of `--cp N`: load; cp rank 0 serves HTTP, the others follow its requests."""
+    import longvita
+    from longvita.serve.worker import ContextParallelWorker, follow_requests
+
+    pipe = longvita.load(model_dir, **{**load_options, "device": state.device})
+    if state.cp_rank != 0:
+        follow_requests(pipe, state)
+        return None
+    from longvita.serve.app import create_app
+
+    listen = bind(host, port)
+    app = create_app(pipe, ContextParallelWorker(pipe, state, max_queue=max_queue), settings)
+    run_uvicorn(app, listen, settings.model_id)
+    return None
+
+
+def run_uvicorn(app, listen: socket.socket, model_id: str) -> None:
+    import uvicorn
+
+    host, port = listen.getsockname()[:2]
+    print(f"longvita serve: {model_id} on http://{host}:{port}; Ctrl-C to stop", flush=True)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[listen])

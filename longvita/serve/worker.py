@@ -1,0 +1,289 @@
+"""The model worker of `longvita serve`: the one thread that runs the model, and the handles
+(`Job`) through which HTTP handlers receive their tokens.
+
+- `BatchWorker` (one process): a thread steps `infer.batch.BatchEngine`, so concurrent requests
+  share each forward; a request joins between steps, leaves when finished, cancelled (the
+  client went away) or past its deadline.
+- `ContextParallelWorker` (`--cp N`, on cp rank 0): runs requests one at a time on every rank of
+  the context-parallel group; the other ranks wait in `follow_requests`. Between requests cp
+  rank 0 sends a heartbeat so that an idle group never reaches its collective timeout. A
+  request's generation is not interrupted under CP: a cancelled or late request runs to its end
+  and its tokens are dropped.
+Both bound how many requests they hold (`capacity`: running + waiting); `reserve` refuses past
+it (`ServerBusy`: HTTP 503 with Retry-After). Tokens cross from the worker thread to the event
+loop with `call_soon_threadsafe`; nothing here knows HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from longvita.errors import MediaError, PromptError
+from longvita.infer.batch import DEFAULT_STEP_TOKENS, BatchEngine, BatchSequence
+from longvita.infer.engine import TokenStep
+from longvita.infer.request import GenerationRequest
+
+logger = logging.getLogger(__name__)
+
+USER_ERRORS = (PromptError, MediaError, ValueError)
+"""Errors that are the request's fault (unreadable media, a prompt too long...)."""
+HEARTBEAT_S = 30.0
+"""Under CP, how often an idle cp rank 0 tells the other ranks it is still there."""
+
+
+class ServerBusy(Exception):
+    """Every slot and queue place is taken: answer 503 and ask the client to retry."""
+
+
+@dataclass
+class Event:
+    """What a client receives: text (with the number of new tokens it came with), or the end."""
+
+    text: str = ""
+    tokens: int = 0
+    finish: str | None = None
+    """At the end: "stop_token", "stop_sequence", "length", "cancelled", "timeout" or
+    "error"; then `error` is what went wrong: the request's fault (a 4xx) when a
+    `USER_ERRORS`, the server's (a 5xx) otherwise."""
+    error: Exception | None = None
+
+
+class Job:
+    """One request's handle: events arrive on `events` (an asyncio queue of the handler's
+    loop); `cancel` asks the worker to drop it; `workdir` (fetched media) is removed when it
+    ends."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, workdir: Path | None = None) -> None:
+        self.loop = loop
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.workdir = workdir
+        self.cancelled = threading.Event()
+        self.sequence: BatchSequence | None = None
+        self.finished = False
+
+    def emit(self, event: Event) -> None:
+        """From any thread: deliver `event` to the handler."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        if self.sequence is not None:
+            self.sequence.cancelled = True
+
+    def on_step(self, step: TokenStep) -> None:
+        self.emit(Event(text=step.text, tokens=int(step.token_id is not None)))
+
+    def end(self, reason: str, error: Exception | None = None) -> None:
+        """The last event; then the work directory goes."""
+        self.emit(Event(finish=reason, error=error))
+        self.finished = True
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class _Slots:
+    """Requests held (running + waiting) against a capacity, thread-safe."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def reserve(self) -> None:
+        with self._lock:
+            if self.held >= self.capacity:
+                raise ServerBusy(
+                    f"the server holds {self.held} requests, its limit (running + queued); "
+                    "retry later"
+                )
+            self.held += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self.held -= 1
+
+
+class BatchWorker:
+    """One process: a thread steps the batch engine while there is work."""
+
+    def __init__(
+        self,
+        pipeline,
+        *,
+        max_batch: int = 32,
+        max_queue: int = 64,
+        step_tokens: int = DEFAULT_STEP_TOKENS,
+    ) -> None:
+        self.pipeline = pipeline
+        self.engine = BatchEngine(pipeline.model, max_batch=max_batch, step_tokens=step_tokens)
+        self.slots = _Slots(max_batch + max_queue)
+        self._incoming: queue.SimpleQueue[BatchSequence | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="longvita-model", daemon=True)
+        self._stopping = False
+
+    @property
+    def running(self) -> int:
+        return len(self.engine.running)
+
+    @property
+    def queued(self) -> int:
+        return max(self.slots.held - self.running, 0)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._incoming.put(None)
+        self._thread.join(timeout=30)
+
+    def reserve(self) -> None:
+        self.slots.reserve()
+
+    def release(self) -> None:
+        self.slots.release()
+
+    def submit(self, job: Job, request: GenerationRequest, prepared, *, deadline: float) -> None:
+        """Queue a request whose prompt `prepared` = `Pipeline.prepare(request)` (checked, its
+        tiles lazy); its reservation is released when it ends."""
+        prompt, sampling = prepared
+        runner, continuation = self.pipeline.sequence(
+            prompt.input_ids,
+            prompt.visual_mask,
+            prompt.tiles,
+            sampling,
+            stop=request.stop,
+            prefill_chunk=request.prefill_chunk,
+            vision_batch=request.vision_batch,
+        )
+
+        def on_finish(reason: str, error: Exception | None) -> None:
+            self.release()
+            job.end(reason, error)
+
+        job.sequence = BatchSequence(
+            runner, continuation, job.on_step, on_finish, deadline=deadline
+        )
+        if job.cancelled.is_set():
+            job.sequence.cancelled = True
+        self._incoming.put(job.sequence)
+
+    def _loop(self) -> None:
+        engine = self.engine
+        while not self._stopping:
+            try:
+                sequence = self._incoming.get(timeout=None if engine.idle else 0)
+            except queue.Empty:
+                sequence = None
+            while sequence is not None:
+                engine.add(sequence)
+                try:
+                    sequence = self._incoming.get_nowait()
+                except queue.Empty:
+                    sequence = None
+            if not engine.idle:
+                engine.step()
+        engine.close(RuntimeError("the server is shutting down"))
+
+
+class ContextParallelWorker:
+    """cp rank 0 of a context-parallel group: requests one at a time on every rank."""
+
+    def __init__(self, pipeline, state, *, max_queue: int = 64) -> None:
+        self.pipeline = pipeline
+        self.state = state
+        self.slots = _Slots(1 + max_queue)
+        self._jobs: queue.SimpleQueue[tuple[Job, GenerationRequest, float] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._loop, name="longvita-cp", daemon=True)
+        self._busy = False
+
+    @property
+    def running(self) -> int:
+        return int(self._busy)
+
+    @property
+    def queued(self) -> int:
+        return max(self.slots.held - self.running, 0)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=60)
+
+    def reserve(self) -> None:
+        self.slots.reserve()
+
+    def release(self) -> None:
+        self.slots.release()
+
+    def submit(self, job: Job, request: GenerationRequest, prepared, *, deadline: float) -> None:
+        """Queue a request; `prepared` (rank 0's check) is dropped: every rank prepares its own
+        share when the request's turn comes."""
+        prepared[0].tiles.close()
+        self._jobs.put((job, request, deadline))
+
+    def _loop(self) -> None:
+        from longvita.parallel.collectives import broadcast_object
+
+        while True:
+            try:
+                item = self._jobs.get(timeout=HEARTBEAT_S)
+            except queue.Empty:
+                broadcast_object("heartbeat", self.state, what="serving: heartbeat")
+                continue
+            if item is None:  # shutting down: the other ranks may be ending already (Ctrl-C)
+                with contextlib.suppress(RuntimeError):
+                    broadcast_object(None, self.state, what="serving: shutdown")
+                return
+            job, request, deadline = item
+            self._busy = True
+            try:
+                if job.cancelled.is_set() or time.monotonic() > deadline:
+                    job.end("cancelled" if job.cancelled.is_set() else "timeout")
+                    continue
+                broadcast_object(request, self.state, what="serving: sending a request")
+                job.end(*run_request(self.pipeline, request, self.state, job))
+            finally:
+                self._busy = False
+                self.release()
+
+
+def run_request(
+    pipeline, request: GenerationRequest, state, job: Job | None
+) -> tuple[str, Exception | None]:
+    """One request on this rank (its share under CP): (stop reason, None), or ("error", the
+    user error), which is the same on every rank, so every rank stays in step."""
+    try:
+        stream = pipeline.open(request, state=state)
+        for step in stream:
+            if job is not None and not job.cancelled.is_set():
+                job.on_step(step)
+        return stream.output.stop_reason, None
+    except USER_ERRORS as err:
+        return "error", err
+
+
+def follow_requests(pipeline, state) -> None:
+    """cp ranks other than 0: run each request cp rank 0 sends, until it sends None."""
+    from longvita.parallel.collectives import broadcast_object
+
+    while True:
+        request = broadcast_object(None, state, what="serving: waiting for a request")
+        if request is None:
+            return
+        if isinstance(request, GenerationRequest):
+            run_request(pipeline, request, state, None)

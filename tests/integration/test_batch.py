@@ -1,0 +1,152 @@
+"""Continuous batching: sequences of different lengths, media and limits, stepped together,
+each get the tokens and text they get alone; they join and leave between steps."""
+
+from __future__ import annotations
+
+import pytest
+
+import longvita
+from longvita.infer.batch import BatchEngine, BatchSequence
+from longvita.infer.request import GenerationRequest
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint):
+    return longvita.load(tiny_checkpoint, device="cpu", dtype="float32")
+
+
+class Client:
+    """What a server's client receives for one sequence."""
+
+    def __init__(self) -> None:
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.reason: str | None = None
+
+    def on_step(self, step) -> None:
+        assert self.reason is None, "a token after the end"
+        if step.token_id is not None:
+            self.token_ids.append(step.token_id)
+        self.text += step.text
+
+    def on_finish(self, reason: str, error: Exception | None) -> None:
+        assert self.reason is None, "finished twice"
+        assert (reason == "error") == (error is not None)
+        self.reason = reason if error is None else f"error: {error}"
+
+
+def sequence(pipe, request: GenerationRequest, client: Client, **fields) -> BatchSequence:
+    prompt, sampling = pipe.prepare(request)
+    runner, continuation = pipe.sequence(
+        prompt.input_ids, prompt.visual_mask, prompt.tiles, sampling, stop=request.stop
+    )
+    return BatchSequence(runner, continuation, client.on_step, client.on_finish, **fields)
+
+
+def requests(media) -> list[GenerationRequest]:
+    create = GenerationRequest.create
+    return [
+        create("Describe a quiet morning.", max_new_tokens=9),
+        create("<image>\nWhat is in this image?", [media["wide"]], max_new_tokens=5),
+        create("<video>\nWhat happens?", videos=[media["video"]], max_new_tokens=12),
+        create("Hi", max_new_tokens=3),
+        create("Tell me a story.", max_new_tokens=7, temperature=0.9, top_k=20, seed=3),
+        create("<image> and <video>?", [media["image"]], [media["video"]], max_new_tokens=6),
+    ]
+
+
+@pytest.mark.parametrize("step_tokens", [512, 16])
+def test_batched_sequences_get_the_tokens_they_get_alone(pipe, media, step_tokens):
+    engine = BatchEngine(pipe.model, max_batch=4, step_tokens=step_tokens)
+    batch = requests(media)
+    clients = [Client() for _ in batch]
+    for request, client in zip(batch, clients, strict=True):
+        engine.add(sequence(pipe, request, client))
+    steps = 0
+    while not engine.idle:
+        assert len(engine.running) <= 4
+        engine.step()
+        steps += 1
+    for request, client in zip(batch, clients, strict=True):
+        alone = pipe.run(request)
+        assert client.token_ids == alone.token_ids
+        assert client.text == alone.text and client.reason == alone.stop_reason
+    longest = max(r.sampling.max_new_tokens for r in batch)
+    assert steps < sum(r.sampling.max_new_tokens for r in batch)  # the decodes were batched
+    assert steps >= longest
+
+
+def test_a_sequence_joins_a_running_batch(pipe, media):
+    engine = BatchEngine(pipe.model, max_batch=8)
+    first, second = Client(), Client()
+    engine.add(sequence(pipe, GenerationRequest.create("Hi there", max_new_tokens=10), first))
+    for _ in range(4):
+        engine.step()
+    late = GenerationRequest.create("<image>\nWhat?", [media["image"]], max_new_tokens=4)
+    engine.add(sequence(pipe, late, second))
+    while not engine.idle:
+        engine.step()
+    assert second.token_ids == pipe.run(late).token_ids and second.reason == "length"
+    assert len(first.token_ids) == 10
+
+
+def test_stop_sequences_apply_per_sequence(pipe):
+    full = pipe.generate("Tell me a story.", max_new_tokens=16).text
+    stop = full[3:5]
+    request = GenerationRequest.create("Tell me a story.", max_new_tokens=16, stop=[stop])
+    engine, client = BatchEngine(pipe.model), Client()
+    engine.add(sequence(pipe, request, client))
+    while not engine.idle:
+        engine.step()
+    assert client.text == full[: full.index(stop)] and client.reason == "stop_sequence"
+
+
+def test_cancelled_and_timed_out_sequences_leave_and_free_their_slot(pipe):
+    engine = BatchEngine(pipe.model, max_batch=1)
+    gone, late, waiting = Client(), Client(), Client()
+    cancelled = sequence(pipe, GenerationRequest.create("Hi", max_new_tokens=50), gone)
+    engine.add(cancelled)
+    engine.add(
+        sequence(pipe, GenerationRequest.create("Hi", max_new_tokens=50), late, deadline=0.0)
+    )
+    engine.add(sequence(pipe, GenerationRequest.create("Hi", max_new_tokens=2), waiting))
+    engine.step()
+    assert gone.token_ids and waiting.reason is None
+    cancelled.cancelled = True
+    while not engine.idle:
+        engine.step()
+    assert gone.reason == "cancelled" and late.reason == "timeout" and not late.token_ids
+    assert waiting.reason == "length" and len(waiting.token_ids) == 2
+
+
+def test_a_failing_forward_ends_only_that_step_with_an_error(pipe, monkeypatch):
+    engine, client = BatchEngine(pipe.model), Client()
+    engine.add(sequence(pipe, GenerationRequest.create("Hi", max_new_tokens=5), client))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine, "_forward", broken)
+    engine.step()
+    assert client.reason == "error: device lost" and engine.idle
+
+
+def test_media_failing_mid_prompt_ends_that_sequence_only(pipe, media):
+    engine = BatchEngine(pipe.model, step_tokens=8)  # the video's prompt takes several steps
+    healthy, broken = Client(), Client()
+    engine.add(sequence(pipe, GenerationRequest.create("Hi", max_new_tokens=6), healthy))
+    bad = sequence(
+        pipe,
+        GenerationRequest.create("<video>\nWhat?", videos=[media["video"]], max_new_tokens=4),
+        broken,
+    )
+
+    def corrupt(positions):
+        raise OSError("frame 3 is corrupt")
+
+    bad.runner.stream.features = corrupt
+    engine.add(bad)
+    while not engine.idle:
+        engine.step()
+    assert broken.reason == "error: frame 3 is corrupt" and not broken.token_ids
+    assert healthy.reason == "length" and len(healthy.token_ids) == 6

@@ -1,0 +1,99 @@
+"""`longvita serve` as users start it: a process that prints its address, answers the openai
+client like the Pipeline, stops on Ctrl-C; under --cp 2, rank 0 serves and drives rank 1."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import longvita
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+
+def start(*args: str) -> tuple[subprocess.Popen, str]:
+    """`longvita serve ... --port 0` in its own process group; (process, base URL)."""
+    command = [sys.executable, "-m", "longvita", "serve", "--port", "0", *args]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, text=True
+    )
+    deadline = time.monotonic() + 180
+    line = ""
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+        found = re.search(r"on (http://\S+);", line)
+        if found:
+            return process, found.group(1)
+    process.kill()
+    raise AssertionError(f"the server did not start: {line!r} {process.stderr.read()}")
+
+
+def stop(process: subprocess.Popen) -> tuple[int, str]:
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    return process.returncode, err
+
+
+def ask(url: str, model: str, content: str = "Describe a quiet morning.") -> str:
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+    answer = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": content}], max_tokens=6
+    )
+    return answer.choices[0].message.content
+
+
+def test_serve_answers_like_the_pipeline_and_stops_on_ctrl_c(tiny_checkpoint):
+    process, url = start("--model", str(tiny_checkpoint), "--served-model-name", "tiny")
+    try:
+        got = ask(url, "tiny")
+    finally:
+        code, err = stop(process)
+    expected = (
+        longvita.load(tiny_checkpoint).generate("Describe a quiet morning.", max_new_tokens=6).text
+    )
+    assert got == expected
+    assert code in (0, 130) and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--port", "-1"], "--port must be 0-65535"),
+        (["--max-batch", "0"], "--max-batch must be >= 1"),
+        (["--allowed-local-media-path", "/no/such/dir"], "is not a directory"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(tiny_checkpoint, flags, message):
+    done = subprocess.run(
+        [sys.executable, "-m", "longvita", "serve", "--model", str(tiny_checkpoint), *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.distributed
+def test_context_parallel_serving_answers_like_one_process(tiny_checkpoint):
+    process, url = start(
+        "--model", str(tiny_checkpoint), "--served-model-name", "tiny", "--cp", "2"
+    )
+    try:
+        first = ask(url, "tiny")
+        second = ask(url, "tiny", "Tell me a story.")
+    finally:
+        code, err = stop(process)
+    pipe = longvita.load(tiny_checkpoint)
+    assert first == pipe.generate("Describe a quiet morning.", max_new_tokens=6).text
+    assert second == pipe.generate("Tell me a story.", max_new_tokens=6).text
+    assert code in (0, 130) and "Traceback" not in err, err
