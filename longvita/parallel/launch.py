@@ -23,6 +23,8 @@ Ctrl-C: the spawned ranks ignore SIGINT (they inherit that from the moment they 
 so a terminal's interrupt reaches only this process, which stops them all and raises
 KeyboardInterrupt once; no rank prints a traceback of its own. The ranks then get SIGTERM and
 `grace_s` seconds to end (a trainer writes its checkpoint on SIGTERM) before they are killed.
+SIGTERM to this process (a scheduler ending the job) is passed on the same way, then ends this
+process as it would have without ranks.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import os
 import pickle
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -128,20 +131,32 @@ def _spawn(fn, world_size, cp, args, device: torch.device, timeout_s: float, gra
             )
         finally:
             signal.signal(signal.SIGINT, handler)
+        previous_sigterm = _raise_on_sigterm()
         try:
             while not context.join():
                 pass
+        except _Terminated:
+            _terminate(context.processes, grace_s)
+            _restore_sigterm(previous_sigterm)
+            signal.raise_signal(signal.SIGTERM)  # as this process would have without the ranks
+            raise  # a handler that returned: the job still ended
         except mp.ProcessRaisedException as err:
             raise _job_error(workdir, world_size, err.error_index, str(err)) from None
         except mp.ProcessExitedException as err:
+            how = (
+                f"was killed by {err.signal_name}"
+                if err.signal_name
+                else (f"exited with code {err.exit_code}")
+            )
             raise RankFailedError(
-                f"rank {err.error_index} of {world_size} exited with code {err.exit_code} "
-                f"{err.signal_name or ''} before finishing; the other ranks were stopped"
+                f"rank {err.error_index} of {world_size} {how} before finishing (its error, if "
+                "any, is on stderr above); the other ranks were stopped"
             ) from None
         except KeyboardInterrupt:
             _terminate(context.processes, grace_s)
             raise
         finally:
+            _restore_sigterm(previous_sigterm)
             for process in context.processes:  # ours, e.g. after KeyboardInterrupt
                 if process.is_alive():
                     process.kill()
@@ -151,6 +166,28 @@ def _spawn(fn, world_size, cp, args, device: torch.device, timeout_s: float, gra
             raise RankFailedError(f"rank 0 of {world_size} exited without a result")
         # A file our own rank 0 has just written: full unpickling allows any result type.
         return torch.load(result_file, weights_only=False)
+
+
+class _Terminated(Exception):
+    """SIGTERM reached this process while its ranks ran."""
+
+
+def _raise_on_sigterm():
+    """While the ranks run, SIGTERM (a scheduler, `kill`) raises `_Terminated` here so that the
+    ranks are stopped too rather than left running; returns the handler to restore (None
+    outside the main thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handle(signum, frame):
+        raise _Terminated
+
+    return signal.signal(signal.SIGTERM, handle)
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _terminate(processes, grace_s: float) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -53,6 +54,11 @@ def _rank_one_fails(state: ParallelState, how: str) -> None:
         if how == "stalls":
             time.sleep(10 * DEADLINE_S)
     dist.barrier(group=state.cp_group)
+
+
+def _sleeps(state: ParallelState, marker: str) -> None:
+    Path(f"{marker}.{state.cp_rank}").write_text(str(os.getpid()))
+    time.sleep(10 * DEADLINE_S)
 
 
 # -- launching ----------------------------------------------------------------------------------
@@ -195,3 +201,37 @@ def test_generate_cp_joins_a_torchrun_job(tiny_checkpoint, tmp_path):
         "Describe a quiet morning.", max_new_tokens=5
     )
     assert record["token_ids"] == reference.token_ids and record["cp"] == 2
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_sigterm_to_the_launcher_stops_its_ranks(tmp_path):
+    """A scheduler's SIGTERM to the launching process (not its group) reaches the ranks too."""
+    marker = tmp_path / "rank"
+    script = (
+        "from longvita.parallel.launch import launch\n"
+        "from tests.distributed.test_launch import _sleeps\n"
+        f"launch(_sleeps, cp=2, world_size=2, args=({str(marker)!r},), grace_s=5)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=root, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + DEADLINE_S
+    ranks = [Path(f"{marker}.{rank}") for rank in (0, 1)]
+    while not all(r.is_file() for r in ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(r.is_file() for r in ranks), "the ranks never started"
+    pids = [int(r.read_text()) for r in ranks]
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=DEADLINE_S)
+    assert process.returncode == -signal.SIGTERM, err.decode()
+    deadline = time.monotonic() + 20  # exiting processes may take a moment to be reaped
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_running(pid) for pid in pids), "a rank outlived its launcher"
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
