@@ -244,7 +244,7 @@ def tiny(*, image_size: int = 56, vocab_size: int = 512) -> LongVITAConfig:
 
 
 def demo(*, vocab_size: int = 384) -> LongVITAConfig:
-    """The demo model (`longvita demo`): a 64-wide, 2-layer LLM and a 32-wide, 1-layer ViT on
+    """The demo model (`longvita demo`): a 64-wide, 2-layer LLM and a 64-wide, 2-layer ViT on
     28-px tiles of one token each (258 -> 3 tokens a frame with its delimiters), so 4,096 video
     frames are 12,288 tokens: small enough to train through the four stages on a laptop CPU."""
     return LongVITAConfig(
@@ -257,9 +257,9 @@ def demo(*, vocab_size: int = 384) -> LongVITAConfig:
         max_position_embeddings=16_384,
         torch_dtype="float32",
         vision=VisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
             num_attention_heads=2,
             image_size=28,
             patch_size=14,

@@ -39,8 +39,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train the demo model through the four stages and evaluate it",
         description=(
-            "Synthetic curriculum data, then stages 1-4 of configs/tiny with the ordinary "
-            "trainer (stages 3-4 with context parallelism 2), V-NIAH and short-context "
+            "Synthetic curriculum data; the ViT trained to name renders (the stand-in for the "
+            "pretrained InternViT) and stage 0, the LLM on text (the stand-in for Qwen2.5); "
+            "then stages 1-4 of configs/tiny with the ordinary trainer (stages 3-4 with "
+            "context parallelism 2, stage 4 logits-masked), V-NIAH and short-context "
             "accuracy after stages 2 and 4; OUT/report.md says what each stage did. Rerun to "
             "resume. --install copies the result into the package as the demo model."
         ),

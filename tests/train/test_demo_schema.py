@@ -11,9 +11,17 @@ import math
 import pytest
 
 from longvita.demo_train import STAGES, run_demo_training, stage_file
+from longvita.demo_vision import VisionPretraining
 from longvita.train.config import StageConfig
 
 STEPS = 24
+LANGUAGE_STEPS = 96
+"""Stage 0 runs longer: stage 1 trains the projector alone under a frozen LLM, which shows only
+when that LLM already knows some language (after 24 steps of stage 0 the frozen LLM's own error
+is nearly all of stage 1's loss)."""
+FALL = {1: 0.97}
+"""Last 4 steps' mean loss over the first 4's, at most: 0.8 but for stage 1, where a projector
+alone (about 20K weights) lowers the loss of a frozen LLM (seen: 2.91 -> 2.70, 0.93)."""
 
 
 def losses(run_dir) -> list[float]:
@@ -37,15 +45,22 @@ def test_every_stage_learns_a_few_samples(tmp_path):
         tmp_path,
         scale=0.002,
         extra=short,
-        stage_extra={3: long_context, 4: long_context},
+        stage_extra={0: [f"schedule.steps={LANGUAGE_STEPS}"], 3: long_context, 4: long_context},
+        vision=VisionPretraining(train_renders=2048, test_renders=256, steps=150, batch=64),
         evaluate_stages=False,
     )
+    # 150 small steps: well above chance (1 in 36, colours 1 in 7), far from the 98.8% of 800
+    assert report["vision"]["test_class_accuracy"] > 0.2, report["vision"]
+    assert report["vision"]["test_colour_accuracy"] > 0.5, report["vision"]
+    falls = {}
     for stage in STAGES:
         values = losses(tmp_path / f"stage{stage}")
-        assert len(values) == STEPS and all(math.isfinite(v) for v in values), (stage, values)
-        first, last = sum(values[:4]) / 4, sum(values[-4:]) / 4
-        assert last < 0.8 * first, f"stage {stage}: loss {first:.3f} -> {last:.3f}"
-        assert report["stages"][stage]["step"] == STEPS
+        steps = LANGUAGE_STEPS if stage == 0 else STEPS
+        assert len(values) == steps and all(math.isfinite(v) for v in values), (stage, values)
+        assert report["stages"][stage]["step"] == steps
+        falls[stage] = (sum(values[:4]) / 4, sum(values[-4:]) / 4)
+    summary = ", ".join(f"{s}: {a:.3f} -> {b:.3f}" for s, (a, b) in falls.items())
+    assert all(last < FALL.get(s, 0.8) * first for s, (first, last) in falls.items()), summary
     assert (tmp_path / "model" / "config.json").is_file()  # exported after stage 4
     assert (tmp_path / "after-stage2" / "config.json").is_file()
 
@@ -66,3 +81,15 @@ def test_stage_files_follow_the_schema():
     assert [configs[s].parallel.cp for s in STAGES] == [1, 1, 1, 2, 2]
     assert configs[4].loss.logits_masked and configs[4].data.max_frames == 4096
     assert configs[3].data.max_frames == 512
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_the_full_recipe_meets_the_bars(tmp_path):
+    """`longvita demo train` as shipped (~30 min): the numbers of docs/demo.md's issue."""
+    report = run_demo_training(tmp_path)
+    after2, after4 = report["evaluations"]["after-stage2"], report["evaluations"]["model"]
+    assert report["data_seconds"] + report["training_seconds"] <= 30 * 60, report
+    assert after4["vniah_by_frames"]["4096"] >= 0.99, after4
+    assert after2["vniah_by_frames"]["4096"] < after4["vniah_by_frames"]["4096"], (after2, after4)
+    assert after4["short_context_accuracy"] >= after2["short_context_accuracy"] - 0.01
