@@ -139,15 +139,15 @@ def _spawn(fn, world_size, cp, args, device: torch.device, timeout_s: float, gra
             _terminate(context.processes, grace_s)
             _restore_sigterm(previous_sigterm)
             signal.raise_signal(signal.SIGTERM)  # as this process would have without the ranks
-            raise  # a handler that returned: the job still ended
+            raise RankFailedError(  # the handler before ours returned: the job still ended
+                f"SIGTERM: the {world_size} ranks were stopped"
+            ) from None
         except mp.ProcessRaisedException as err:
             raise _job_error(workdir, world_size, err.error_index, str(err)) from None
         except mp.ProcessExitedException as err:
-            how = (
-                f"was killed by {err.signal_name}"
-                if err.signal_name
-                else (f"exited with code {err.exit_code}")
-            )
+            how = f"exited with code {err.exit_code}"
+            if err.signal_name:
+                how = f"was killed by {err.signal_name}"
             raise RankFailedError(
                 f"rank {err.error_index} of {world_size} {how} before finishing (its error, if "
                 "any, is on stderr above); the other ranks were stopped"
