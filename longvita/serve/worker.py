@@ -113,7 +113,36 @@ class _Slots:
             self.held -= 1
 
 
-class BatchWorker:
+class _Worker:
+    """What every worker shares: the slots the app reserves before preparing a request, and the
+    model thread. A subclass gives `running`, `stop`, `submit` and the thread's `_loop`."""
+
+    def __init__(self, capacity: int, thread_name: str) -> None:
+        self.slots = _Slots(capacity)
+        self._thread = threading.Thread(target=self._loop, name=thread_name, daemon=True)
+
+    @property
+    def running(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def queued(self) -> int:
+        return max(self.slots.held - self.running, 0)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def reserve(self) -> None:
+        self.slots.reserve()
+
+    def release(self) -> None:
+        self.slots.release()
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class BatchWorker(_Worker):
     """One process: a thread steps the batch engine while there is work."""
 
     def __init__(
@@ -124,34 +153,20 @@ class BatchWorker:
         max_queue: int = 64,
         step_tokens: int = DEFAULT_STEP_TOKENS,
     ) -> None:
+        super().__init__(max_batch + max_queue, "longvita-model")
         self.pipeline = pipeline
         self.engine = BatchEngine(pipeline.model, max_batch=max_batch, step_tokens=step_tokens)
-        self.slots = _Slots(max_batch + max_queue)
         self._incoming: queue.SimpleQueue[BatchSequence | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name="longvita-model", daemon=True)
         self._stopping = False
 
     @property
     def running(self) -> int:
         return len(self.engine.running)
 
-    @property
-    def queued(self) -> int:
-        return max(self.slots.held - self.running, 0)
-
-    def start(self) -> None:
-        self._thread.start()
-
     def stop(self) -> None:
         self._stopping = True
         self._incoming.put(None)
         self._thread.join(timeout=30)
-
-    def reserve(self) -> None:
-        self.slots.reserve()
-
-    def release(self) -> None:
-        self.slots.release()
 
     def submit(self, job: Job, request: GenerationRequest, prepared, *, deadline: float) -> None:
         """Queue a request whose prompt `prepared` = `Pipeline.prepare(request)` (checked, its
@@ -196,39 +211,25 @@ class BatchWorker:
         engine.close(RuntimeError("the server is shutting down"))
 
 
-class ContextParallelWorker:
+class ContextParallelWorker(_Worker):
     """cp rank 0 of a context-parallel group: requests one at a time on every rank."""
 
     def __init__(self, pipeline, state, *, max_queue: int = 64) -> None:
+        super().__init__(1 + max_queue, "longvita-cp")
         self.pipeline = pipeline
         self.state = state
-        self.slots = _Slots(1 + max_queue)
         self._jobs: queue.SimpleQueue[tuple[Job, GenerationRequest, float] | None] = (
             queue.SimpleQueue()
         )
-        self._thread = threading.Thread(target=self._loop, name="longvita-cp", daemon=True)
         self._busy = False
 
     @property
     def running(self) -> int:
         return int(self._busy)
 
-    @property
-    def queued(self) -> int:
-        return max(self.slots.held - self.running, 0)
-
-    def start(self) -> None:
-        self._thread.start()
-
     def stop(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=60)
-
-    def reserve(self) -> None:
-        self.slots.reserve()
-
-    def release(self) -> None:
-        self.slots.release()
 
     def submit(self, job: Job, request: GenerationRequest, prepared, *, deadline: float) -> None:
         """Queue a request; `prepared` (rank 0's check) is dropped: every rank prepares its own
