@@ -42,6 +42,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", default=None, help="default: fp32 on CPU, bf16 on GPU")
     p.set_defaults(func=run_vniah_command)
+    add_mcq_parser(sub)
 
 
 def vniah_config(args: argparse.Namespace):
@@ -104,3 +105,78 @@ def _vniah_on_rank(state, model_dir: str, config, out: str, dtype: str | None) -
     if not state.is_main:
         return None
     return write_report(cells, config, Path(out), title=f"V-NIAH {Path(model_dir).name}")
+
+
+def add_mcq_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "mcq",
+        help="multiple-choice questions about images and videos from a local JSONL file",
+        description=(
+            "Multiple-choice questions in the Video-MME / MVBench shape, one JSON object per "
+            'line: {"id", "question", "options": [...], "answer": "B", "category"?, "image"? | '
+            '"video"?}. Scored by the option letter extracted from a generated answer and by '
+            "the likelihood of each option's text. Malformed lines are skipped, counted and "
+            "reported. Writes OUT/answers.jsonl (also the cache: a rerun answers only what is "
+            "missing) and OUT/results.json."
+        ),
+        epilog="example: longvita eval mcq questions.jsonl --model demo --out runs/mcq",
+    )
+    p.add_argument("file", help="the questions, JSONL")
+    p.add_argument("--model", required=True, help="checkpoint directory, or demo")
+    p.add_argument("--out", required=True, help="where answers.jsonl and results.json go")
+    p.add_argument("--media-root", default=None, help="media paths are relative to this")
+    p.add_argument("--max-frames", type=int, default=None, help="frames per video")
+    p.add_argument("--fps", type=float, default=None, help="video frames per second (default 1)")
+    p.add_argument(
+        "--scoring", choices=("both", "letter", "likelihood"), default="both", help="default both"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=16, help="per answer (default 16)")
+    p.add_argument("--cp", type=int, default=1, help="context-parallel ranks (letter scoring)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--dtype", default=None, help="default: fp32 on CPU, bf16 on GPU")
+    p.set_defaults(func=run_mcq_command)
+
+
+def run_mcq_command(args: argparse.Namespace) -> int:
+    from longvita.assets import resolve_model_dir
+    from longvita.eval.harness import HarnessModel
+    from longvita.eval.mcq import McqSettings, load_questions, run_mcq
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file: give the questions' JSONL file")
+    if args.media_root is not None and not Path(args.media_root).is_dir():
+        raise ValueError(f"--media-root {args.media_root} is not a directory")
+    if args.cp > 1 and args.scoring != "letter":
+        raise ValueError(f"--cp {args.cp} needs --scoring letter (likelihood runs in one process)")
+    model_dir = resolve_model_dir(args.model)
+    model_id = f"{model_dir.resolve()} max_frames={args.max_frames} fps={args.fps}"
+    settings = McqSettings(
+        scoring=args.scoring, max_new_tokens=args.max_new_tokens, model_id=model_id
+    )
+    questions, skipped = load_questions(path, media_root=args.media_root)
+    for line in skipped:
+        print(f"{line.where}: skipped: {line.reason}", file=sys.stderr)
+    model = HarnessModel.load(
+        model_dir,
+        device=args.device,
+        dtype=args.dtype,
+        max_frames=args.max_frames,
+        fps=args.fps,
+        cp=args.cp,
+    )
+    progress = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        progress = lambda items: tqdm(items, desc="mcq", unit="question", file=sys.stderr)  # noqa: E731
+    try:
+        report = run_mcq(model, questions, Path(args.out), settings, skipped=skipped,
+                         progress=progress)  # fmt: skip
+    finally:
+        model.close()
+    shown = {key: report[key] for key in ("accuracy", "letter_accuracy", "likelihood_accuracy",
+                                          "n", "skipped")}  # fmt: skip
+    print(json.dumps(shown))
+    print(f"wrote {Path(args.out) / 'results.json'} and answers.jsonl", file=sys.stderr)
+    return 0
