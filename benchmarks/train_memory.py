@@ -29,8 +29,10 @@ Measured:
    `--supervised` and at 1.0;
 3. per-rank peak of one step at `--parallel-len` for dp = 2 (a sequence per rank) and cp = 2
    (one sequence over both ranks) through `parallel.launch` (gloo, one thread per rank),
-   against one process; here "peak" is VmHWM minus VmRSS before the model is built, so the
-   (sharded) model and optimizer state count;
+   against one process, with `--parallel-layers` (default all 24 of Qwen2.5-0.5B: at 2K tokens
+   the state dominates and fits; with 4 layers the tied 136M-row embedding is 70% of the
+   parameters and FSDP must hold it and its gradient whole in backward); here "peak" is VmHWM
+   minus VmRSS before the model is built, so the (sharded) model and optimizer state count;
 4. `parallel.dcp.save` / `load` of model + AdamW + scheduler + RNG + loader state, for
    `longvita.config.tiny()` and this model, one process: seconds (median of 3), bytes on disk.
 
@@ -538,7 +540,7 @@ def run_all(args: argparse.Namespace) -> dict:
     runs = measure(args)
     budget = budget_lengths(runs, args)
     speeds = speed_rows(runs, args)
-    parallel_runs = spawn(args, "parallel", args.parallel_len)
+    parallel_runs = spawn(args, "parallel", args.parallel_len, layers=args.parallel_layers)
     parallel_runs.pop("process_seconds")
     parallel = parallel_rows(parallel_runs)
     checkpoints = spawn(args, "checkpoint")
@@ -577,6 +579,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--baseline-lengths", type=int, nargs="+", default=[2048, 3072, 4096])
     parser.add_argument("--speed-len", type=int, default=4096, help="tokens/s at this S")
     parser.add_argument("--parallel-len", type=int, default=2048, help="dp 2 / cp 2 at this S")
+    parser.add_argument(
+        "--parallel-layers",
+        type=int,
+        default=24,
+        help="dp 2 / cp 2 with this many layers (default 24, Qwen2.5-0.5B's own depth)",
+    )
     parser.add_argument("--supervised", type=float, default=0.25, help="share of answer tokens")
     parser.add_argument("--budget-gib", type=float, default=16.0)
     parser.add_argument(
@@ -600,6 +608,7 @@ def parse_args() -> argparse.Namespace:
         args.vocab, args.loss_chunk, args.warmup_len, args.steps = 2048, 256, 32, 1
         args.ours_lengths = args.baseline_lengths = [256, 512]
         args.speed_len = args.parallel_len = 512
+        args.parallel_layers = args.layers
         args.budget_gib = 0.5
     if not 0 < args.supervised <= 1:
         parser.error(f"--supervised must be in (0, 1], got {args.supervised}")

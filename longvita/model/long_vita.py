@@ -17,6 +17,7 @@ from longvita.config import LongVITAConfig
 from longvita.model.projector import VisionProjector
 from longvita.model.qwen2 import AttentionFn, Qwen2Model
 from longvita.model.vision import InternVisionModel
+from longvita.ops.embedding import embed
 from longvita.ops.loss import full_logits_loss, masked_lm_loss
 
 
@@ -55,7 +56,7 @@ class LongVITAModel(Qwen2Model):
         ViT and projector and is added times 0, so that every rank of a data- or
         context-parallel job runs the vision tower's collectives and gets its (zero) gradients.
         """
-        embeds = self.embed_tokens(input_ids)  # [batch, seq, hidden]
+        embeds = embed(input_ids, self.embed_tokens.weight)  # [batch, seq, hidden]
         num_slots = 0 if visual_mask is None else int(visual_mask.sum())
         if visual_features is not None:
             if pixel_values is not None:
