@@ -121,6 +121,20 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="refuse images and video frames with more pixels, from their headers (default "
         "89,478,485: Pillow's limit); frames above 4K UHD are scaled down while decoded",
     )
+    p.add_argument(
+        "--prefix-cache",
+        metavar="DIR",
+        default=None,
+        help="keep the prompt's keys and values in DIR and reuse the longest prefix found there "
+        "(the next question about the same video skips decoding and prefilling it); a cache "
+        "written at --cp N is used at the same N",
+    )
+    p.add_argument(
+        "--prefix-cache-gib",
+        type=float,
+        default=64.0,
+        help="size limit of --prefix-cache DIR in GiB, least recently used dropped (default 64)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument(
         "--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 CPU, bf16 GPU)"
@@ -163,21 +177,22 @@ def run_generate(args: argparse.Namespace) -> int:
 
     request = generation_request(args)
     model = resolve_model_dir(args.model)
-    media = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
+    options = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
+    options.update(prefix_cache_options(args))
     if args.cp < 1:
         raise ValueError(f"--cp must be >= 1, got {args.cp}")
     if args.cp > 1:
         from longvita.infer.cp_launch import generate_cp
 
         output = generate_cp(
-            model, request, cp=args.cp, device=args.device, dtype=args.dtype, **media
+            model, request, cp=args.cp, device=args.device, dtype=args.dtype, **options
         )
         if output is None:  # a non-main rank of a torchrun job: rank 0 prints
             return 0
     else:
         import longvita
 
-        pipe = longvita.load(model, device=args.device, dtype=args.dtype, **media)
+        pipe = longvita.load(model, device=args.device, dtype=args.dtype, **options)
         stream = pipe.open(request)
         if not args.json:  # the answer as it comes
             for piece in stream:
@@ -187,6 +202,20 @@ def run_generate(args: argparse.Namespace) -> int:
         output = stream.run()
     print(json.dumps(output.to_record(), ensure_ascii=False) if args.json else output.text)
     return 0
+
+
+def prefix_cache_options(args: argparse.Namespace) -> dict:
+    """`longvita.load`'s prefix cache options of --prefix-cache / --prefix-cache-gib: one
+    question per process, so only the directory is worth keeping."""
+    if not args.prefix_cache_gib > 0:
+        raise ValueError(f"--prefix-cache-gib must be > 0, got {args.prefix_cache_gib}")
+    if args.prefix_cache is None:
+        return {"prefix_cache_bytes": 0}
+    return {
+        "prefix_cache_bytes": 0,
+        "prefix_cache_dir": args.prefix_cache,
+        "prefix_cache_dir_bytes": int(args.prefix_cache_gib * 2**30),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:

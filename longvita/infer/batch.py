@@ -12,8 +12,10 @@ prompt is prefilled a chunk per step while the others keep getting tokens.
 Per-sequence decisions (sampling with its own seed, stop tokens, stop sequences through its
 `Detokenizer`, the length limit) are `engine.Continuation`'s, as in the one-sequence loop, so a
 sequence gets the tokens it would get alone (greedy: the same up to float rounding of the
-batched matmuls). Knows nothing of HTTP or threads: the server's worker calls `add` and `step`
-from one thread and hands each `TokenStep` to its client through the sequence's callbacks.
+batched matmuls). A sequence whose prompt starts like a recent one (`infer.prefix_cache`,
+through its runner) starts with that prefix copied into its cache and prefills only the rest.
+Knows nothing of HTTP or threads: the server's worker calls `add` and `step` from one thread and
+hands each `TokenStep` to its client through the sequence's callbacks.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class BatchSequence:
     cancelled: bool = False
     """Set from any thread (the client went away): the sequence leaves at the next step."""
     prefilled: int = 0
-    """Prompt tokens already in the cache."""
+    """Prompt tokens already in the cache (from the prefix cache when it starts)."""
     next_token: int | None = None
     """The token chosen last, to be fed at the next step."""
 
@@ -132,7 +134,7 @@ class BatchEngine:
         of tokens it ran (0 when there was nothing to do)."""
         self._drop_ended()
         while self.waiting and len(self.running) < self.max_batch:
-            self.running.append(self.waiting.popleft())
+            self._start(self.waiting.popleft())
         segments = self._with_inputs(self._schedule())
         if not segments:
             return 0
@@ -153,6 +155,15 @@ class BatchEngine:
         for sequence in [*self.running, *self.waiting]:
             self._end(sequence, "error", error)
         self.waiting.clear()
+
+    def _start(self, sequence: BatchSequence) -> None:
+        """Run the sequence: its cached prefix copied in (the prefix cache), prefill after it."""
+        try:
+            sequence.prefilled = sequence.runner.start()
+        except Exception as err:  # noqa: BLE001 - that request fails, not the step
+            self._end(sequence, "error", err)
+            return
+        self.running.append(sequence)
 
     def _schedule(self) -> list[Segment]:
         """Decode tokens first (one per decoding sequence), then prompt chunks, oldest first, in
@@ -236,7 +247,7 @@ class BatchEngine:
             if sequence.prefilling:
                 sequence.prefilled += segment.length
                 if not sequence.prefilling:
-                    sequence.runner.close()  # every tile encoded: free the decoders
+                    sequence.runner.prefilled()  # free the decoders, keep the prompt's cache
         return logits[0]
 
     def _advance(self, sequence: BatchSequence, logits: torch.Tensor) -> None:

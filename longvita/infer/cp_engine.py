@@ -16,6 +16,13 @@ Memory per rank beyond weights and cache is bounded by the round (2c tokens, cp*
 queries), not by the prompt. The last round's last real token gives the logits, computed by
 the rank that holds it and broadcast.
 
+Prefix cache (`infer.prefix_cache`): before the first round the ranks agree on the longest
+cached prompt that all of them hold a shard of (`parallel.collectives.common_options`); each
+copies its share of the shared first L tokens (its shard is in position order, so that share
+is a prefix of it), the rounds cover the rest from position L (`PromptLayout.build(...,
+cached=...)`) and the first round attends to the copied tokens like a later round. After
+prefill each rank keeps its shard, and writes it to its own file at the end.
+
 Decode: the new token runs on every rank (same weights, a one-token forward). In every layer
 each rank attends the new query over its own shard, the partials are all-gathered and merged by
 log-sum-exp in rank order, the same on every rank; the new key/value is stored on the rank the
@@ -42,6 +49,7 @@ from longvita.infer.engine import (
     run_to_end,
 )
 from longvita.infer.layout import PromptLayout, shard_round
+from longvita.infer.prefix_cache import PromptPrefix, longest
 from longvita.infer.request import (
     DEFAULT_PREFILL_CHUNK,
     DEFAULT_VISION_BATCH,
@@ -50,7 +58,7 @@ from longvita.infer.request import (
 )
 from longvita.model.long_vita import LongVITAForCausalLM
 from longvita.model.qwen2 import AttentionFn
-from longvita.parallel.collectives import broadcast, gather_ints
+from longvita.parallel.collectives import broadcast, common_options, gather_ints
 from longvita.parallel.sharded_cache import ShardedKVCache
 from longvita.parallel.state import ParallelState
 from longvita.processing.tiles import TileSource
@@ -71,25 +79,54 @@ class ShardedRunner:
         visual_mask: torch.Tensor | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         vision_batch: int = DEFAULT_VISION_BATCH,
+        prefix: PromptPrefix | None = None,
     ) -> None:
         self.model = model
         self.input_ids = input_ids
         self.visual_mask = visual_mask
         self.state = state
         self.pad_id = pad_id
+        self.params = params
+        self.prefill_chunk = prefill_chunk
+        self.prefix = prefix
         self.device = model.lm_head.weight.device
-        self.layout = PromptLayout.build(input_ids.numel(), state.cp_size, prefill_chunk)
-        self.owners = self.layout.decode_owners(params.max_new_tokens - 1)  # last: not fed
-        storage = allocate_cache(model, self.layout.kv_capacity(state.cp_rank, self.owners))
-        self.cache = ShardedKVCache(storage, group=state.cp_group, cp_rank=state.cp_rank)
         self.tiles = TileSource.from_tensor(tiles) if torch.is_tensor(tiles) else tiles
         self.stream = feature_stream(model, self.tiles, visual_mask, vision_batch=vision_batch)
         self.sampler = Sampler(params, self.device) if state.cp_rank == 0 else None
+        self.layout: PromptLayout | None = None
+        """Set by `start`, with the decode owners and this rank's cache shard."""
+        self._loaded = torch.zeros(0, dtype=torch.long)  # positions copied from the prefix cache
+        self._prefilled = False
+
+    def start(self) -> int:
+        """Agree with the other ranks on the longest prefix all of them hold in the prefix
+        cache, copy this rank's share of it, and lay out and allocate the rest (once; a
+        collective). Returns the prompt tokens taken from the prefix cache."""
+        if self.layout is not None:
+            return self.layout.start
+        state, num_tokens = self.state, self.input_ids.numel()
+        choice, cached = None, ()
+        if self.prefix is not None:
+            offered = self.prefix.matches(cp=state.cp_size, cp_rank=state.cp_rank)
+            choice = longest(common_options(offered, state, what="agreeing on a cached prefix"))
+        if choice is not None:
+            here = self.prefix.held_before(*choice)
+            cached = tuple(gather_ints([here], state)[0])  # every rank's share
+        self.layout = PromptLayout.build(
+            num_tokens, state.cp_size, self.prefill_chunk, cached=cached
+        )
+        self.owners = self.layout.decode_owners(self.params.max_new_tokens - 1)  # last: not fed
+        storage = allocate_cache(self.model, self.layout.kv_capacity(state.cp_rank, self.owners))
+        self.cache = ShardedKVCache(storage, group=state.cp_group, cp_rank=state.cp_rank)
+        if choice is not None:
+            self._loaded = self.prefix.load(*choice, storage)
+        return self.layout.start
 
     @torch.inference_mode()
     def prefill(self) -> torch.Tensor:
         """Run this rank's share of every round, caching its real tokens; -> the logits
         [1, vocab] of the last prompt token, on every rank."""
+        self.start()
         rounds = self.layout.num_rounds
         for round_idx in range(rounds):
             self.cache.phase = f"prefill round {round_idx}/{rounds}"
@@ -108,14 +145,16 @@ class ShardedRunner:
                 hidden = self._forward(
                     shard.input_ids.to(self.device)[None],  # [1, 2c]
                     shard.position_ids.to(self.device)[None],  # [1, 2c] global positions
-                    self.cache.prefill_fn(shard.num_real, after_cached=round_idx > 0),
+                    self.cache.prefill_fn(
+                        shard.num_real, after_cached=round_idx > 0 or self.layout.start > 0
+                    ),
                     visual_mask=None if features is None else shard.visual_mask[None],
                     visual_features=features,
                 )  # [1, 2c, hidden]
             except torch.OutOfMemoryError as err:
                 raise PromptError(self._oom_message(round_idx)) from err
             self.cache.advance(shard.num_real)
-        self.close()  # every tile is encoded: free the decoders now
+        self._prefilled_all()
         holder, index = self.layout.last_token()
         if self.state.cp_rank == holder:
             logits = self.model.logits_at(hidden, torch.tensor([index]))[:, 0]  # [1, vocab]
@@ -137,8 +176,9 @@ class ShardedRunner:
     def feed(self, token: torch.Tensor, step: int) -> torch.Tensor:
         self.cache.phase = f"decode step {step}"
         store = self.owners[step] == self.state.cp_rank
-        position = torch.tensor([[self.layout.num_tokens + step]], device=self.device)  # [1, 1]
-        hidden = self._forward(token[None], position, self.cache.decode_fn(store))
+        position = torch.tensor([[self.layout.end + step]], device=self.device)  # [1, 1]
+        token = token.to(self.device)[None]  # [1, 1]
+        hidden = self._forward(token, position, self.cache.decode_fn(store))
         self.cache.advance(1 if store else 0)
         return self.model.logits_at(hidden)[:, -1]  # [1, vocab], the same on every rank
 
@@ -152,9 +192,26 @@ class ShardedRunner:
             kv_cache_tokens=kv_tokens,
             tiles_encoded=encoded,
             prefill_rounds=self.layout.num_rounds,
+            cached_tokens=self.layout.start,
         )
 
     def close(self) -> None:
+        """Release the media decoders; write this rank's share of the prompt's keys and values
+        to the prefix cache's directory if it has one and the prompt was prefilled."""
+        self._release_media()
+        if self.prefix is not None and self._prefilled:
+            self.prefix.persist()
+
+    def _prefilled_all(self) -> None:
+        """Every tile is encoded: free the decoders; keep this rank's share of the prompt."""
+        self._release_media()
+        self._prefilled = True
+        if self.prefix is not None:
+            rank = self.state.cp_rank
+            positions = torch.cat([self._loaded, self.layout.prefilled_positions(rank)])
+            self.prefix.keep(self.cache.storage, positions, cp=self.state.cp_size, cp_rank=rank)
+
+    def _release_media(self) -> None:
         if self.tiles is not None:
             self.tiles.close()
 

@@ -21,6 +21,8 @@ from longvita.parallel.state import ParallelState
 from longvita.processing.image import DEFAULT_MAX_PIXELS
 from longvita.runtime import resolve_device, resolve_dtype
 
+PREFIX_CACHE_OPTIONS = ("prefix_cache_bytes", "prefix_cache_dir", "prefix_cache_dir_bytes")
+
 
 def generate_cp(
     model_dir: str | Path,
@@ -31,9 +33,14 @@ def generate_cp(
     dtype: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    **prefix_cache: object,
 ) -> GenerationOutput | None:
     """`Pipeline.run(request)` with the prompt, the ViT tiles and the KV cache split over `cp`
     ranks (started here, or those of the torchrun job this process belongs to).
+
+    prefix_cache: `longvita.load`'s prefix_cache_bytes / prefix_cache_dir /
+    prefix_cache_dir_bytes, for every rank (each keeps its own shard of the prompt's keys and
+    values, in its own file).
 
     Returns the output on global rank 0 (with `cp` and the per-rank statistics filled in),
     None on the other torchrun ranks. Bad arguments (device, dtype, a torchrun world of another
@@ -43,6 +50,9 @@ def generate_cp(
     resolved = resolve_device(device)
     resolve_dtype(dtype, resolved)
     check_int("max_pixels", max_pixels, minimum=1)
+    unknown = sorted(set(prefix_cache) - set(PREFIX_CACHE_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; expected some of {PREFIX_CACHE_OPTIONS}")
     world_size = os.environ.get("WORLD_SIZE")
     if world_size is not None and int(world_size) != cp:
         raise ValueError(
@@ -52,7 +62,7 @@ def generate_cp(
     return launch(
         _generate_on_rank,
         cp=cp,
-        args=(str(model_dir), request, dtype, max_pixels),
+        args=(str(model_dir), request, dtype, {"max_pixels": max_pixels, **prefix_cache}),
         device=resolved.type,
         timeout_s=timeout_s,
     )
@@ -63,9 +73,9 @@ def _generate_on_rank(
     model_dir: str,
     request: GenerationRequest,
     dtype: str | None,
-    max_pixels: int,
+    load_options: dict,
 ) -> GenerationOutput | None:
     """Every rank: load, then its share of `Pipeline.run`; cp rank 0 returns the output."""
-    pipe = load(model_dir, device=state.device, dtype=dtype, max_pixels=max_pixels)
+    pipe = load(model_dir, device=state.device, dtype=dtype, **load_options)
     output = pipe.run(request, state=state)
     return output if state.cp_rank == 0 else None

@@ -21,6 +21,11 @@ bounded by the chunk sizes, not by the prompt:
   up (`VisualFeatureStream`): a tile straddling two chunks is encoded once and its features
   kept for the next chunk, and no more than one chunk's features are held.
 `infer.plan` estimates these bounds; an out-of-memory error during prefill names the chunk.
+
+With a prefix cache (`infer.prefix_cache.PromptPrefix`), a runner first copies the longest
+cached prefix of its prompt into its KV cache, prefill starts after it (positions global; the
+tiles of the copied positions are never decoded), and the prompt's keys and values are kept
+once prefilled.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Protocol
 import torch
 
 from longvita.errors import PromptError
+from longvita.infer.prefix_cache import PromptPrefix, longest
 from longvita.infer.request import (
     DEFAULT_PREFILL_CHUNK,
     DEFAULT_VISION_BATCH,
@@ -176,6 +182,8 @@ def prefill_chunks(
     iteration: None after each chunk but the last, then the logits [1, vocab] of the last
     prompt position (a server interleaves other sequences' decode steps between chunks).
 
+    The prompt's first `cache.length` tokens are taken as cached already (a prefix copied from
+    the prefix cache): prefill starts after them, positions global.
     stream: the features of the prompt's tiles (`feature_stream`), with visual_mask [seq] bool.
     Raises PromptError naming the chunk when the device runs out of memory.
     """
@@ -183,8 +191,10 @@ def prefill_chunks(
     seq = input_ids.numel()
     if seq == 0:
         raise ValueError("the prompt has no token")
+    if cache.length >= seq:
+        raise ValueError(f"the cache holds {cache.length} of the prompt's {seq} tokens: none left")
     no_logits = torch.zeros(0, dtype=torch.long, device=device)
-    for start in range(0, seq, prefill_chunk):
+    for start in range(cache.length, seq, prefill_chunk):
         end = min(start + prefill_chunk, seq)
         positions = torch.arange(start, end)  # [chunk] global positions
         try:
@@ -247,6 +257,8 @@ class RunnerStats:
     kv_cache_tokens: list[int]
     tiles_encoded: list[int]
     prefill_rounds: int
+    cached_tokens: int = 0
+    """Prompt tokens taken from the prefix cache instead of prefilled."""
 
 
 class SequenceRunner(Protocol):
@@ -458,6 +470,7 @@ class GenerationStream:
             kv_cache_bytes_per_rank=stats.kv_cache_bytes,
             kv_cache_tokens_per_rank=stats.kv_cache_tokens,
             tiles_encoded_per_rank=stats.tiles_encoded,
+            cached_tokens=stats.cached_tokens,
         )
 
 
@@ -475,7 +488,12 @@ def run_to_end(
 
 
 class LocalRunner:
-    """One process holding the whole KV cache, allocated once for prompt + max_new_tokens."""
+    """One process holding the whole KV cache, allocated once for prompt + max_new_tokens.
+
+    With a `prefix` (`infer.prefix_cache.PromptPrefix`), `start` copies the longest cached
+    prefix of the prompt into the cache, prefill runs only the rest, and the prompt's keys and
+    values are kept for later prompts once prefilled (and written to disk at `close`).
+    """
 
     def __init__(
         self,
@@ -487,6 +505,7 @@ class LocalRunner:
         visual_mask: torch.Tensor | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         vision_batch: int = DEFAULT_VISION_BATCH,
+        prefix: PromptPrefix | None = None,
     ) -> None:
         self.model = model
         self.input_ids = input_ids
@@ -497,8 +516,25 @@ class LocalRunner:
         self.cache = allocate_cache(model, input_ids.numel() + params.max_new_tokens)
         self.stream = feature_stream(model, self.tiles, visual_mask, vision_batch=vision_batch)
         self.sampler = Sampler(params, self.device)
+        self.prefix = prefix
+        self.cached_tokens = 0
+        """Prompt tokens copied from the prefix cache (set by `start`)."""
+        self._started = False
+        self._prefilled = False
+
+    def start(self) -> int:
+        """Copy the longest cached prefix of the prompt into the cache (once); the number of
+        prompt tokens copied, where prefill starts."""
+        if not self._started:
+            self._started = True
+            choice = None if self.prefix is None else longest(self.prefix.matches())
+            if choice is not None:
+                self.prefix.load(*choice, self.cache)
+                self.cached_tokens = self.cache.length
+        return self.cached_tokens
 
     def prefill(self) -> torch.Tensor:
+        self.start()
         logits = prefill(
             self.model,
             self.input_ids,
@@ -507,8 +543,16 @@ class LocalRunner:
             visual_mask=self.visual_mask,
             prefill_chunk=self.prefill_chunk,
         )
-        self.close()  # every tile is encoded: free the decoders now
+        self.prefilled()
         return logits
+
+    def prefilled(self) -> None:
+        """The whole prompt is in the cache: free the media decoders (every tile is encoded)
+        and keep the prompt's keys and values for later prompts."""
+        self._release_media()
+        if self.prefix is not None and not self._prefilled:
+            self.prefix.keep(self.cache, torch.arange(self.input_ids.numel()))
+        self._prefilled = True
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         return self.sampler(logits)
@@ -516,7 +560,8 @@ class LocalRunner:
     @torch.inference_mode()
     def feed(self, token: torch.Tensor, step: int) -> torch.Tensor:
         position = torch.tensor([[self.cache.length]], device=self.device)  # [1, 1]
-        logits = self.model(token[None], position_ids=position, attention_fn=self.cache)
+        token = token.to(self.device)[None]  # [1, 1]: the loop hands tokens over on the CPU
+        logits = self.model(token, position_ids=position, attention_fn=self.cache)
         self.cache.advance(1)
         return logits[:, -1]  # [1, vocab]
 
@@ -525,10 +570,18 @@ class LocalRunner:
             kv_cache_bytes=[self.cache.num_bytes],
             kv_cache_tokens=[self.cache.length],
             tiles_encoded=[0 if self.stream is None else self.stream.num_encoded_tiles],
-            prefill_rounds=-(-self.input_ids.numel() // self.prefill_chunk),
+            prefill_rounds=-(-(self.input_ids.numel() - self.cached_tokens) // self.prefill_chunk),
+            cached_tokens=self.cached_tokens,
         )
 
     def close(self) -> None:
+        """Release the media decoders; write the prompt's keys and values to the prefix
+        cache's directory if it has one and the prompt was prefilled."""
+        self._release_media()
+        if self.prefix is not None and self._prefilled:
+            self.prefix.persist()
+
+    def _release_media(self) -> None:
         if self.tiles is not None:
             self.tiles.close()
 

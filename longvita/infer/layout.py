@@ -11,6 +11,10 @@ cached. Within a segment the pads fill the highest chunks, so each rank's real t
 are a prefix of its 2c tokens, which is what it caches. A rank may hold no real token at all
 (`--cp` larger than the prompt) or no tile: it still takes part.
 
+A prompt whose first tokens come from the prefix cache (`infer.prefix_cache`) is laid out from
+its first uncached token (`start`): the rounds cover the rest, positions global, and each
+rank's share of the cached tokens (`cached`) counts as already held.
+
 Decode: each new token's key/value is stored on exactly one rank, the one with the fewest
 cached tokens, ties to the lowest rank (`PromptLayout.decode_owners`): the ranks short of
 tokens (the last round's padding, fewer than c per rank) fill first, then round robin, so the
@@ -34,11 +38,15 @@ class PromptLayout:
     """Which rank holds which tokens of a prompt, round by round, and of the tokens after it."""
 
     num_tokens: int
-    """Real prompt tokens N."""
+    """Real prompt tokens to prefill N (those after `start`)."""
     cp: int
     """Context-parallel degree."""
     chunk_len: int
     """c: tokens per zigzag chunk of a round (a rank takes 2c tokens per round)."""
+    start: int = 0
+    """Position of the first token to prefill: the prompt tokens before it are cached."""
+    cached: tuple[int, ...] = ()
+    """Tokens before `start` each rank holds already (empty: none)."""
 
     def __post_init__(self) -> None:
         if min(self.num_tokens, self.cp, self.chunk_len) < 1:
@@ -46,12 +54,28 @@ class PromptLayout:
                 f"num_tokens {self.num_tokens}, cp {self.cp} and chunk_len {self.chunk_len} "
                 "must be >= 1"
             )
+        if self.cached and (len(self.cached) != self.cp or sum(self.cached) != self.start):
+            raise ValueError(
+                f"cached {self.cached} must give each of the {self.cp} ranks' share of the "
+                f"{self.start} tokens before start"
+            )
 
     @classmethod
-    def build(cls, num_tokens: int, cp: int, prefill_chunk: int) -> PromptLayout:
-        """Rounds of at most `prefill_chunk` tokens per rank (at least 2), as few as possible."""
-        one_round = -(-num_tokens // (2 * cp))  # c of a single round
-        return cls(num_tokens, cp, max(1, min(prefill_chunk // 2, one_round)))
+    def build(
+        cls, num_tokens: int, cp: int, prefill_chunk: int, *, cached: tuple[int, ...] = ()
+    ) -> PromptLayout:
+        """Rounds of at most `prefill_chunk` tokens per rank (at least 2), as few as possible,
+        over a prompt of `num_tokens` whose first sum(cached) are held already (`cached[r]`
+        on rank r)."""
+        start = sum(cached)
+        one_round = -(-(num_tokens - start) // (2 * cp))  # c of a single round
+        chunk_len = max(1, min(prefill_chunk // 2, one_round))
+        return cls(num_tokens - start, cp, chunk_len, start=start, cached=tuple(cached))
+
+    @property
+    def end(self) -> int:
+        """The prompt's length: the position of the first decoded token."""
+        return self.start + self.num_tokens
 
     @property
     def segment_len(self) -> int:
@@ -64,7 +88,7 @@ class PromptLayout:
 
     def round_index(self, rank: int, round_idx: int) -> torch.Tensor:
         """[2c] global indices (= positions) of `rank`'s tokens in round `round_idx`."""
-        start = round_idx * self.segment_len
+        start = self.start + round_idx * self.segment_len
         return start + zigzag_index(self.segment_len, self.cp, rank)
 
     def real_tokens(self, rank: int, round_idx: int) -> int:
@@ -74,8 +98,16 @@ class PromptLayout:
         return sum(max(0, min(self.chunk_len, left - c * self.chunk_len)) for c in chunks)
 
     def prompt_tokens_on(self, rank: int) -> int:
-        """Real prompt tokens `rank` caches over all rounds."""
-        return sum(self.real_tokens(rank, j) for j in range(self.num_rounds))
+        """Prompt tokens `rank` caches: its share of the cached ones, then its real tokens of
+        every round."""
+        held = self.cached[rank] if self.cached else 0
+        return held + sum(self.real_tokens(rank, j) for j in range(self.num_rounds))
+
+    def prefilled_positions(self, rank: int) -> torch.Tensor:
+        """[n] the positions of the real tokens `rank` prefills, in the order it caches them
+        (round after round: ascending)."""
+        rounds = range(self.num_rounds)
+        return torch.cat([self.round_index(rank, j)[: self.real_tokens(rank, j)] for j in rounds])
 
     def last_token(self) -> tuple[int, int]:
         """(rank, index among its 2c tokens of the last round) of the last prompt token."""

@@ -29,7 +29,14 @@ from longvita.infer.engine import (
     GenerationStream,
     LocalRunner,
 )
-from longvita.infer.plan import check_prompt_memory
+from longvita.infer.plan import check_prompt_memory, free_memory_bytes
+from longvita.infer.prefix_cache import (
+    DEFAULT_MEMORY_FRACTION,
+    UNKNOWN_FREE_MEMORY_BUDGET,
+    PrefixCache,
+    PromptPrefix,
+)
+from longvita.infer.prefix_disk import DEFAULT_DISK_BYTES, DiskPrefixStore, checkpoint_identity
 from longvita.infer.request import (
     DEFAULT_PREFILL_CHUNK,
     DEFAULT_VISION_BATCH,
@@ -51,11 +58,28 @@ logger = logging.getLogger(__name__)
 
 
 class Pipeline:
-    """A loaded model with its Processor: prompts and media in, text out."""
+    """A loaded model with its Processor: prompts and media in, text out.
 
-    def __init__(self, model: LongVITAForCausalLM, processor: Processor) -> None:
+    `prefix_cache` keeps the keys and values of recent prompts so that a prompt starting like
+    one of them prefills only the rest (`infer.prefix_cache`); by default in memory, within
+    `DEFAULT_MEMORY_FRACTION` of the free memory (`longvita.load` sets it up).
+    """
+
+    def __init__(
+        self,
+        model: LongVITAForCausalLM,
+        processor: Processor,
+        *,
+        prefix_cache: PrefixCache | None = None,
+    ) -> None:
         self.model = model
         self.processor = processor
+        if prefix_cache is None:
+            prefix_cache = PrefixCache(
+                max_bytes=default_prefix_cache_bytes(self.device),
+                tokens_per_tile=model.config.vision.tokens_per_tile,
+            )
+        self.prefix_cache = prefix_cache
 
     @property
     def config(self) -> LongVITAConfig:
@@ -147,6 +171,7 @@ class Pipeline:
                 vision_batch=request.vision_batch,
                 return_scores=request.return_scores,
                 state=state,
+                prefix=self.prompt_prefix(prompt),
                 finalize=lambda output: self.describe(output, prompt),
             )
         except BaseException:
@@ -186,16 +211,19 @@ class Pipeline:
         vision_batch: int = DEFAULT_VISION_BATCH,
         return_scores: bool = False,
         state: ParallelState | None = None,
+        prefix: PromptPrefix | None = None,
     ) -> tuple[LocalRunner | ShardedRunner, Continuation]:
         """What generating after a processed prompt needs, nothing run yet: the runner (this
         process, or this rank's share under `state`) and the continuation that decides each
-        token, with the text decoded as it comes up to the first `stop` sequence."""
+        token, with the text decoded as it comes up to the first `stop` sequence. `prefix`
+        (`prompt_prefix`): reuse and keep the prompt's keys and values."""
         inputs = {
             "params": sampling,
             "tiles": tiles,
             "visual_mask": visual_mask,
             "prefill_chunk": prefill_chunk,
             "vision_batch": vision_batch,
+            "prefix": prefix,
         }
         if state is None or state.cp_size == 1:
             runner = LocalRunner(self.model, input_ids, **inputs)
@@ -228,7 +256,7 @@ class Pipeline:
             fps=request.fps,
         )
         max_new_tokens = self.fit_to_positions(prompt.num_tokens, request.sampling.max_new_tokens)
-        check_prompt_memory(
+        self._check_memory(
             self.config,
             num_prompt_tokens=prompt.num_tokens,
             max_new_tokens=max_new_tokens,
@@ -242,6 +270,23 @@ class Pipeline:
             media_bytes=prompt.tiles.decode_bytes(request.vision_batch),
         )
         return prompt, dataclasses.replace(request.sampling, max_new_tokens=max_new_tokens)
+
+    def prompt_prefix(self, prompt: ProcessedPrompt) -> PromptPrefix | None:
+        """The prompt's use of the prefix cache (its media files hashed now), or None when the
+        cache is off or a medium cannot be identified."""
+        return self.prefix_cache.for_prompt(prompt)
+
+    def _check_memory(self, *args: Any, **kwargs: Any) -> None:
+        """`check_prompt_memory`; when it refuses while the prefix cache holds memory, the
+        cache is emptied (with a warning) and the check runs again."""
+        try:
+            check_prompt_memory(*args, **kwargs)
+        except PromptError:
+            if self.prefix_cache.memory.num_bytes == 0:
+                raise
+            logger.warning("prefix cache emptied: the prompt needs the memory it held")
+            self.prefix_cache.clear()
+            check_prompt_memory(*args, **kwargs)
 
     def describe(self, output: GenerationOutput, prompt: ProcessedPrompt) -> GenerationOutput:
         """The engine's output with what the prompt held."""
@@ -289,6 +334,9 @@ def load(
     dtype: str | torch.dtype | None = None,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    prefix_cache_bytes: int | None = None,
+    prefix_cache_dir: str | Path | None = None,
+    prefix_cache_dir_bytes: int = DEFAULT_DISK_BYTES,
 ) -> Pipeline:
     """Load a Long-VITA checkpoint directory (official `Long-VITA-*_HF` layout).
 
@@ -296,6 +344,11 @@ def load(
     bfloat16 or float16 (None: float32 on CPU, bfloat16 on an accelerator). Anything else is a
     ValueError here, before the weights are read. max_pixels: images and video frames with more
     pixels are refused from their headers (default: Pillow's 89,478,485).
+
+    Prefix cache (docs/prefix_cache.md): prefix_cache_bytes, the memory kept for recent
+    prompts' keys and values (None: a quarter of the free memory after loading; 0: off);
+    prefix_cache_dir, a directory where they are also kept across runs, within
+    prefix_cache_dir_bytes (default 64 GiB).
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -306,8 +359,32 @@ def load(
     config = LongVITAConfig.from_pretrained(directory)
     processor = Processor(load_tokenizer(directory), config.vision, max_pixels=max_pixels)
     _check_vocab(len(processor.tokenizer), config)
+    if prefix_cache_bytes is not None:
+        check_int("prefix_cache_bytes", prefix_cache_bytes, minimum=0)
+    check_int("prefix_cache_dir_bytes", prefix_cache_dir_bytes, minimum=1)
     model = load_model(directory, device=device, dtype=dtype, config=config)
-    return Pipeline(model, processor)
+    if prefix_cache_bytes is None:
+        prefix_cache_bytes = default_prefix_cache_bytes(device)
+    disk = None
+    if prefix_cache_dir is not None:
+        disk = DiskPrefixStore(
+            prefix_cache_dir,
+            max_bytes=prefix_cache_dir_bytes,
+            model_identity=checkpoint_identity(directory),
+            dtype=dtype,
+            kv_shape=(config.num_hidden_layers, config.num_key_value_heads, config.head_dim),
+        )
+    prefix_cache = PrefixCache(
+        max_bytes=prefix_cache_bytes, tokens_per_tile=config.vision.tokens_per_tile, disk=disk
+    )
+    return Pipeline(model, processor, prefix_cache=prefix_cache)
+
+
+def default_prefix_cache_bytes(device: torch.device) -> int:
+    """The default in-memory prefix cache budget: `DEFAULT_MEMORY_FRACTION` of the device's
+    free memory now."""
+    free = free_memory_bytes(device)
+    return UNKNOWN_FREE_MEMORY_BUDGET if free is None else int(DEFAULT_MEMORY_FRACTION * free)
 
 
 def _check_vocab(tokenizer_size: int, config: LongVITAConfig) -> None:

@@ -151,6 +151,8 @@ class GenerationOutput:
     """Tokens each rank had cached at the end."""
     tiles_encoded_per_rank: list[int] = field(default_factory=list)
     """Tiles each rank's ViT encoded."""
+    cached_tokens: int = 0
+    """Prompt tokens whose keys and values came from the prefix cache (not prefilled)."""
 
     @property
     def kv_cache_bytes(self) -> int:

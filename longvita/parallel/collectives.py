@@ -2,8 +2,9 @@
 `ParallelState`, each failing with a message that says what was being done and by which rank.
 
 Owns `peer_errors` (a failed or timed-out collective re-raised with its context), `broadcast`
-from one cp rank (a tensor, or with `broadcast_object` a picklable object) and `gather_ints`
-(small per-rank counters, in cp rank order). Callers outside `parallel/` use these instead of
+from one cp rank (a tensor, or with `broadcast_object` a picklable object), `gather_ints`
+(small per-rank counters, in cp rank order) and `common_options` (what every rank can offer:
+the prefix cache entries all ranks hold). Callers outside `parallel/` use these instead of
 importing torch.distributed themselves.
 """
 
@@ -77,3 +78,13 @@ def sum_over(values: list[float], state: ParallelState, *, group: str = "world")
 def any_rank(flag: bool, state: ParallelState) -> bool:
     """Whether `flag` is true on some rank of the job (every rank gets the same answer)."""
     return sum_over([float(flag)], state)[0] > 0
+
+
+def common_options(options: dict[str, int], state: ParallelState, *, what: str) -> dict[str, int]:
+    """The entries of `options` that every cp rank offers (with this rank's values)."""
+    if state.cp_size == 1:
+        return dict(options)
+    gathered: list[dict[str, int]] = [{} for _ in range(state.cp_size)]
+    with peer_errors(what, state.cp_rank, state.cp_size):
+        dist.all_gather_object(gathered, options, group=state.cp_group)
+    return {key: value for key, value in options.items() if all(key in g for g in gathered)}

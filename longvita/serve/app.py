@@ -142,11 +142,12 @@ def create_app(pipeline, worker, settings: ServerSettings) -> FastAPI:
             raise ApiError(503, str(err)) from None
         job = Job(asyncio.get_running_loop(), Path(tempfile.mkdtemp(prefix="longvita-request-")))
         try:
-            generation, prepared = await asyncio.to_thread(
+            generation, prepared, prefix = await asyncio.to_thread(
                 prepare, pipeline, chat, job.workdir, settings, max_prompt
             )
             metrics.prompt_tokens.inc(prepared[0].num_tokens)
-            worker.submit(job, generation, prepared, deadline=arrived + settings.request_timeout_s)
+            deadline = arrived + settings.request_timeout_s
+            worker.submit(job, generation, prepared, deadline=deadline, prefix=prefix)
         except BaseException:
             worker.release()
             shutil.rmtree(job.workdir, ignore_errors=True)
@@ -200,8 +201,9 @@ def json_body(raw: bytes) -> object:
 
 
 def prepare(pipeline, chat: ChatRequest, workdir: Path, settings: ServerSettings, max_prompt):
-    """Fetch the media and plan the prompt (headers only): (GenerationRequest, prepared) or an
-    ApiError saying what to fix."""
+    """Fetch the media and plan the prompt (headers only): (GenerationRequest, prepared, its
+    use of the prefix cache: media files hashed here, off the event loop) or an ApiError
+    saying what to fix."""
     images = [_fetch(fetch_image, part, settings.media, workdir) for part in chat.images]
     videos = [_fetch(fetch_video, part, settings.media, workdir) for part in chat.videos]
     options = chat.generation_options(default_max_tokens=settings.default_max_tokens)
@@ -226,7 +228,7 @@ def prepare(pipeline, chat: ChatRequest, workdir: Path, settings: ServerSettings
             f"the prompt has {prompt.num_tokens:,} tokens; this server accepts "
             f"at most {max_prompt:,} (fewer frames or images)",
         )
-    return request, prepared
+    return request, prepared, pipeline.prompt_prefix(prompt)
 
 
 def _fetch(fetch, part: protocol.MediaPart, policy: MediaPolicy, workdir: Path) -> Path:
@@ -319,6 +321,7 @@ class Answer:
                         **envelope,
                         prompt_tokens=self.prompt_tokens,
                         completion_tokens=self.completion_tokens,
+                        cached_tokens=event.cached_tokens,
                     )
                 )
         self.metrics.requests.inc(status=status)
@@ -344,6 +347,7 @@ class Answer:
                 finish_reason=responses.finish_reason_of(finish.finish),
                 prompt_tokens=self.prompt_tokens,
                 completion_tokens=self.completion_tokens,
+                cached_tokens=finish.cached_tokens,
             )
         )
 

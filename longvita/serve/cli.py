@@ -115,6 +115,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=600.0,
         help="seconds a request may take, arrival to last token (600)",
     )
+    p.add_argument(
+        "--prefix-cache-gib",
+        type=float,
+        default=None,
+        help="memory in GiB kept for recent prompts' keys and values, reused by requests that "
+        "start the same (another question about a video, the next turn); 0: off (default: a "
+        "quarter of the free memory)",
+    )
     p.add_argument("--cp", type=int, default=1, help="context-parallel ranks (default 1)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
@@ -163,6 +171,10 @@ def run_serve(args: argparse.Namespace) -> int:
     load_options = {"device": args.device, "dtype": args.dtype}
     if args.max_pixels is not None:
         load_options["max_pixels"] = args.max_pixels
+    if args.prefix_cache_gib is not None:
+        if args.prefix_cache_gib < 0:
+            raise ValueError(f"--prefix-cache-gib must be >= 0, got {args.prefix_cache_gib}")
+        load_options["prefix_cache_bytes"] = int(args.prefix_cache_gib * 2**30)
     worker_options = {
         "max_batch": args.max_batch,
         "max_queue": args.max_queue,

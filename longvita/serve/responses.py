@@ -28,12 +28,15 @@ def _envelope(id: str, object: str, created: int, model: str) -> dict[str, Any]:
     return {"id": id, "object": object, "created": created, "model": model}
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens`: the prompt tokens whose
+    keys and values came from the prefix cache."""
     total = prompt_tokens + completion_tokens
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": total,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -46,6 +49,7 @@ def completion_body(
     finish_reason: str,
     prompt_tokens: int,
     completion_tokens: int,
+    cached_tokens: int = 0,
 ) -> dict[str, Any]:
     """A non-stream answer (object "chat.completion")."""
     message = {"role": "assistant", "content": text}
@@ -53,7 +57,7 @@ def completion_body(
     return {
         **_envelope(id, "chat.completion", created, model),
         "choices": [choice],
-        "usage": _usage(prompt_tokens, completion_tokens),
+        "usage": _usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
 
@@ -66,13 +70,19 @@ def chunk_body(
 
 
 def usage_chunk_body(
-    *, id: str, created: int, model: str, prompt_tokens: int, completion_tokens: int
+    *,
+    id: str,
+    created: int,
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int = 0,
 ) -> dict[str, Any]:
     """The chunk after the last one when `include_usage`: no choices, the usage."""
     return {
         **_envelope(id, "chat.completion.chunk", created, model),
         "choices": [],
-        "usage": _usage(prompt_tokens, completion_tokens),
+        "usage": _usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
 

@@ -54,6 +54,8 @@ class Event:
     "error"; then `error` is what went wrong: the request's fault (a 4xx) when a
     `USER_ERRORS`, the server's (a 5xx) otherwise."""
     error: Exception | None = None
+    cached_tokens: int = 0
+    """At the end: prompt tokens taken from the prefix cache (`usage.prompt_tokens_details`)."""
 
 
 class Job:
@@ -81,9 +83,9 @@ class Job:
     def on_step(self, step: TokenStep) -> None:
         self.emit(Event(text=step.text, tokens=int(step.token_id is not None)))
 
-    def end(self, reason: str, error: Exception | None = None) -> None:
+    def end(self, reason: str, error: Exception | None = None, cached_tokens: int = 0) -> None:
         """The last event; then the work directory goes."""
-        self.emit(Event(finish=reason, error=error))
+        self.emit(Event(finish=reason, error=error, cached_tokens=cached_tokens))
         self.finished = True
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -168,9 +170,12 @@ class BatchWorker(_Worker):
         self._incoming.put(None)
         self._thread.join(timeout=30)
 
-    def submit(self, job: Job, request: GenerationRequest, prepared, *, deadline: float) -> None:
+    def submit(
+        self, job: Job, request: GenerationRequest, prepared, *, deadline: float, prefix=None
+    ) -> None:
         """Queue a request whose prompt `prepared` = `Pipeline.prepare(request)` (checked, its
-        tiles lazy); its reservation is released when it ends."""
+        tiles lazy); its reservation is released when it ends. prefix: the prompt's use of the
+        prefix cache (`Pipeline.prompt_prefix`), so that its start is reused when cached."""
         prompt, sampling = prepared
         runner, continuation = self.pipeline.sequence(
             prompt.input_ids,
@@ -180,11 +185,12 @@ class BatchWorker(_Worker):
             stop=request.stop,
             prefill_chunk=request.prefill_chunk,
             vision_batch=request.vision_batch,
+            prefix=prefix,
         )
 
         def on_finish(reason: str, error: Exception | None) -> None:
             self.release()
-            job.end(reason, error)
+            job.end(reason, error, runner.cached_tokens)
 
         job.sequence = BatchSequence(
             runner, continuation, job.on_step, on_finish, deadline=deadline
@@ -231,9 +237,11 @@ class ContextParallelWorker(_Worker):
         self._jobs.put(None)
         self._thread.join(timeout=60)
 
-    def submit(self, job: Job, request: GenerationRequest, prepared, *, deadline: float) -> None:
-        """Queue a request; `prepared` (rank 0's check) is dropped: every rank prepares its own
-        share when the request's turn comes."""
+    def submit(
+        self, job: Job, request: GenerationRequest, prepared, *, deadline: float, prefix=None
+    ) -> None:
+        """Queue a request; `prepared` (rank 0's check) and `prefix` are dropped: every rank
+        prepares its own share when the request's turn comes."""
         prepared[0].tiles.close()
         self._jobs.put((job, request, deadline))
 
@@ -265,17 +273,18 @@ class ContextParallelWorker(_Worker):
 
 def run_request(
     pipeline, request: GenerationRequest, state, job: Job | None
-) -> tuple[str, Exception | None]:
-    """One request on this rank (its share under CP): (stop reason, None), or ("error", the
-    user error), which is the same on every rank, so every rank stays in step."""
+) -> tuple[str, Exception | None, int]:
+    """One request on this rank (its share under CP): (stop reason, None, prompt tokens from
+    the prefix cache), or ("error", the user error, 0), which is the same on every rank, so
+    every rank stays in step."""
     try:
         stream = pipeline.open(request, state=state)
         for step in stream:
             if job is not None and not job.cancelled.is_set():
                 job.on_step(step)
-        return stream.output.stop_reason, None
+        return stream.output.stop_reason, None, stream.output.cached_tokens
     except USER_ERRORS as err:
-        return "error", err
+        return "error", err, 0
 
 
 def follow_requests(pipeline, state) -> None:

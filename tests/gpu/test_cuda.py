@@ -36,15 +36,6 @@ PROMPTS = {  # name: (prompt, image keys, video keys)
 }
 
 
-@pytest.fixture(autouse=True)
-def exact_fp32():
-    """fp32 means fp32: no TF32 in matmuls or convolutions (the ViT's patch embedding)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def _generate(pipe, media, name, **options):
     prompt, image_keys, video_keys = PROMPTS[name]
     images, videos = [media[k] for k in image_keys], [media[k] for k in video_keys]

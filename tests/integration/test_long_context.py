@@ -31,7 +31,8 @@ VIDEO_FPS = 4.0  # take every frame of the 4 fps test video
 
 @pytest.fixture(scope="module")
 def pipe(tiny_checkpoint):
-    return longvita.load(tiny_checkpoint, device="cpu", dtype="float32")
+    """Without the prefix cache: every test here measures a prompt's whole prefill."""
+    return longvita.load(tiny_checkpoint, device="cpu", dtype="float32", prefix_cache_bytes=0)
 
 
 @pytest.fixture(scope="module")

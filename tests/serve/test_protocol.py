@@ -407,6 +407,7 @@ def test_completion_body_has_the_captured_shape():
         finish_reason="stop",
         prompt_tokens=7,
         completion_tokens=5,
+        cached_tokens=4,
     )
     assert body == {
         "id": "chatcmpl-1",
@@ -421,7 +422,12 @@ def test_completion_body_has_the_captured_shape():
                 "finish_reason": "stop",
             }
         ],
-        "usage": {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12},
+        "usage": {
+            "prompt_tokens": 7,
+            "completion_tokens": 5,
+            "total_tokens": 12,
+            "prompt_tokens_details": {"cached_tokens": 4},
+        },
     }
     assert json.loads(json.dumps(body)) == body
 
@@ -449,7 +455,12 @@ def test_chunk_bodies_have_the_captured_shape():
     )
     assert usage == head | {
         "choices": [],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+        "usage": {
+            "prompt_tokens": 3,
+            "completion_tokens": 2,
+            "total_tokens": 5,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        },
     }
 
 
@@ -551,7 +562,7 @@ def test_openai_client_round_trip(openai_client):
         text = f"{len(request.images)} images, {request.max_frames} frames"
         return httpx.Response(200, json=completion_body(
             id=new_completion_id(), created=1, model=request.model, text=text,
-            finish_reason="stop", prompt_tokens=7, completion_tokens=5,
+            finish_reason="stop", prompt_tokens=7, completion_tokens=5, cached_tokens=3,
         ))  # fmt: skip
 
     response = make(answer).chat.completions.create(
@@ -574,6 +585,7 @@ def test_openai_client_round_trip(openai_client):
     assert response.choices[0].message.content == "1 images, 256 frames"
     assert response.choices[0].finish_reason == "stop"
     assert (response.usage.prompt_tokens, response.usage.total_tokens) == (7, 12)
+    assert response.usage.prompt_tokens_details.cached_tokens == 3
     request = parse(seen[0])
     assert request.messages[1]["content"] == (
         "What is in the image and the video?<image>\n<video>\n"

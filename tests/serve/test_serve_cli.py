@@ -70,6 +70,7 @@ def test_serve_answers_like_the_pipeline_and_stops_on_ctrl_c(tiny_checkpoint):
         (["--port", "-1"], "--port must be 0-65535"),
         (["--max-batch", "0"], "--max-batch must be >= 1"),
         (["--allowed-local-media-path", "/no/such/dir"], "is not a directory"),
+        (["--prefix-cache-gib", "-1"], "--prefix-cache-gib must be >= 0"),
     ],
 )
 def test_bad_flags_are_one_line_errors(tiny_checkpoint, flags, message):

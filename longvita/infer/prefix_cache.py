@@ -1,0 +1,283 @@
+"""The prefix cache: the keys and values of recent prompts, for the prompts that start the same.
+
+A second question about an hour-long video shares its first hundreds of thousands of tokens
+(the video) with the first question. The engine copies their keys and values from here into the
+new prompt's KV cache and prefills only the rest: no video decoding, no ViT, no attention over
+the shared part (positions stay global, so the rest attends to the copied keys as to its own).
+
+Owns:
+- `CachedPrefix`, one prompt's keys/values as one process (or one context-parallel rank) holds
+  them, with the prompt's `PromptKey` and the positions held;
+- `MemoryPrefixStore`, the recent entries of one Pipeline within a byte budget, least recently
+  used dropped first. An entry shares the finished prompt's KV cache buffer (the decoded tokens
+  are written after the prompt, so the prompt part never changes) unless the buffer is more
+  than twice the prompt (a long answer's room): then the prompt part is copied alone;
+- `PrefixCache`, that store and, optionally, the disk store (`infer.prefix_disk`), and
+  `PromptPrefix`, one prompt's use of them: the entries it shares a prefix with, copying the
+  chosen one's first tokens into a KV cache (the one copy a hit costs), keeping the prompt's
+  own keys/values after its prefill, and writing them to disk when the generation ends.
+The engine (`infer.engine`, `infer.cp_engine`) decides when; a context-parallel group agrees on
+one entry (`parallel.collectives.best_common`). A prompt reuses at most all its tokens but the
+last, whose logits start the answer. No torch.distributed here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from longvita.infer.prefix_key import PromptKey
+from longvita.model.kv_cache import KVCache
+from longvita.processing.processor import ProcessedPrompt
+
+if TYPE_CHECKING:
+    from longvita.infer.prefix_disk import DiskPrefixStore
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_FRACTION = 0.25
+"""`longvita.load`'s default in-memory budget: this share of the device's free memory."""
+UNKNOWN_FREE_MEMORY_BUDGET = 2 * 2**30
+"""The budget where the free memory cannot be read."""
+
+
+@dataclass(eq=False)
+class CachedPrefix:
+    """One prompt's keys and values, as one process or one context-parallel rank holds them."""
+
+    key: PromptKey
+    """The whole prompt's key (every rank has all of it)."""
+    keys: torch.Tensor
+    """[layers, kv_heads, T, head_dim]: the T prompt tokens held here, in position order."""
+    values: torch.Tensor
+    """[layers, kv_heads, T, head_dim]."""
+    positions: torch.Tensor
+    """[T] int64 ascending: the prompt positions of those tokens (0..T-1 in one process)."""
+    cp: int = 1
+    """Context-parallel ranks the prompt was split over."""
+    cp_rank: int = 0
+    num_bytes: int = 0
+    """Memory the entry keeps alive (0 when it is mapped from a file)."""
+    path: Path | None = None
+    """The file it is mapped from (`infer.prefix_disk`), None in memory."""
+
+    @property
+    def entry_id(self) -> str:
+        """The key's digest: the same prompt and media have the same id on every rank and run."""
+        return self.key.digest
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.numel()
+
+    def tokens_before(self, length: int) -> int:
+        """How many of the tokens held are among the prompt's first `length`."""
+        return int(torch.searchsorted(self.positions, length))
+
+
+@dataclass(frozen=True)
+class PrefixMatch:
+    entry: CachedPrefix
+    length: int
+    """Prompt tokens (positions 0..length-1) the entry holds for the new prompt."""
+
+
+class MemoryPrefixStore:
+    """Entries within `max_bytes`, least recently used dropped first; thread-safe."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"the prefix cache's byte budget must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[str, int, int], CachedPrefix] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def num_bytes(self) -> int:
+        with self._lock:
+            return sum(entry.num_bytes for entry in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, entry: CachedPrefix) -> bool:
+        """Keep `entry`, in place of the entries of prompts it covers (`PromptKey.covers`: the
+        same prompt, an earlier question about the same video), dropping the least recently
+        used to stay within the budget; False when it alone is over the budget (not kept)."""
+        if entry.num_bytes > self.max_bytes:
+            return False
+        with self._lock:
+            for slot, held in list(self._entries.items()):
+                if slot[1:] == _slot(entry)[1:] and entry.key.covers(held.key):
+                    del self._entries[slot]  # the new prompt serves all it did
+            self._entries[_slot(entry)] = entry
+            total = sum(e.num_bytes for e in self._entries.values())
+            while total > self.max_bytes:
+                _, dropped = self._entries.popitem(last=False)
+                total -= dropped.num_bytes
+        return True
+
+    def matches(self, key: PromptKey, *, cp: int, cp_rank: int) -> list[PrefixMatch]:
+        """The entries of this rank that share a prefix with `key`."""
+        with self._lock:
+            entries = [e for e in self._entries.values() if (e.cp, e.cp_rank) == (cp, cp_rank)]
+        found = [PrefixMatch(entry, key.shared_prefix(entry.key)) for entry in entries]
+        return [match for match in found if match.length > 0]
+
+    def touch(self, entry: CachedPrefix) -> None:
+        """Mark `entry` as just used."""
+        with self._lock:
+            if self._entries.get(_slot(entry)) is entry:
+                self._entries.move_to_end(_slot(entry))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+def _slot(entry: CachedPrefix) -> tuple[str, int, int]:
+    return entry.entry_id, entry.cp, entry.cp_rank
+
+
+class PrefixCache:
+    """A Pipeline's prefix cache: recent prompts in memory, and on disk when `disk` is given.
+
+    max_bytes: the in-memory budget (0 turns in-memory reuse off); tokens_per_tile: the model's
+    visual slots per tile (to attach each slot to its medium).
+    """
+
+    def __init__(
+        self, *, max_bytes: int, tokens_per_tile: int, disk: DiskPrefixStore | None = None
+    ) -> None:
+        self.memory = MemoryPrefixStore(max_bytes)
+        self.disk = disk
+        self.tokens_per_tile = tokens_per_tile
+
+    @property
+    def enabled(self) -> bool:
+        return self.memory.max_bytes > 0 or self.disk is not None
+
+    def for_prompt(self, prompt: ProcessedPrompt) -> PromptPrefix | None:
+        """The prompt's use of the cache (hashes its media files); None when the cache is off
+        or a medium has no identity."""
+        if not self.enabled:
+            return None
+        key = PromptKey.of_prompt(
+            prompt.input_ids, prompt.visual_mask, prompt.tiles, tokens_per_tile=self.tokens_per_tile
+        )
+        return None if key is None else PromptPrefix(self, key)
+
+    def matches(self, key: PromptKey, *, cp: int, cp_rank: int) -> dict[str, PrefixMatch]:
+        """Entry id -> the match, from memory, then from disk for the prompts not in memory
+        (the disk is not read when memory holds all the prompt but its last token)."""
+        found = {m.entry.entry_id: m for m in self.memory.matches(key, cp=cp, cp_rank=cp_rank)}
+        whole = any(m.length >= key.num_tokens - 1 for m in found.values())
+        if self.disk is not None and not whole:
+            for match in self.disk.matches(key, cp=cp, cp_rank=cp_rank):
+                found.setdefault(match.entry.entry_id, match)
+        return found
+
+    def clear(self) -> None:
+        """Drop every entry held in memory (the files on disk stay)."""
+        self.memory.clear()
+
+
+def longest(lengths: dict[str, int]) -> tuple[str, int] | None:
+    """The (entry id, length) with the most tokens (ties: the smallest id); None if empty."""
+    if not lengths:
+        return None
+    return min(lengths.items(), key=lambda item: (-item[1], item[0]))
+
+
+class PromptPrefix:
+    """One prompt's use of the prefix cache: find, load, keep, persist."""
+
+    def __init__(self, cache: PrefixCache, key: PromptKey) -> None:
+        self.cache = cache
+        self.key = key
+        self._matches: dict[str, PrefixMatch] = {}
+        self._kept: CachedPrefix | None = None
+        self._persisted = False
+
+    def matches(self, *, cp: int = 1, cp_rank: int = 0) -> dict[str, int]:
+        """Entry id -> prompt tokens it can give (all but the last prompt token at most)."""
+        found = self.cache.matches(self.key, cp=cp, cp_rank=cp_rank)
+        limit = self.key.num_tokens - 1
+        self._matches = {
+            entry_id: match for entry_id, match in found.items() if min(match.length, limit) > 0
+        }
+        return {entry_id: min(m.length, limit) for entry_id, m in self._matches.items()}
+
+    def held_before(self, entry_id: str, length: int) -> int:
+        """Tokens among the prompt's first `length` that entry `entry_id` holds (this rank's
+        share under context parallelism)."""
+        return self._matches[entry_id].entry.tokens_before(length)
+
+    def load(self, entry_id: str, length: int, kv: KVCache) -> torch.Tensor:
+        """Copy the tokens among the first `length` of entry `entry_id` (from `matches`) into
+        the empty cache `kv`; returns their positions [k] (0..length-1 in one process)."""
+        entry = self._matches[entry_id].entry
+        if kv.length != 0:
+            raise ValueError(f"the KV cache must be empty to load a prefix, it holds {kv.length}")
+        count = entry.tokens_before(length)
+        kv.keys[:, 0, :, :count].copy_(entry.keys[:, :, :count])  # [layers, kv_heads, k, d]
+        kv.values[:, 0, :, :count].copy_(entry.values[:, :, :count])
+        kv.advance(count)
+        source = "memory" if entry.path is None else str(entry.path)
+        logger.info(
+            "prefix cache: the first %d of the prompt's %d tokens from %s",
+            length,
+            self.key.num_tokens,
+            source,
+        )
+        if entry.path is None:
+            self.cache.memory.touch(entry)
+        elif self.cache.disk is not None:
+            self.cache.disk.touch(entry.path)
+        return entry.positions[:count]
+
+    def keep(self, kv: KVCache, positions: torch.Tensor, *, cp: int = 1, cp_rank: int = 0) -> None:
+        """After the prompt's prefill: keep its keys/values (the first len(positions) tokens
+        of `kv`, at those prompt positions) for the prompts that follow, in memory now and on
+        disk at `persist`."""
+        count = positions.numel()
+        self._kept = CachedPrefix(
+            self.key,
+            kv.keys[:, 0, :, :count],  # [layers, kv_heads, count, head_dim], a view of kv
+            kv.values[:, 0, :, :count],
+            positions.cpu(),
+            cp=cp,
+            cp_rank=cp_rank,
+            num_bytes=kv.num_bytes,
+        )
+        memory, entry = self.cache.memory, self._kept
+        alone = 2 * entry.keys.numel() * entry.keys.element_size()  # the prompt part's bytes
+        if memory.max_bytes == 0:
+            return
+        if alone > memory.max_bytes:
+            logger.info(
+                "prefix cache: a prompt of %d tokens (%d bytes) is over the in-memory budget of "
+                "%d bytes: not kept in memory",
+                self.key.num_tokens,
+                alone,
+                memory.max_bytes,
+            )
+            return
+        if kv.capacity > 2 * count or entry.num_bytes > memory.max_bytes:  # the prompt part alone
+            keys, values = entry.keys.clone(), entry.values.clone()
+            entry = dataclasses.replace(entry, keys=keys, values=values, num_bytes=alone)
+        memory.add(entry)
+
+    def persist(self) -> None:
+        """Write the kept keys/values to the disk store, once (nothing without one)."""
+        if self._kept is None or self._persisted or self.cache.disk is None:
+            return
+        self._persisted = True
+        self.cache.disk.write(self._kept)
