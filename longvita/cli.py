@@ -63,6 +63,8 @@ def read_text_file(path: str, flag: str) -> str:
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
+    from longvita.runtime import KV_CACHE_DTYPES
+
     p = sub.add_parser(
         "generate",
         help="answer a prompt about images and videos",
@@ -139,6 +141,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 CPU, bf16 GPU)"
     )
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=KV_CACHE_DTYPES,
+        help="what the KV cache stores: auto (--dtype, the default), a float dtype, or int8 "
+        "(quantized per token and head: 3.8x smaller than float32, for longer prompts)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_generate)
 
@@ -178,7 +187,7 @@ def run_generate(args: argparse.Namespace) -> int:
     request = generation_request(args)
     model = resolve_model_dir(args.model)
     options = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
-    options.update(prefix_cache_options(args))
+    options.update(prefix_cache_options(args), kv_cache_dtype=args.kv_cache_dtype)
     if args.cp < 1:
         raise ValueError(f"--cp must be >= 1, got {args.cp}")
     if args.cp > 1:

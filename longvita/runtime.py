@@ -37,6 +37,28 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[name]
 
 
+KV_CACHE_DTYPES = ("auto", *DTYPES, "int8")
+"""What a KV cache can store (`kv_cache_dtype`): "auto" is the model's dtype, int8 quantized."""
+
+
+def resolve_kv_cache_dtype(
+    kv_cache_dtype: str | torch.dtype | None, model_dtype: torch.dtype
+) -> torch.dtype:
+    """The storage dtype of a `kv_cache_dtype` (None or "auto": `model_dtype`; a float dtype
+    or alias as `resolve_dtype` takes; "int8" gives torch.int8, the quantized cache)."""
+    if kv_cache_dtype is None or kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype in ("int8", torch.int8):
+        return torch.int8
+    try:
+        return resolve_dtype(kv_cache_dtype, torch.device("cpu"))
+    except ValueError:
+        raise ValueError(
+            f"kv_cache_dtype {kv_cache_dtype!r} is not supported; use one of "
+            f"{', '.join(KV_CACHE_DTYPES)}"
+        ) from None
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """The torch.device of a name, checked to exist on this machine.
 

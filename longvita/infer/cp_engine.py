@@ -80,8 +80,10 @@ class ShardedRunner:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         vision_batch: int = DEFAULT_VISION_BATCH,
         prefix: PromptPrefix | None = None,
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
+        self.kv_cache_dtype = kv_cache_dtype
         self.input_ids = input_ids
         self.visual_mask = visual_mask
         self.state = state
@@ -116,7 +118,8 @@ class ShardedRunner:
             num_tokens, state.cp_size, self.prefill_chunk, cached=cached
         )
         self.owners = self.layout.decode_owners(self.params.max_new_tokens - 1)  # last: not fed
-        storage = allocate_cache(self.model, self.layout.kv_capacity(state.cp_rank, self.owners))
+        capacity = self.layout.kv_capacity(state.cp_rank, self.owners)
+        storage = allocate_cache(self.model, capacity, self.kv_cache_dtype)
         self.cache = ShardedKVCache(storage, group=state.cp_group, cp_rank=state.cp_rank)
         if choice is not None:
             self._loaded = self.prefix.load(*choice, storage)
@@ -257,6 +260,7 @@ def generate_sharded(
     return_scores: bool = False,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     vision_batch: int = DEFAULT_VISION_BATCH,
+    kv_cache_dtype: torch.dtype | None = None,
 ) -> GenerationOutput:
     """Generate after the prompt `input_ids` [N] on every rank of `state`'s CP group (token ids,
     no text); every rank calls it with the same prompt and parameters and gets the same tokens.
@@ -264,7 +268,8 @@ def generate_sharded(
     Each rank prefills at most `prefill_chunk` tokens per round, caches only its shard and
     fetches and encodes only the tiles its tokens need, `vision_batch` at a time. tiles: the
     prompt's TileSource or a [num_tiles, 3, S, S] tensor; visual_mask: [N] bool. Scores, when
-    asked for, are on cp rank 0 only (None elsewhere).
+    asked for, are on cp rank 0 only (None elsewhere). kv_cache_dtype: each rank's KV cache
+    storage dtype (None: the model's; torch.int8: quantized).
     """
     runner = ShardedRunner(
         model,
@@ -276,6 +281,7 @@ def generate_sharded(
         visual_mask=visual_mask,
         prefill_chunk=prefill_chunk,
         vision_batch=vision_batch,
+        kv_cache_dtype=kv_cache_dtype,
     )
     keep_scores = return_scores and state.cp_rank == 0
     return run_to_end(

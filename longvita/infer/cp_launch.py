@@ -19,7 +19,7 @@ from longvita.infer.request import GenerationOutput, GenerationRequest
 from longvita.parallel.launch import DEFAULT_TIMEOUT_S, launch
 from longvita.parallel.state import ParallelState
 from longvita.processing.image import DEFAULT_MAX_PIXELS
-from longvita.runtime import resolve_device, resolve_dtype
+from longvita.runtime import resolve_device, resolve_dtype, resolve_kv_cache_dtype
 
 PREFIX_CACHE_OPTIONS = ("prefix_cache_bytes", "prefix_cache_dir", "prefix_cache_dir_bytes")
 
@@ -31,6 +31,7 @@ def generate_cp(
     cp: int,
     device: str = "cpu",
     dtype: str | None = None,
+    kv_cache_dtype: str = "auto",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     **prefix_cache: object,
@@ -40,7 +41,7 @@ def generate_cp(
 
     prefix_cache: `longvita.load`'s prefix_cache_bytes / prefix_cache_dir /
     prefix_cache_dir_bytes, for every rank (each keeps its own shard of the prompt's keys and
-    values, in its own file).
+    values, in its own file). kv_cache_dtype: `longvita.load`'s, each rank's shard in it.
 
     Returns the output on global rank 0 (with `cp` and the per-rank statistics filled in),
     None on the other torchrun ranks. Bad arguments (device, dtype, a torchrun world of another
@@ -48,7 +49,7 @@ def generate_cp(
     image...) is raised as itself, any other failure as `parallel.RankFailedError`.
     """
     resolved = resolve_device(device)
-    resolve_dtype(dtype, resolved)
+    resolve_kv_cache_dtype(kv_cache_dtype, resolve_dtype(dtype, resolved))
     check_int("max_pixels", max_pixels, minimum=1)
     unknown = sorted(set(prefix_cache) - set(PREFIX_CACHE_OPTIONS))
     if unknown:
@@ -62,7 +63,12 @@ def generate_cp(
     return launch(
         _generate_on_rank,
         cp=cp,
-        args=(str(model_dir), request, dtype, {"max_pixels": max_pixels, **prefix_cache}),
+        args=(
+            str(model_dir),
+            request,
+            dtype,
+            {"max_pixels": max_pixels, "kv_cache_dtype": kv_cache_dtype, **prefix_cache},
+        ),
         device=resolved.type,
         timeout_s=timeout_s,
     )

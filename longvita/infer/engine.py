@@ -52,8 +52,11 @@ from longvita.ops.sequence import SlotIndex
 from longvita.processing.tiles import TileSource
 
 
-def allocate_cache(model: LongVITAForCausalLM, capacity: int) -> KVCache:
-    """The KV cache of one sequence of `capacity` tokens, in the model's dtype and device."""
+def allocate_cache(
+    model: LongVITAForCausalLM, capacity: int, dtype: torch.dtype | None = None
+) -> KVCache:
+    """The KV cache of one sequence of `capacity` tokens on the model's device, stored in
+    `dtype` (None: the model's; torch.int8: quantized, `model.kv_cache`)."""
     config = model.config
     return KVCache(
         num_layers=config.num_hidden_layers,
@@ -61,7 +64,7 @@ def allocate_cache(model: LongVITAForCausalLM, capacity: int) -> KVCache:
         num_kv_heads=config.num_key_value_heads,
         head_dim=config.head_dim,
         capacity=capacity,
-        dtype=model.lm_head.weight.dtype,
+        dtype=model.lm_head.weight.dtype if dtype is None else dtype,
         device=model.lm_head.weight.device,
     )
 
@@ -506,6 +509,7 @@ class LocalRunner:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         vision_batch: int = DEFAULT_VISION_BATCH,
         prefix: PromptPrefix | None = None,
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.input_ids = input_ids
@@ -513,7 +517,8 @@ class LocalRunner:
         self.prefill_chunk = prefill_chunk
         self.tiles = TileSource.from_tensor(tiles) if torch.is_tensor(tiles) else tiles
         self.device = model.lm_head.weight.device
-        self.cache = allocate_cache(model, input_ids.numel() + params.max_new_tokens)
+        capacity = input_ids.numel() + params.max_new_tokens
+        self.cache = allocate_cache(model, capacity, kv_cache_dtype)
         self.stream = feature_stream(model, self.tiles, visual_mask, vision_batch=vision_batch)
         self.sampler = Sampler(params, self.device)
         self.prefix = prefix
@@ -597,10 +602,12 @@ def generate(
     return_scores: bool = False,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     vision_batch: int = DEFAULT_VISION_BATCH,
+    kv_cache_dtype: torch.dtype | None = None,
 ) -> GenerationOutput:
     """Generate after the prompt `input_ids` [seq] in this process (token ids, no text).
 
-    tiles: the prompt's TileSource, or a [num_tiles, 3, S, S] tensor; visual_mask: [seq] bool.
+    tiles: the prompt's TileSource, or a [num_tiles, 3, S, S] tensor; visual_mask: [seq] bool;
+    kv_cache_dtype: the KV cache's storage dtype (None: the model's; torch.int8: quantized).
     """
     runner = LocalRunner(
         model,
@@ -610,6 +617,7 @@ def generate(
         visual_mask=visual_mask,
         prefill_chunk=prefill_chunk,
         vision_batch=vision_batch,
+        kv_cache_dtype=kv_cache_dtype,
     )
     return run_to_end(
         runner, params, stop_ids, return_scores=return_scores, vocab_size=model.config.vocab_size

@@ -52,7 +52,7 @@ from longvita.processing.image import DEFAULT_MAX_PIXELS
 from longvita.processing.processor import ImageInput, ProcessedPrompt, Processor, VideoInput
 from longvita.processing.tiles import TileSource
 from longvita.processing.tokens import load_tokenizer
-from longvita.runtime import resolve_device, resolve_dtype
+from longvita.runtime import resolve_device, resolve_dtype, resolve_kv_cache_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,9 @@ class Pipeline:
     `prefix_cache` keeps the keys and values of recent prompts so that a prompt starting like
     one of them prefills only the rest (`infer.prefix_cache`); by default in memory, within
     `DEFAULT_MEMORY_FRACTION` of the free memory (`longvita.load` sets it up).
+    `kv_cache_dtype` is what every KV cache of this pipeline stores: "auto" (the model's
+    dtype), "float32", "bfloat16", "float16" or "int8" (quantized per token and head,
+    `model.kv_cache`); fixed for the pipeline's life, as its prefix cache holds that dtype.
     """
 
     def __init__(
@@ -71,9 +74,11 @@ class Pipeline:
         processor: Processor,
         *,
         prefix_cache: PrefixCache | None = None,
+        kv_cache_dtype: str | torch.dtype | None = "auto",
     ) -> None:
         self.model = model
         self.processor = processor
+        self._kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, model.lm_head.weight.dtype)
         if prefix_cache is None:
             prefix_cache = PrefixCache(
                 max_bytes=default_prefix_cache_bytes(self.device),
@@ -92,6 +97,11 @@ class Pipeline:
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
+
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        """The storage dtype of the KV caches (torch.int8: quantized)."""
+        return self._kv_cache_dtype
 
     def process(
         self,
@@ -224,6 +234,7 @@ class Pipeline:
             "prefill_chunk": prefill_chunk,
             "vision_batch": vision_batch,
             "prefix": prefix,
+            "kv_cache_dtype": self.kv_cache_dtype,
         }
         if state is None or state.cp_size == 1:
             runner = LocalRunner(self.model, input_ids, **inputs)
@@ -261,6 +272,7 @@ class Pipeline:
             num_prompt_tokens=prompt.num_tokens,
             max_new_tokens=max_new_tokens,
             dtype=self.model.lm_head.weight.dtype,
+            kv_cache_dtype=self.kv_cache_dtype,
             device=self.device,
             prefill_chunk=request.prefill_chunk,
             vision_batch=request.vision_batch,
@@ -334,6 +346,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    kv_cache_dtype: str | torch.dtype = "auto",
     prefix_cache_bytes: int | None = None,
     prefix_cache_dir: str | Path | None = None,
     prefix_cache_dir_bytes: int = DEFAULT_DISK_BYTES,
@@ -344,6 +357,9 @@ def load(
     bfloat16 or float16 (None: float32 on CPU, bfloat16 on an accelerator). Anything else is a
     ValueError here, before the weights are read. max_pixels: images and video frames with more
     pixels are refused from their headers (default: Pillow's 89,478,485).
+    kv_cache_dtype: what the KV cache stores: "auto" (dtype), "float32", "bfloat16",
+    "float16", or "int8" (keys and values quantized per token and head with a float32 scale:
+    3.8x smaller than float32, 1.9x than bfloat16; dequantized block by block in attention).
 
     Prefix cache (docs/prefix_cache.md): prefix_cache_bytes, the memory kept for recent
     prompts' keys and values (None: a quarter of the free memory after loading; 0: off);
@@ -353,6 +369,7 @@ def load(
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     check_int("max_pixels", max_pixels, minimum=1)
+    kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype, dtype)
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a directory: give a checkpoint directory")
@@ -371,13 +388,13 @@ def load(
             prefix_cache_dir,
             max_bytes=prefix_cache_dir_bytes,
             model_identity=checkpoint_identity(directory),
-            dtype=dtype,
+            dtype=kv_dtype,
             kv_shape=(config.num_hidden_layers, config.num_key_value_heads, config.head_dim),
         )
     prefix_cache = PrefixCache(
         max_bytes=prefix_cache_bytes, tokens_per_tile=config.vision.tokens_per_tile, disk=disk
     )
-    return Pipeline(model, processor, prefix_cache=prefix_cache)
+    return Pipeline(model, processor, prefix_cache=prefix_cache, kv_cache_dtype=kv_dtype)
 
 
 def default_prefix_cache_bytes(device: torch.device) -> int:

@@ -12,7 +12,9 @@ tokens, M new tokens, C prefill chunk, B vision batch, K the KV cache's key bloc
 
     weights      (exact parameter count of LLM + ViT + projector) x b, on every device (context
                  parallelism replicates the weights)
-    kv_cache     2 x L x Hkv x d x b x kv_tokens, where kv_tokens = P + M at cp = 1; under cp,
+    kv_cache     2 x L x Hkv x d x b x kv_tokens with b the KV cache dtype's bytes, or
+                 2 x L x Hkv x (d + 4) x kv_tokens for int8 (values and float32 scales);
+                 kv_tokens = P + M at cp = 1; under cp,
                  the tokens the most loaded rank caches in `infer.layout`'s layout
                  (the prompt in rounds of 2cp chunks of c = min(C/2, ceil(P/2cp)) tokens cut
                  zigzag, each new token to the rank holding the fewest): about (P + M) / cp
@@ -42,7 +44,10 @@ tokens, M new tokens, C prefill chunk, B vision batch, K the KV cache's key bloc
                                                     queries gathered from every rank, their
                                                     partial results over the local cache (fp32,
                                                     merged, packed, sent and received)
-      total  = max(llm, vit) + held + logits + shards
+      dequant = 2*Hkv*min(K, kv_tokens)*d*b with an int8 KV cache, else 0
+                                                    one block of cached keys and values
+                                                    dequantized for the fused kernel
+      total  = max(llm, vit) + held + logits + shards + dequant
 
 The coefficients are upper bounds of what the code allocates (tests/unit/test_plan.py measures
 chunked prefills on CPU against them at cp = 1; the shards term follows the design of
@@ -64,7 +69,7 @@ import torch
 from longvita.config import LongVITAConfig
 from longvita.errors import PromptError
 from longvita.infer.layout import PromptLayout
-from longvita.model.kv_cache import DEFAULT_KV_BLOCK
+from longvita.model.kv_cache import DEFAULT_KV_BLOCK, kv_bytes_per_token
 from longvita.model.qwen2 import MLP_ROW_BLOCK
 from longvita.processing.image import candidate_grids
 from longvita.processing.processor import MAX_TILES, image_token_count, video_token_count
@@ -85,6 +90,7 @@ class MemoryPlan:
     max_new_tokens: int
     cp: int
     dtype: str
+    kv_cache_dtype: str
     prefill_chunk: int
     vision_batch: int
     kv_tokens: int
@@ -145,6 +151,7 @@ def plan_memory(
     max_new_tokens: int,
     cp: int = 1,
     dtype: torch.dtype = torch.bfloat16,
+    kv_cache_dtype: torch.dtype | None = None,
     prefill_chunk: int,
     vision_batch: int,
     has_tiles: bool = True,
@@ -153,6 +160,7 @@ def plan_memory(
 ) -> MemoryPlan:
     """Weights, KV cache and peak activation bytes per device (formulas: module docstring).
 
+    kv_cache_dtype: the KV cache's storage dtype (None: `dtype`; torch.int8: quantized).
     has_tiles: False for a text-only prompt (no ViT). device_type: "cuda" counts the key block
     that the CUDA attention kernel repeats; "cpu" does not.
     """
@@ -165,9 +173,16 @@ def plan_memory(
     ]:
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    b = resolve_dtype(dtype, torch.device("cpu")).itemsize
+    dtype = resolve_dtype(dtype, torch.device("cpu"))
+    kv_dtype = dtype if kv_cache_dtype is None else kv_cache_dtype
+    b = dtype.itemsize
     kv_tokens = kv_tokens_per_device(num_prompt_tokens, max_new_tokens, cp, prefill_chunk)
-    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    kv_per_token = kv_bytes_per_token(
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        dtype=kv_dtype,
+    )
     chunk = tokens_per_forward(num_prompt_tokens, cp, prefill_chunk)
     key_block = min(kv_block, kv_tokens) if device_type == "cuda" else 0
     llm = _llm_chunk_bytes(config, chunk, key_block, b)
@@ -180,17 +195,21 @@ def plan_memory(
     if cp > 1:
         hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         shards = 4 * chunk * hkv * d * b + cp * chunk * hq * (d * b + 24 * (d + 1))
+    dequant = 0
+    if kv_dtype == torch.int8:
+        dequant = 2 * config.num_key_value_heads * min(kv_block, kv_tokens) * config.head_dim * b
     return MemoryPlan(
         num_prompt_tokens=num_prompt_tokens,
         max_new_tokens=max_new_tokens,
         cp=cp,
         dtype=dtype_name(dtype),
+        kv_cache_dtype=dtype_name(kv_dtype),
         prefill_chunk=prefill_chunk,
         vision_batch=vision_batch,
         kv_tokens=kv_tokens,
         weight_bytes=count_parameters(config) * b,
-        kv_cache_bytes=kv_per_token * kv_tokens * b,
-        activation_bytes=max(llm, vit) + held + logits + shards,
+        kv_cache_bytes=kv_per_token * kv_tokens,
+        activation_bytes=max(llm, vit) + held + logits + shards + dequant,
     )
 
 
@@ -276,6 +295,7 @@ def check_prompt_memory(
     prefill_chunk: int,
     vision_batch: int,
     has_tiles: bool,
+    kv_cache_dtype: torch.dtype | None = None,
     cp: int = 1,
     ranks_per_host: int = 1,
     media_bytes: int = 0,
@@ -296,6 +316,7 @@ def check_prompt_memory(
             max_new_tokens=new_tokens,
             cp=cp,
             dtype=dtype,
+            kv_cache_dtype=kv_cache_dtype,
             prefill_chunk=prefill_chunk,
             vision_batch=vision_batch,
             has_tiles=has_tiles,
@@ -385,7 +406,7 @@ def plan_summary(plan: MemoryPlan) -> str:
     """The human-readable table `longvita plan` prints."""
     rows = [
         ("weights", plan.weight_bytes, "replicated on every device"),
-        ("KV cache", plan.kv_cache_bytes, f"{plan.kv_tokens:,} tokens"),
+        ("KV cache", plan.kv_cache_bytes, f"{plan.kv_tokens:,} tokens, {plan.kv_cache_dtype}"),
         (
             "activations",
             plan.activation_bytes,

@@ -21,7 +21,7 @@ from longvita.infer.plan import (
     plan_summary,
 )
 from longvita.infer.request import DEFAULT_PREFILL_CHUNK, DEFAULT_VISION_BATCH
-from longvita.runtime import resolve_dtype
+from longvita.runtime import KV_CACHE_DTYPES, resolve_dtype, resolve_kv_cache_dtype
 
 EXIT_REFUSED = 1
 """Exit status when the plan says the prompt would be refused."""
@@ -56,6 +56,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--cp", type=int, default=1, help="context-parallel devices (default 1)")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16, float32")
     p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=KV_CACHE_DTYPES,
+        help="what the KV cache stores: auto (--dtype, the default), a float dtype, or int8 "
+        "(quantized per token and head)",
+    )
+    p.add_argument(
         "--device-type", default="cuda", choices=["cuda", "cpu"], help="default: %(default)s"
     )
     p.add_argument(
@@ -76,12 +83,14 @@ def run_plan(args: argparse.Namespace) -> int:
         tokens = count_prompt_tokens(
             config, frames=args.frames, images=args.images, text_tokens=args.text_tokens
         )
+    dtype = resolve_dtype(args.dtype, torch.device(args.device_type))
     plan = plan_memory(
         config,
         num_prompt_tokens=tokens,
         max_new_tokens=args.max_new_tokens,
         cp=args.cp,
-        dtype=resolve_dtype(args.dtype, torch.device(args.device_type)),
+        dtype=dtype,
+        kv_cache_dtype=resolve_kv_cache_dtype(args.kv_cache_dtype, dtype),
         prefill_chunk=args.prefill_chunk,
         vision_batch=args.vision_batch,
         has_tiles=args.prompt_tokens is not None or args.frames + args.images > 0,

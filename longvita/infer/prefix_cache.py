@@ -67,6 +67,27 @@ class CachedPrefix:
     """Memory the entry keeps alive (0 when it is mapped from a file)."""
     path: Path | None = None
     """The file it is mapped from (`infer.prefix_disk`), None in memory."""
+    key_scales: torch.Tensor | None = None
+    """float32 [layers, kv_heads, T] when the keys/values are int8 (`model.kv_cache`)."""
+    value_scales: torch.Tensor | None = None
+
+    @classmethod
+    def of_cache(cls, key: PromptKey, held: dict[str, torch.Tensor], **fields) -> CachedPrefix:
+        """An entry of the tensors a KV cache holds (`KVCache.held`)."""
+        return cls(key, held["keys"], held["values"], key_scales=held.get("key_scales"),
+                   value_scales=held.get("value_scales"), **fields)  # fmt: skip
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The keys, values (and scales of int8 ones) by `KVCache.held`'s names."""
+        held = {"keys": self.keys, "values": self.values}
+        if self.key_scales is not None:
+            held["key_scales"], held["value_scales"] = self.key_scales, self.value_scales
+        return held
+
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes of its tensors (what a copy of the prompt part alone takes)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     @property
     def entry_id(self) -> str:
@@ -227,9 +248,7 @@ class PromptPrefix:
         if kv.length != 0:
             raise ValueError(f"the KV cache must be empty to load a prefix, it holds {kv.length}")
         count = entry.tokens_before(length)
-        kv.keys[:, 0, :, :count].copy_(entry.keys[:, :, :count])  # [layers, kv_heads, k, d]
-        kv.values[:, 0, :, :count].copy_(entry.values[:, :, :count])
-        kv.advance(count)
+        kv.load(entry.tensors(), count)
         source = "memory" if entry.path is None else str(entry.path)
         logger.info(
             "prefix cache: the first %d of the prompt's %d tokens from %s",
@@ -248,17 +267,16 @@ class PromptPrefix:
         of `kv`, at those prompt positions) for the prompts that follow, in memory now and on
         disk at `persist`."""
         count = positions.numel()
-        self._kept = CachedPrefix(
+        self._kept = CachedPrefix.of_cache(
             self.key,
-            kv.keys[:, 0, :, :count],  # [layers, kv_heads, count, head_dim], a view of kv
-            kv.values[:, 0, :, :count],
-            positions.cpu(),
+            kv.held(count),  # [layers, kv_heads, count, head_dim] views of kv
+            positions=positions.cpu(),
             cp=cp,
             cp_rank=cp_rank,
             num_bytes=kv.num_bytes,
         )
         memory, entry = self.cache.memory, self._kept
-        alone = 2 * entry.keys.numel() * entry.keys.element_size()  # the prompt part's bytes
+        alone = entry.storage_bytes  # the prompt part's
         if memory.max_bytes == 0:
             return
         if alone > memory.max_bytes:
@@ -271,8 +289,8 @@ class PromptPrefix:
             )
             return
         if kv.capacity > 2 * count or entry.num_bytes > memory.max_bytes:  # the prompt part alone
-            keys, values = entry.keys.clone(), entry.values.clone()
-            entry = dataclasses.replace(entry, keys=keys, values=values, num_bytes=alone)
+            copies = {name: tensor.clone() for name, tensor in entry.tensors().items()}
+            entry = dataclasses.replace(entry, **copies, num_bytes=alone)  # fields by those names
         memory.add(entry)
 
     def persist(self) -> None:

@@ -9,7 +9,8 @@ touches its file). A new file replaces the files of the prompts it covers (`Prom
 the previous question about the same video), so a directory keeps one copy of a video.
 
 One safetensors file per prompt and rank, `<prompt digest>.cp<N>-rank<r>.safetensors`:
-  keys, values  [layers, kv_heads, T, head_dim] in the model's dtype (T: the rank's tokens)
+  keys, values  [layers, kv_heads, T, head_dim] in the KV cache's dtype (T: the rank's tokens)
+  key_scales, value_scales  float32 [layers, kv_heads, T], only when that dtype is int8
   positions     [T] int64, the prompt positions of those tokens, ascending
   token_ids     [N] int64, media_ids [N] int64: the whole prompt's `PromptKey`
 and in the header's metadata the format, the model's identity (`checkpoint_identity`), the
@@ -50,8 +51,10 @@ SAFETENSORS_DTYPES = {
     torch.float16: "F16",
     torch.bfloat16: "BF16",
     torch.int64: "I64",
+    torch.int8: "I8",
 }
 TENSOR_NAMES = ("keys", "values", "positions", "token_ids", "media_ids")
+SCALE_NAMES = ("key_scales", "value_scales")
 
 
 def checkpoint_identity(directory: str | Path) -> str:
@@ -91,7 +94,9 @@ class DiskPrefixStore:
         self.max_bytes = max_bytes
         self.model_identity = model_identity
         self.dtype = dtype
+        """The KV cache's storage dtype (torch.int8: quantized, with scales)."""
         self.kv_shape = kv_shape
+        self._tensor_names = TENSOR_NAMES + (SCALE_NAMES if dtype == torch.int8 else ())
         """(layers, kv_heads, head_dim) of the model's keys and values."""
         self._warned: set[tuple[str, int]] = set()
 
@@ -122,8 +127,7 @@ class DiskPrefixStore:
             self.touch(target)
             return
         tensors = {
-            "keys": entry.keys,
-            "values": entry.values,
+            **entry.tensors(),
             "positions": entry.positions,
             "token_ids": entry.key.token_ids,
             "media_ids": entry.key.media_ids,
@@ -168,7 +172,7 @@ class DiskPrefixStore:
                 metadata = handle.metadata() or {}
                 problem = self._foreign(metadata)
                 if problem is None:
-                    tensors = {name: handle.get_tensor(name) for name in TENSOR_NAMES}
+                    tensors = {name: handle.get_tensor(name) for name in self._tensor_names}
         except (OSError, SafetensorError, RuntimeError, ValueError) as err:
             problem = f"it does not read as a prefix cache file ({err})"
         if problem is None:
@@ -177,11 +181,10 @@ class DiskPrefixStore:
             if not quiet:
                 self._warn(path, problem)
             return None
-        return CachedPrefix(
+        return CachedPrefix.of_cache(
             PromptKey(tensors["token_ids"], tensors["media_ids"]),
-            tensors["keys"],
-            tensors["values"],
-            tensors["positions"],
+            tensors,
+            positions=tensors["positions"],
             cp=int(metadata["cp"]),
             cp_rank=int(metadata["cp_rank"]),
             path=path,
@@ -205,7 +208,7 @@ class DiskPrefixStore:
         if metadata.get("model") != self.model_identity:
             return "it was written by another model (config.json or weight files differ)"
         if metadata.get("dtype") != dtype_name(self.dtype):
-            return f"it holds {metadata.get('dtype')} keys/values, this model runs in " + (
+            return f"it holds {metadata.get('dtype')} keys/values, this KV cache stores " + (
                 dtype_name(self.dtype)
             )
         return None
@@ -220,11 +223,15 @@ class DiskPrefixStore:
             "token_ids": (num_tokens,),
             "media_ids": (num_tokens,),
         }
+        if self.dtype == torch.int8:
+            expected.update({name: (layers, kv_heads, held) for name in SCALE_NAMES})
         for name, shape in expected.items():
             if tuple(tensors[name].shape) != shape:
                 return f"its {name} are {tuple(tensors[name].shape)}, expected {shape}"
         if tensors["keys"].dtype != self.dtype or tensors["values"].dtype != self.dtype:
             return f"its keys/values are {tensors['keys'].dtype}, expected {self.dtype}"
+        if any(tensors[name].dtype != torch.float32 for name in SCALE_NAMES if name in tensors):
+            return "its key/value scales are not float32"
         positions = tensors["positions"]
         ascending = not bool((positions[1:] <= positions[:-1]).any())
         if held and not (ascending and int(positions[0]) >= 0 and int(positions[-1]) < num_tokens):

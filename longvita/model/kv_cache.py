@@ -8,8 +8,17 @@ of [chunk, context] is ever built; the cached part is read in blocks of `kv_bloc
 the scratch memory of a chunk is bounded by chunk x kv_block whatever the context length (the
 CUDA kernel repeats K/V heads for grouped-query attention: per block, not per cache). The
 engine calls `advance` once per forward, after every layer has written. Allocated once for the
-known prompt + max_new_tokens, in the model dtype. Inference only: partial results are merged in
-place, so no gradient flows through the cache.
+known prompt + max_new_tokens. Inference only: partial results are merged in place, so no
+gradient flows through the cache.
+
+The storage dtype (`kv_cache_dtype`) is the model's, another float dtype, or "int8": keys and
+values quantized per token and head (`ops.kv_quant`, 2 x (head_dim + 4) bytes per token, layer
+and K/V head instead of 2 x head_dim x 4 in float32). An int8 cache is read block by block: a
+decode step attends straight over the int8 block, a prefill chunk dequantizes one block at a
+time into a buffer of `kv_block` tokens and runs the fused kernel on it; the whole cache is
+never dequantized. A prefill chunk attends to its own (new) keys and values as computed, a
+decode step to its own as cached (like a context-parallel rank's). A float cache
+of another dtype than the model's is read the same way, converted block by block.
 """
 
 from __future__ import annotations
@@ -17,9 +26,24 @@ from __future__ import annotations
 import torch
 
 from longvita.ops.attention import attention, block_attention, merge_partials_
+from longvita.ops.kv_quant import dequantize_int8, int8_attention, quantize_int8
 
 DEFAULT_KV_BLOCK = 16384
 """Cached tokens attended per kernel call by a prefill chunk (see the module docstring)."""
+INT8_DECODE_SPAN = 65536
+"""Cached int8 tokens a decode step attends per `ops.kv_quant.int8_attention` call (its
+scores: 4 bytes per query row and token), merged by log-sum-exp."""
+INT8_DIRECT_ROWS = 64
+"""Query rows (query heads x new tokens) up to which an int8 block is attended directly
+(`ops.kv_quant.int8_attention`) rather than dequantized for the fused kernel."""
+
+
+def kv_bytes_per_token(
+    *, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> int:
+    """Bytes one cached token takes in a cache of storage `dtype` (int8: values and scales)."""
+    per_head = head_dim + 4 if dtype == torch.int8 else head_dim * dtype.itemsize
+    return 2 * num_layers * num_kv_heads * per_head
 
 
 class KVCache:
@@ -37,29 +61,55 @@ class KVCache:
     ) -> None:
         if capacity < 0 or kv_block < 1:
             raise ValueError(f"need capacity >= 0 and kv_block >= 1, got {capacity=}, {kv_block=}")
+        if not (dtype.is_floating_point or dtype == torch.int8):
+            raise ValueError(f"a KV cache stores a float dtype or int8, got {dtype}")
         shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
         self.keys = torch.empty(shape, dtype=dtype, device=device)
         self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.quantized = dtype == torch.int8
+        self.key_scales: torch.Tensor | None = None
+        """float32 [layers, batch, kv_heads, capacity] for an int8 cache, else None."""
+        self.value_scales: torch.Tensor | None = None
+        if self.quantized:
+            self.key_scales = torch.empty(shape[:-1], dtype=torch.float32, device=device)
+            self.value_scales = torch.empty(shape[:-1], dtype=torch.float32, device=device)
         self.capacity = capacity
         self.kv_block = kv_block
         self.length = 0
         """Tokens cached and visible to the next step."""
+        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # dequantized block
 
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store `k`, `v` [batch, kv_heads, new, head_dim] after the cached tokens of `layer`.
+    @property
+    def dtype(self) -> torch.dtype:
+        """The storage dtype (torch.int8 for the quantized cache)."""
+        return self.keys.dtype
 
-        Returns views of all keys/values of that layer: [batch, kv_heads, length + new, head_dim].
-        """
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Store `k`, `v` [batch, kv_heads, new, head_dim] after the cached tokens of `layer`
+        (quantized in an int8 cache); returns the end of what `layer` now holds."""
         end = self.length + k.shape[-2]
         if end > self.capacity:
             raise ValueError(
                 f"KV cache holds {self.capacity} tokens; {self.length} cached + "
                 f"{k.shape[-2]} new = {end} do not fit"
             )
-        self.keys[layer, :, :, self.length : end] = k
-        self.values[layer, :, :, self.length : end] = v
+        where = (layer, slice(None), slice(None), slice(self.length, end))
+        if self.quantized:
+            self.keys[where], self.key_scales[where] = quantize_int8(k)
+            self.values[where], self.value_scales[where] = quantize_int8(v)
+        else:
+            self.keys[where] = k
+            self.values[where] = v
+        return end
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`write`, then views of all keys/values of that layer: [batch, kv_heads, length + new,
+        head_dim] (a float cache only: an int8 cache is read through `attend_cached_`)."""
+        if self.quantized:
+            raise TypeError("an int8 KV cache has no float view: use attend_cached_")
+        end = self.write(layer, k, v)
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def __call__(
@@ -70,24 +120,110 @@ class KVCache:
         q: [batch, heads, new, head_dim]; k, v: [batch, kv_heads, new, head_dim].
         """
         cached = self.length
-        k_all, v_all = self.update(layer_idx, k, v)  # [batch, kv_heads, cached + new, head_dim]
-        if cached == 0 or q.shape[-2] == 1:  # first chunk (causal) or one token (sees all)
-            return attention(q, k_all, v_all, causal=True, q_offset=cached)
+        end = self.write(layer_idx, k, v)
+        if self.keys.dtype == q.dtype and (cached == 0 or q.shape[-2] == 1):
+            # first chunk (causal) or one token (sees all): one kernel call over the cache
+            keys, values = self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
+            return attention(q, keys, values, causal=True, q_offset=cached)
+        if cached == 0:  # the first chunk, the cache in another dtype: over itself, as given
+            return attention(q, k, v, causal=True)
+        if q.shape[-2] == 1:  # a decode step over the cache in another dtype, itself included
+            out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)
+            self.attend_cached_(q, layer_idx, end, out, lse)
+            return out.to(q.dtype)
         out, lse = block_attention(q, k, v, causal=True)  # the chunk over itself
         out, lse = out.float(), lse.float()  # the accumulator, merged in place block by block
-        for start in range(0, cached, self.kv_block):  # the chunk over the cache
-            end = min(start + self.kv_block, cached)
-            block_out, block_lse = block_attention(
-                q, k_all[:, :, start:end], v_all[:, :, start:end], causal=False
-            )  # [batch, heads, new, head_dim], [batch, heads, new]
+        self.attend_cached_(q, layer_idx, cached, out, lse)  # the chunk over the cache
+        return out.to(q.dtype)
+
+    def attend_cached_(
+        self,
+        q: torch.Tensor,
+        layer: int,
+        end: int,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+    ) -> None:
+        """Merge the attention of q [batch, heads, n, head_dim] over the first `end` cached
+        tokens of `layer` (unmasked) into the float32 accumulators out [batch, heads, n,
+        head_dim] and lse [batch, heads, n], one block of cached tokens at a time."""
+        direct = self.quantized and q.shape[1] * q.shape[2] <= INT8_DIRECT_ROWS
+        block = INT8_DECODE_SPAN if direct else self.kv_block
+        for start in range(0, end, block):
+            stop = min(start + block, end)
+            if direct:
+                block_out, block_lse = int8_attention(q, *self._int8_block(layer, start, stop))
+            else:
+                keys, values = self._float_block(layer, start, stop, q.dtype)
+                block_out, block_lse = block_attention(q, keys, values, causal=False)
             merge_partials_(out, lse, block_out, block_lse)
             del block_out, block_lse
-        return out.to(q.dtype)
+
+    def _int8_block(self, layer: int, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        where = (layer, slice(None), slice(None), slice(start, stop))
+        return (
+            self.keys[where],
+            self.key_scales[where],
+            self.values[where],
+            self.value_scales[where],
+        )
+
+    def _float_block(
+        self, layer: int, start: int, stop: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values [batch, kv_heads, stop - start, head_dim] in `dtype` of cached tokens
+        start..stop: views of a cache in `dtype`, else converted (int8: dequantized) into a
+        reused buffer."""
+        where = (layer, slice(None), slice(None), slice(start, stop))
+        if self.keys.dtype == dtype:
+            return self.keys[where], self.values[where]
+        size = stop - start
+        scratch = self._scratch
+        if scratch is None or scratch[0].shape[-2] < size or scratch[0].dtype != dtype:
+            shape = (*self.keys.shape[1:3], min(self.kv_block, self.capacity), self.keys.shape[-1])
+            device = self.keys.device
+            self._scratch = scratch = (
+                torch.empty(shape, dtype=dtype, device=device),
+                torch.empty(shape, dtype=dtype, device=device),
+            )  # one block, reused by every layer and chunk
+        keys, values = scratch[0][:, :, :size], scratch[1][:, :, :size]
+        if not self.quantized:
+            return keys.copy_(self.keys[where]), values.copy_(self.values[where])
+        dequantize_int8(self.keys[where], self.key_scales[where], keys)
+        dequantize_int8(self.values[where], self.value_scales[where], values)
+        return keys, values
 
     def advance(self, num_tokens: int) -> None:
         """Make the `num_tokens` just written by every layer visible to the next step."""
         self.length += num_tokens
 
+    def held(self, count: int) -> dict[str, torch.Tensor]:
+        """Views of the first `count` cached tokens of batch row 0, by name: "keys", "values"
+        [layers, kv_heads, count, head_dim] and, in an int8 cache, "key_scales",
+        "value_scales" [layers, kv_heads, count] (what the prefix cache keeps)."""
+        held = {"keys": self.keys[:, 0, :, :count], "values": self.values[:, 0, :, :count]}
+        if self.quantized:
+            held["key_scales"] = self.key_scales[:, 0, :, :count]
+            held["value_scales"] = self.value_scales[:, 0, :, :count]
+        return held
+
+    def load(self, tensors: dict[str, torch.Tensor], count: int) -> None:
+        """Copy the first `count` tokens of `held`-shaped tensors into batch row 0 of this
+        empty cache and make them visible."""
+        if self.length != 0:
+            raise ValueError(f"the KV cache must be empty to load tokens, it holds {self.length}")
+        for name, target in self.held(count).items():
+            if name not in tensors:
+                raise ValueError(f"loading into a {self.dtype} KV cache needs {name!r}")
+            target.copy_(
+                tensors[name][..., :count, :] if target.dim() == 4 else tensors[name][..., :count]
+            )
+        self.advance(count)
+
     @property
     def num_bytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()
+        total = 2 * self.keys.numel() * self.keys.element_size()
+        if self.quantized:
+            total += 2 * self.key_scales.numel() * self.key_scales.element_size()
+        return total

@@ -6,7 +6,8 @@ to the tokens cached on every rank (queries all-gathered, partial results return
 and merged by log-sum-exp), then caches its real keys/values; a decode step attends its query
 (the same on every rank) over each shard and merges the all-gathered partials in rank order,
 so every rank gets the same numbers, and caches the new key/value only on the rank told to.
-Storage is a plain `model.kv_cache.KVCache` sized to this rank's share.
+Storage is a plain `model.kv_cache.KVCache` sized to this rank's share (float or int8): it
+reads its cached tokens block by block.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from longvita.model.kv_cache import DEFAULT_KV_BLOCK, KVCache
+from longvita.model.kv_cache import KVCache
 from longvita.model.qwen2 import AttentionFn
-from longvita.ops.attention import block_attention, merge_partials
+from longvita.ops.attention import merge_partials
 from longvita.parallel.collectives import peer_errors
 from longvita.parallel.ring_attention import ring_attention_with_lse
 
@@ -25,7 +26,7 @@ class ShardedKVCache:
     """This rank's shard of the KV cache, and the attention strategies over the sharded whole.
 
     `prefill_fn` and `decode_fn` give the `AttentionFn` of one forward; like `KVCache`, the
-    caller `advance`s after every layer has written. Cached keys are read `kv_block` at a time.
+    caller `advance`s after every layer has written.
     """
 
     def __init__(
@@ -34,13 +35,11 @@ class ShardedKVCache:
         *,
         group: dist.ProcessGroup | None,
         cp_rank: int,
-        kv_block: int = DEFAULT_KV_BLOCK,
     ) -> None:
         self.storage = storage
         self.group = group
         self.cp = 1 if group is None else dist.get_world_size(group)
         self.cp_rank = cp_rank
-        self.kv_block = kv_block
         self.phase = "prefill"
         """What runs now ("prefill round j", "decode step i"), for error messages."""
 
@@ -66,11 +65,10 @@ class ShardedKVCache:
             with self._collective("ring attention", layer_idx):
                 out, lse = ring_attention_with_lse(q, k, v, group=self.group)  # f32 [1,hq,2c,(d)]
             if after_cached:
-                keys, values = self.storage.update(layer_idx, k[:, :, :0], v[:, :, :0])
                 with self._collective("attention over the cached tokens", layer_idx):
-                    out_cached, lse_cached = self._over_all_caches(q, keys, values)
+                    out_cached, lse_cached = self._over_all_caches(q, layer_idx)
                 out, _ = merge_partials(out_cached, lse_cached, out, lse)
-            self.storage.update(layer_idx, k[:, :, :num_store], v[:, :, :num_store])
+            self.storage.write(layer_idx, k[:, :, :num_store], v[:, :, :num_store])
             return out.to(q.dtype)
 
         return attend
@@ -82,8 +80,8 @@ class ShardedKVCache:
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int):
             # q: [1, hq, 1, d]; k, v: [1, hkv, 1, d]
             new = 1 if store else 0
-            keys, values = self.storage.update(layer_idx, k[:, :, :new], v[:, :, :new])
-            out, lse = self._local_partial(q, keys, values)  # [1, hq, 1, d], [1, hq, 1]
+            end = self.storage.write(layer_idx, k[:, :, :new], v[:, :, :new])
+            out, lse = self._local_partial(q, layer_idx, end)  # [1, hq, 1, d], [1, hq, 1]
             if self.cp > 1:
                 packed = _pack(out, lse)  # [1, hq, 1, d + 1]
                 parts = [torch.empty_like(packed) for _ in range(self.cp)]
@@ -94,30 +92,28 @@ class ShardedKVCache:
 
         return attend
 
-    def _over_all_caches(self, q, keys, values) -> tuple[torch.Tensor, torch.Tensor]:
-        """Local queries q [1, hq, m, d] over every rank's cache -> (out f32, lse)."""
+    def _over_all_caches(self, q, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local queries q [1, hq, m, d] over every rank's cache of layer `layer_idx`
+        -> (out f32, lse)."""
+        length = self.storage.length
         if self.cp == 1:
-            return self._local_partial(q, keys, values)
+            return self._local_partial(q, layer_idx, length)
         gathered = [torch.empty_like(q) for _ in range(self.cp)]
         dist.all_gather(gathered, q.contiguous(), group=self.group)
         queries = torch.cat(gathered, dim=2)  # [1, hq, cp * m, d]: every rank's, in rank order
-        out, lse = self._local_partial(queries, keys, values)  # over this rank's cache
+        out, lse = self._local_partial(queries, layer_idx, length)  # over this rank's cache
         send = [part.contiguous() for part in _pack(out, lse).split(q.shape[2], dim=2)]
         received = [torch.empty_like(part) for part in send]  # cp x [1, hq, m, d + 1]
         dist.all_to_all(received, send, group=self.group)  # our queries' partial from each rank
         return _merge_packed(received)
 
-    def _local_partial(self, q, keys, values) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention of q [1, hq, n, d] over keys [1, hkv, L, d], `kv_block` keys at a time
-        -> (out float32 [1, hq, n, d], lse [1, hq, n]); an empty shard gives (0, -inf)."""
+    def _local_partial(self, q, layer_idx: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of q [1, hq, n, d] over the first `end` tokens of this rank's cache of
+        layer `layer_idx` -> (out float32 [1, hq, n, d], lse [1, hq, n]); an empty shard gives
+        (0, -inf)."""
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)
-        for start in range(0, keys.shape[-2], self.kv_block):
-            end = start + self.kv_block
-            block_out, block_lse = block_attention(
-                q, keys[:, :, start:end], values[:, :, start:end], causal=False
-            )
-            out, lse = merge_partials(out, lse, block_out, block_lse)
+        self.storage.attend_cached_(q, layer_idx, end, out, lse)
         return out, lse
 
     def _collective(self, what: str, layer_idx: int):

@@ -14,6 +14,7 @@ import os
 import socket
 
 from longvita.infer.batch import DEFAULT_STEP_TOKENS
+from longvita.runtime import KV_CACHE_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--cp", type=int, default=1, help="context-parallel ranks (default 1)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=KV_CACHE_DTYPES,
+        help="what the KV caches store: auto (--dtype, the default), a float dtype, or int8 "
+        "(quantized per token and head: more or longer requests in the same memory)",
+    )
     p.set_defaults(func=run_serve)
     return p
 
@@ -168,7 +176,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
     model_dir = resolve_model_dir(args.model)
     settings = settings_from_args(args, model_dir)
-    load_options = {"device": args.device, "dtype": args.dtype}
+    load_options = {
+        "device": args.device,
+        "dtype": args.dtype,
+        "kv_cache_dtype": args.kv_cache_dtype,
+    }
     if args.max_pixels is not None:
         load_options["max_pixels"] = args.max_pixels
     if args.prefix_cache_gib is not None:

@@ -32,7 +32,12 @@ CONTEXT_ID = 5
 
 
 def _generate_prompts(
-    rank: int, world_size: int, checkpoint: str, prompts: dict, chunks: tuple[int, ...]
+    rank: int,
+    world_size: int,
+    checkpoint: str,
+    prompts: dict,
+    chunks: tuple[int, ...],
+    kv_cache_dtype: torch.dtype | None = None,
 ) -> dict:
     """Every prompt (processed by the parent: no tokenizer here) at every prefill chunk."""
     state = ParallelState.from_group(world_size, timeout_s=60)
@@ -52,6 +57,7 @@ def _generate_prompts(
                 return_scores=True,
                 prefill_chunk=prefill_chunk,
                 vision_batch=2,
+                kv_cache_dtype=kv_cache_dtype,
             )
     return results
 
@@ -118,6 +124,37 @@ def _check_shards(got, pipe, reference, *, slack: int) -> None:
     assert max(tiles) <= reference.num_tiles <= sum(tiles)  # each tile once per rank at most
     if reference.num_tiles > 0 and got.prefill_rounds == 1:  # no rank needs them all
         assert max(tiles) < reference.num_tiles
+
+
+@pytest.mark.distributed
+def test_an_int8_cache_under_cp_equals_the_single_process_int8_cache(ranks, tiny_checkpoint, media):
+    """One round (each rank's prompt share attends exactly, as the single process's one chunk
+    does), then every decode step over the int8 shards: the single process's tokens and logits,
+    with each rank holding its share of the int8 cache."""
+    pipe = longvita.load(tiny_checkpoint, kv_cache_dtype="int8", prefix_cache_bytes=0)
+    prompts, references = {}, {}
+    for name in ("text", "video"):
+        text, image_keys, video_keys, sampling = PROMPTS[name]
+        images, videos = [media[k] for k in image_keys], [media[k] for k in video_keys]
+        processed = pipe.process(text, images, videos)
+        prompts[name] = {
+            "input_ids": processed.input_ids,
+            "visual_mask": processed.visual_mask,
+            "pixel_values": processed.pixel_values,
+            "stop_ids": pipe.processor.tokens.stop,
+            "pad_id": pipe.processor.tokens.pad,
+        }
+        references[name] = pipe.generate(
+            text, images, videos, max_new_tokens=MAX_NEW_TOKENS, return_scores=True, **sampling
+        )
+    args = (str(tiny_checkpoint), prompts, (4096,), torch.int8)
+    results = ranks(_generate_prompts, 2, args=args)
+    for name, reference in references.items():
+        got = results[0][name, 4096]
+        assert got.token_ids == reference.token_ids, name
+        torch.testing.assert_close(got.scores, reference.scores, msg=name)
+        assert sum(got.kv_cache_bytes_per_rank) < reference.kv_cache_bytes  # shards, int8
+        assert max(got.kv_cache_bytes_per_rank) <= reference.kv_cache_bytes / 2 * 1.1
 
 
 def _raw_prompt(num_tokens: int, tile_slots: tuple[int, ...]) -> dict:

@@ -64,9 +64,23 @@ def test_serve_answers_like_the_pipeline_and_stops_on_ctrl_c(tiny_checkpoint):
     assert code in (0, 130) and "Traceback" not in err, err
 
 
+def test_serve_keeps_its_kv_caches_in_the_dtype_asked(tiny_checkpoint):
+    process, url = start(
+        "--model", str(tiny_checkpoint), "--served-model-name", "tiny", "--kv-cache-dtype", "int8"
+    )
+    try:
+        got = ask(url, "tiny")
+    finally:
+        code, err = stop(process)
+    pipe = longvita.load(tiny_checkpoint, kv_cache_dtype="int8")
+    assert got == pipe.generate("Describe a quiet morning.", max_new_tokens=6).text
+    assert code in (0, 130) and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
+        (["--kv-cache-dtype", "fp4"], "invalid choice: 'fp4'"),
         (["--port", "-1"], "--port must be 0-65535"),
         (["--max-batch", "0"], "--max-batch must be >= 1"),
         (["--allowed-local-media-path", "/no/such/dir"], "is not a directory"),
