@@ -25,13 +25,13 @@ forward, each decode step one single-token forward (median reported).
   time to first token, per-rank KV cache bytes and peak; `--threads` cores shared by the ranks.
 
 With `--cache-dtypes int8 bfloat16` only the KV cache dtype comparison runs (issue 14): ours
-with each cache dtype at the `--lengths` of at least one chunk, the baseline with its default
-cache and with its own 8-bit cache (transformers' `QuantizedCache(backend="fp8")`, per-tensor
-float8 e4m3, built in: nothing to install) at the `--lengths` each is predicted to fit; the
-longest prompt within `--budget-gib` for each; then at `--accuracy-len` the greedy tokens of
-`--accuracy-steps` steps and their logits against ours with the model-dtype cache (max
-relative error, first differing step) and the decode rate of each, in fresh processes that
-alternate the dtypes.
+with each of `--memory-dtypes` (int8) at the `--lengths` of at least one chunk, the baseline
+with its default cache and with its own 8-bit cache (transformers' `QuantizedCache(backend=
+"fp8")`, per-tensor float8 e4m3, built in: nothing to install) at the `--lengths` up to
+`--baseline-max-len`; the longest prompt within `--budget-gib` for each; then at
+`--accuracy-len` the greedy tokens of `--accuracy-steps` steps and their logits against ours
+with the model-dtype cache (max relative error, first differing step) and the decode rate of
+each, in fresh processes that alternate the dtypes.
 
 On an accelerator (`--device cuda --dtype bfloat16`) both sides run there and "peak" is the
 allocator's peak above what the loaded model holds (`torch.accelerator.max_memory_allocated`);
@@ -421,7 +421,7 @@ def cp_summary(runs: list[dict]) -> dict:
 def run_cache_dtypes(args: argparse.Namespace, checkpoint: str) -> dict:
     """Memory lines and longest prompts per cache dtype, then accuracy and decode at
     --accuracy-len; ours' float cache is "auto" (the model's dtype)."""
-    sides = [("ours", dtype) for dtype in args.cache_dtypes]
+    sides = [("ours", dtype) for dtype in args.memory_dtypes]
     sides += [("baseline", "auto"), ("baseline", "fp8")]
     peaks: dict[str, dict[int, int]] = {f"{path} {dtype}": {} for path, dtype in sides}
     for seq_len in sorted(args.lengths):
@@ -541,6 +541,12 @@ def parse_args() -> argparse.Namespace:
         nargs="+",
         default=None,
         help="run only the KV cache dtype comparison, for these dtypes of ours (int8 ...)",
+    )
+    parser.add_argument(
+        "--memory-dtypes",
+        nargs="+",
+        default=["int8"],
+        help="--cache-dtypes: ours' cache dtypes whose memory line is measured (int8)",
     )
     parser.add_argument("--accuracy-len", type=int, default=32768, help="--cache-dtypes")
     parser.add_argument("--accuracy-steps", type=int, default=32, help="--cache-dtypes")

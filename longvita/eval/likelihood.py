@@ -88,7 +88,7 @@ def score_continuations(
         )
     model = pipe.model
     with torch.inference_mode():
-        cache = allocate_cache(model, prompt.num_tokens + longest)
+        cache = allocate_cache(model, prompt.num_tokens + longest, pipe.kv_cache_dtype)
         try:
             stream = feature_stream(
                 model, prompt.tiles, prompt.visual_mask, vision_batch=vision_batch
