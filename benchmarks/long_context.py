@@ -420,7 +420,12 @@ def cp_summary(runs: list[dict]) -> dict:
 
 def run_cache_dtypes(args: argparse.Namespace, checkpoint: str) -> dict:
     """Memory lines and longest prompts per cache dtype, then accuracy and decode at
-    --accuracy-len; ours' float cache is "auto" (the model's dtype)."""
+    --accuracy-len (the --parts asked for); ours' float cache is "auto" (the model's dtype)."""
+    report: dict = {}
+    if "accuracy" in args.parts:
+        report["accuracy"] = cache_accuracy(args, checkpoint)
+    if "memory" not in args.parts:
+        return report
     sides = [("ours", dtype) for dtype in args.memory_dtypes]
     sides += [("baseline", "auto"), ("baseline", "fp8")]
     peaks: dict[str, dict[int, int]] = {f"{path} {dtype}": {} for path, dtype in sides}
@@ -453,12 +458,7 @@ def run_cache_dtypes(args: argparse.Namespace, checkpoint: str) -> dict:
         for base in peaks
         if base.startswith("baseline")
     }
-    return {
-        "budget_bytes": budget,
-        "memory": longest,
-        "longest_prompt_ratios": ratios,
-        "accuracy": cache_accuracy(args, checkpoint),
-    }
+    return {**report, "budget_bytes": budget, "memory": longest, "longest_prompt_ratios": ratios}
 
 
 def cache_accuracy(args: argparse.Namespace, checkpoint: str) -> dict:
@@ -547,6 +547,13 @@ def parse_args() -> argparse.Namespace:
         nargs="+",
         default=["int8"],
         help="--cache-dtypes: ours' cache dtypes whose memory line is measured (int8)",
+    )
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=["memory", "accuracy"],
+        default=["memory", "accuracy"],
+        help="--cache-dtypes: which comparisons to run (both)",
     )
     parser.add_argument("--accuracy-len", type=int, default=32768, help="--cache-dtypes")
     parser.add_argument("--accuracy-steps", type=int, default=32, help="--cache-dtypes")

@@ -102,16 +102,6 @@ class KVCache:
             self.values[where] = v
         return end
 
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`write`, then views of all keys/values of that layer: [batch, kv_heads, length + new,
-        head_dim] (a float cache only: an int8 cache is read through `attend_cached_`)."""
-        if self.quantized:
-            raise TypeError("an int8 KV cache has no float view: use attend_cached_")
-        end = self.write(layer, k, v)
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int
     ) -> torch.Tensor:
@@ -216,9 +206,7 @@ class KVCache:
         for name, target in self.held(count).items():
             if name not in tensors:
                 raise ValueError(f"loading into a {self.dtype} KV cache needs {name!r}")
-            target.copy_(
-                tensors[name][..., :count, :] if target.dim() == 4 else tensors[name][..., :count]
-            )
+            target.copy_(tensors[name].narrow(2, 0, count))  # dim 2: the tokens
         self.advance(count)
 
     @property
