@@ -1,8 +1,9 @@
 """What only a CUDA device can check: the whole pipeline on the GPU in fp32 (the CPU's tokens),
-bf16 close to fp32, chunked prefill + KV-cache decode equal to one forward, decode attention
-over a long cache without repeated K/V heads, a training step's gradients, and NCCL groups
-(one GPU: a world of one; two or more: `generate_cp` across GPUs). Skipped without a GPU;
-`make gpu-check` runs them on a lent one (README)."""
+bf16 close to fp32, the int8 KV cache (the CPU's tokens), chunked prefill + KV-cache decode
+equal to one forward, decode attention over a long cache without repeated K/V heads, a
+training step's gradients, and NCCL groups (one GPU: a world of one; two or more:
+`generate_cp` across GPUs). Skipped without a GPU; `make gpu-check` runs them on a lent one
+(README)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,18 @@ def test_pipeline_on_cuda_in_fp32_gives_the_cpu_tokens(tiny_checkpoint, media, n
     gpu = _generate(gpu_pipe, media, name, max_new_tokens=8, prefill_chunk=7)
     assert gpu.token_ids == cpu.token_ids
     torch.testing.assert_close(gpu.scores, cpu.scores, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", PROMPTS)
+def test_an_int8_kv_cache_on_cuda_gives_the_cpu_int8_tokens(tiny_checkpoint, media, name):
+    """The int8 cache's decode (direct int8 blocks) and chunked prefill (dequantized blocks for
+    the fused kernel) on the GPU, fp32: the CPU's int8 tokens, logits close."""
+    options = {"max_new_tokens": 8, "prefill_chunk": 7}
+    cpu = _generate(longvita.load(tiny_checkpoint, kv_cache_dtype="int8"), media, name, **options)
+    gpu_pipe = longvita.load(tiny_checkpoint, device="cuda", dtype="float32", kv_cache_dtype="int8")
+    gpu = _generate(gpu_pipe, media, name, **options)
+    assert gpu.token_ids == cpu.token_ids
+    torch.testing.assert_close(gpu.scores, cpu.scores, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("name", PROMPTS)
