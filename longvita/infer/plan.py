@@ -44,7 +44,7 @@ tokens, M new tokens, C prefill chunk, B vision batch, K the KV cache's key bloc
                                                     queries gathered from every rank, their
                                                     partial results over the local cache (fp32,
                                                     merged, packed, sent and received)
-      dequant = 2*Hkv*min(K, kv_tokens)*d*b with an int8 KV cache, else 0
+      dequant = 2*Hkv*min(K, 4096, kv_tokens)*d*b with an int8 KV cache, else 0
                                                     one block of cached keys and values
                                                     dequantized for the fused kernel
       total  = max(llm, vit) + held + logits + shards + dequant
@@ -69,7 +69,7 @@ import torch
 from longvita.config import LongVITAConfig
 from longvita.errors import PromptError
 from longvita.infer.layout import PromptLayout
-from longvita.model.kv_cache import DEFAULT_KV_BLOCK, kv_bytes_per_token
+from longvita.model.kv_cache import DEFAULT_KV_BLOCK, INT8_PREFILL_BLOCK, kv_bytes_per_token
 from longvita.model.qwen2 import MLP_ROW_BLOCK
 from longvita.processing.image import candidate_grids
 from longvita.processing.processor import MAX_TILES, image_token_count, video_token_count
@@ -197,7 +197,8 @@ def plan_memory(
         shards = 4 * chunk * hkv * d * b + cp * chunk * hq * (d * b + 24 * (d + 1))
     dequant = 0
     if kv_dtype == torch.int8:
-        dequant = 2 * config.num_key_value_heads * min(kv_block, kv_tokens) * config.head_dim * b
+        block = min(kv_block, INT8_PREFILL_BLOCK, kv_tokens)
+        dequant = 2 * config.num_key_value_heads * block * config.head_dim * b
     return MemoryPlan(
         num_prompt_tokens=num_prompt_tokens,
         max_new_tokens=max_new_tokens,

@@ -120,21 +120,26 @@ def test_kv_tokens_per_device(cp, prompt, new, prefill_chunk):
     assert expected * cp >= prompt + new
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("dtype", "kv_cache_dtype"),
+    [(torch.float32, None), (torch.bfloat16, None), (torch.float32, torch.int8)],
+)
 @pytest.mark.parametrize(("prompt", "new"), [(1, 1), (300, 64), (4097, 8)])
-def test_kv_cache_bytes_are_what_the_engine_allocates(dtype, prompt, new):
+def test_kv_cache_bytes_are_what_the_engine_allocates(dtype, kv_cache_dtype, prompt, new):
     config = tiny()
     model = random_model(config).to(dtype)
-    cache = allocate_cache(model, prompt + new)
+    cache = allocate_cache(model, prompt + new, kv_cache_dtype)
     plan = plan_memory(
         config,
         num_prompt_tokens=prompt,
         max_new_tokens=new,
         dtype=dtype,
+        kv_cache_dtype=kv_cache_dtype,
         prefill_chunk=64,
         vision_batch=4,
     )
-    assert plan.kv_cache_bytes == cache.num_bytes and cache.keys.dtype == dtype
+    assert plan.kv_cache_bytes == cache.num_bytes
+    assert cache.keys.dtype == (dtype if kv_cache_dtype is None else kv_cache_dtype)
 
 
 def test_pipeline_reports_the_planned_cache(tiny_checkpoint, media):
@@ -187,16 +192,17 @@ MEASURE_CONFIG = LongVITAConfig(
 
 
 @pytest.mark.parametrize(
-    ("text", "frames", "prefill_chunk", "vision_batch", "dtype"),
+    ("text", "frames", "prefill_chunk", "vision_batch", "dtype", "kv_cache_dtype"),
     [
-        (1024, 0, 512, 8, torch.float32),  # text: the decoder layers dominate
-        (64, 200, 512, 64, torch.float32),  # video: the ViT batch dominates
-        (1000, 40, 128, 4, torch.float32),
-        (1024, 40, 256, 8, torch.bfloat16),
+        (1024, 0, 512, 8, torch.float32, None),  # text: the decoder layers dominate
+        (64, 200, 512, 64, torch.float32, None),  # video: the ViT batch dominates
+        (1000, 40, 128, 4, torch.float32, None),
+        (1024, 40, 256, 8, torch.bfloat16, None),
+        (6000, 0, 512, 8, torch.float32, torch.int8),  # int8: dequantized key blocks
     ],
 )
 def test_activation_estimate_bounds_a_measured_chunked_prefill(
-    text, frames, prefill_chunk, vision_batch, dtype, tmp_path
+    text, frames, prefill_chunk, vision_batch, dtype, kv_cache_dtype, tmp_path
 ):
     config = MEASURE_CONFIG
     model = random_model(config).to(dtype)
@@ -208,7 +214,7 @@ def test_activation_estimate_bounds_a_measured_chunked_prefill(
         start = text // 2 + frame * (tokens_per_tile + 2) + 1
         visual_mask[start : start + tokens_per_tile] = True
     tiles = TileSource.from_tensor(torch.randn(frames, 3, 56, 56, generator=gen))
-    cache = allocate_cache(model, input_ids.numel() + 1)
+    cache = allocate_cache(model, input_ids.numel() + 1, kv_cache_dtype)
 
     def run():
         with torch.inference_mode():
@@ -228,6 +234,7 @@ def test_activation_estimate_bounds_a_measured_chunked_prefill(
         num_prompt_tokens=input_ids.numel(),
         max_new_tokens=1,
         dtype=dtype,
+        kv_cache_dtype=kv_cache_dtype,
         prefill_chunk=prefill_chunk,
         vision_batch=vision_batch,
         has_tiles=frames > 0,
