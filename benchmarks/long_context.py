@@ -431,8 +431,8 @@ def run_cache_dtypes(args: argparse.Namespace, checkpoint: str) -> dict:
     peaks: dict[str, dict[int, int]] = {f"{path} {dtype}": {} for path, dtype in sides}
     for seq_len in sorted(args.lengths):
         for path, dtype in sides:
-            if path == "ours" and seq_len < args.prefill_chunk:
-                continue  # ours' line: from one full chunk on, only the KV cache grows
+            if path == "ours" and seq_len <= args.prefill_chunk:
+                continue  # ours' line: once a chunk reads the cache, only the cache grows
             if path == "baseline" and seq_len > args.baseline_max_len:
                 continue
             run = spawn(args, checkpoint, path, seq_len, kv_cache_dtype=dtype)
