@@ -62,16 +62,11 @@ def _generate_prompts(
     return results
 
 
-@pytest.mark.distributed
-@pytest.mark.parametrize(("cp", "small_chunk"), [(2, 6), (4, 10)])
-def test_tokens_and_logits_equal_the_single_process_engine(
-    ranks, tiny_checkpoint, media, cp, small_chunk
-):
-    """Text, image, video and sampled prompts of 32-74 tokens, prefilled in one round and in
-    rounds of `small_chunk` tokens per rank (tiles cut across rounds and ranks)."""
-    pipe = longvita.load(tiny_checkpoint)
+def _prompts_and_references(pipe, media, names: list[str]) -> tuple[dict, dict]:
+    """The named PROMPTS processed for the ranks (no tokenizer there), and `pipe`'s answers."""
     prompts, references = {}, {}
-    for name, (text, image_keys, video_keys, sampling) in PROMPTS.items():
+    for name in names:
+        text, image_keys, video_keys, sampling = PROMPTS[name]
         images, videos = [media[k] for k in image_keys], [media[k] for k in video_keys]
         processed = pipe.process(text, images, videos)
         prompts[name] = {
@@ -84,6 +79,18 @@ def test_tokens_and_logits_equal_the_single_process_engine(
         references[name] = pipe.generate(
             text, images, videos, max_new_tokens=MAX_NEW_TOKENS, return_scores=True, **sampling
         )
+    return prompts, references
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("cp", "small_chunk"), [(2, 6), (4, 10)])
+def test_tokens_and_logits_equal_the_single_process_engine(
+    ranks, tiny_checkpoint, media, cp, small_chunk
+):
+    """Text, image, video and sampled prompts of 32-74 tokens, prefilled in one round and in
+    rounds of `small_chunk` tokens per rank (tiles cut across rounds and ranks)."""
+    pipe = longvita.load(tiny_checkpoint)
+    prompts, references = _prompts_and_references(pipe, media, list(PROMPTS))
     chunks = (4096, small_chunk)
     results = ranks(_generate_prompts, cp, args=(str(tiny_checkpoint), prompts, chunks))
     for (name, prefill_chunk), got in results[0].items():
@@ -132,21 +139,7 @@ def test_an_int8_cache_under_cp_equals_the_single_process_int8_cache(ranks, tiny
     does), then every decode step over the int8 shards: the single process's tokens and logits,
     with each rank holding its share of the int8 cache."""
     pipe = longvita.load(tiny_checkpoint, kv_cache_dtype="int8", prefix_cache_bytes=0)
-    prompts, references = {}, {}
-    for name in ("text", "video"):
-        text, image_keys, video_keys, sampling = PROMPTS[name]
-        images, videos = [media[k] for k in image_keys], [media[k] for k in video_keys]
-        processed = pipe.process(text, images, videos)
-        prompts[name] = {
-            "input_ids": processed.input_ids,
-            "visual_mask": processed.visual_mask,
-            "pixel_values": processed.pixel_values,
-            "stop_ids": pipe.processor.tokens.stop,
-            "pad_id": pipe.processor.tokens.pad,
-        }
-        references[name] = pipe.generate(
-            text, images, videos, max_new_tokens=MAX_NEW_TOKENS, return_scores=True, **sampling
-        )
+    prompts, references = _prompts_and_references(pipe, media, ["text", "video"])
     args = (str(tiny_checkpoint), prompts, (4096,), torch.int8)
     results = ranks(_generate_prompts, 2, args=args)
     for name, reference in references.items():
