@@ -10,7 +10,7 @@ Why int8 and not fp8 e4m3 (the same bytes, the same per-row scale): on a CPU, co
 float8 to float32 is a scalar routine, ~50x slower than int8's (0.17 against 8 G elements/s on
 one AVX2 core). Their errors split: on Gaussian rows int8's is 4x lower (0.6% against 2.5%
 relative), with one channel 20x the others (keys of real LLMs have such) fp8's is (1.0%
-against 1.7%); benchmarks/results/long_context.md has the end-to-end figures.
+against 1.7%); benchmarks/results/kv_cache_dtype.md has the end-to-end figures.
 """
 
 from __future__ import annotations
@@ -59,10 +59,10 @@ def int8_attention(
     Two passes over the keys and values, `block` tokens at a time, each block converted to
     float32 into a reused buffer: the scores of every key first (float32 [batch * num_kv_heads,
     group * n, L]: meant for decode steps, a few query rows), one softmax, then the values.
-    Three kernel calls per block, no log-sum-exp merges; the scales cost one pass over the
-    scores each. (On one AVX2 core, 32K tokens of 4 K/V heads of 64 and 16 query heads: blocks
-    of 2,048 read fastest, 1.2-1.7x faster than the fused kernel over a float32 cache, which
-    reads 4x the bytes; blocks of 256 were 1.2x slower than it, their calls' overhead.)
+    Five kernel calls per block over the two passes, no log-sum-exp merges; the scales cost one
+    pass over the scores each. (32K tokens of 4 K/V heads of 64 and 16 query heads, 8 layers:
+    1.2-1.7x faster than the fused kernel over a float32 cache, which reads 4x the bytes, on one
+    AVX2 core; 0.8-1.3x on two, where the 4-row products, not memory, set the pace.)
     """
     batch, num_q_heads, n, d = q.shape
     num_kv_heads, length = keys.shape[1], keys.shape[2]
