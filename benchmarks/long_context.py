@@ -463,7 +463,8 @@ def run_cache_dtypes(args: argparse.Namespace, checkpoint: str) -> dict:
 
 def cache_accuracy(args: argparse.Namespace, checkpoint: str) -> dict:
     """Greedy tokens and logits of --accuracy-steps steps at --accuracy-len per cache dtype
-    against the model-dtype cache, and decode rates (--repeats rounds, dtypes alternating)."""
+    against the model-dtype cache, and decode rates (--accuracy-repeats rounds, dtypes
+    alternating)."""
     dtypes = ["auto", *[d for d in args.cache_dtypes if d != "auto"]]
     runs: dict[str, list[dict]] = {dtype: [] for dtype in dtypes}
     scores: dict[str, torch.Tensor] = {}
