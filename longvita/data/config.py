@@ -23,6 +23,9 @@ class DataConfig:
     """Open bins per pool; None = official (1 per source, 2 across sources)."""
     reset_per_sample: bool = True
     """Positions and attention restart at each sample (stages 1-2); False = continuous."""
+    pose_max_position: int | None = None
+    """PoSE (`packing.skip_positions`): stretch each segment's positions (each sample's, or the
+    whole sequence's without reset) over up to this many, by one random jump; None = off."""
     max_frames: int | None = None
     """Frames per video; None = the processor default (4096)."""
     fps: float | None = None
@@ -41,6 +44,11 @@ class DataConfig:
             raise ValueError(f"packing={self.packing!r}; expected one of {PACKING_MODES}")
         if self.num_bins is not None and self.num_bins < 1:
             raise ValueError(f"num_bins must be >= 1 or None, got {self.num_bins}")
+        if self.pose_max_position is not None and self.pose_max_position < self.seq_len:
+            raise ValueError(
+                f"pose_max_position must be >= seq_len {self.seq_len} (or None), "
+                f"got {self.pose_max_position}"
+            )
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError(f"num_epochs must be >= 1 or None, got {self.num_epochs}")
         if self.num_workers < 0:

@@ -181,6 +181,7 @@ class PackedLoader:
             "packing": self.config.packing,
             "num_bins": self.config.num_bins or DEFAULT_NUM_BINS[self.config.packing],
             "reset_per_sample": self.config.reset_per_sample,
+            "pose_max_position": self.config.pose_max_position,
             "num_workers": self.num_streams,
             "dp_rank": self.dp_rank,
             "dp_size": self.dp_size,

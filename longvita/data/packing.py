@@ -16,7 +16,7 @@ otherwise the same rule.)
 tensor ops only (no per-token Python): ids padded with the pad id, labels shifted *within* each
 sample (the last token of a sample predicts nothing, never the next sample's first token),
 positions and attention boundaries reset per sample or continuous, tiles concatenated in
-placeholder order.
+placeholder order. `skip_positions` (optional, PoSE) then stretches each segment's positions.
 Knows nothing of files, the Processor or loaders.
 """
 
@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from longvita.data.packed import PackedSequence
@@ -152,3 +153,35 @@ def pack_sequence(
         pixel_values=torch.cat(tiles) if tiles else None,
         tokens_per_tile=tokens_per_tile,
     )
+
+
+def skip_positions(
+    position_ids: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    max_position: int,
+    rngs: Sequence[np.random.Generator],
+) -> torch.Tensor:
+    """PoSE (positional skip-wise training, Zhu et al. 2023): long distances in short sequences.
+
+    Segment k of `cu_seqlens` ([cu[k], cu[k+1]), one per `rngs[k]`; segments past the last rng,
+    the padding, are left alone) is cut at a point drawn uniformly inside it, and the positions
+    after the cut move on by an offset drawn uniformly in [0, room], room = max_position - 1 -
+    the segment's last position. A model trained on n-token samples so sees the relative
+    distances of samples up to max_position tokens long, and must match content with the RoPE
+    dimensions that stay put over them (a needle far back in a long video), not with those that
+    only look still over n tokens. Every draw comes from the segment's own generator, so a
+    sequence packed again (a resumed run) gets the same positions. Returns new position ids [S].
+    """
+    out = position_ids.clone()  # [S]
+    bounds = cu_seqlens.tolist()
+    if len(rngs) > len(bounds) - 1:
+        raise ValueError(f"{len(rngs)} generators for {len(bounds) - 1} segments")
+    for k, rng in enumerate(rngs):
+        start, end = bounds[k], bounds[k + 1]
+        room = max_position - 1 - int(out[end - 1])
+        if end - start < 2 or room <= 0:
+            continue
+        cut = start + int(rng.integers(1, end - start))
+        out[cut:end] += int(rng.integers(0, room + 1))
+    return out

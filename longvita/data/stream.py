@@ -18,16 +18,19 @@ sample once. Knows nothing of DataLoader or ranks beyond the two ints; no torch.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from longvita.data.config import DataConfig
 from longvita.data.encode import SampleReader
 from longvita.data.mixture import shard
 from longvita.data.packed import PackedSequence
-from longvita.data.packing import Bin, GreedyPacker, pack_sequence
+from longvita.data.packing import Bin, GreedyPacker, pack_sequence, skip_positions
 from longvita.data.stats import DataStats
 
 logger = logging.getLogger(__name__)
@@ -146,12 +149,34 @@ class PackingStream:
                 reset_per_sample=self.spec.config.reset_per_sample,
                 tokens_per_tile=self.reader.processor.tokens_per_tile,
             )
+            if self.spec.config.pose_max_position is not None:
+                packed = self._skip_positions(packed, epoch, [c for c, _ in full.items])
             self._delta.record_sequence(
                 groups=[s.group for s in samples],
                 num_tokens=full.num_tokens,
                 seq_len=self.spec.config.seq_len,
             )
             yield self._item(epoch, packed, state)
+
+    def _skip_positions(
+        self, packed: PackedSequence, epoch: int, cursors: list[int]
+    ) -> PackedSequence:
+        """PoSE on a packed sequence; each segment's draws are seeded by the stream and the
+        cursor of its (first) sample, so a resumed stream packs the same positions."""
+        if not self.spec.config.reset_per_sample:
+            cursors = cursors[:1]  # one segment: the whole sequence
+        spec = self.spec
+        rngs = [
+            np.random.default_rng([self.reader.mixture.seed, epoch, spec.dp_rank, spec.worker, c])
+            for c in cursors
+        ]
+        position_ids = skip_positions(
+            packed.position_ids,
+            packed.cu_seqlens,
+            max_position=spec.config.pose_max_position,
+            rngs=rngs,
+        )
+        return dataclasses.replace(packed, position_ids=position_ids)
 
     def _item(self, epoch: int, packed: PackedSequence | None, state, **flags) -> StreamItem:
         delta, self._delta = self._delta, DataStats()

@@ -14,7 +14,7 @@ the data-parallel ranks, cp must divide the ranks). Knows nothing of models or p
     schedule:   {warmup_fraction, steps}
     batch:      {global_sequences, micro}
     data:       {mixture, data_root, seq_len, max_frames, fps, packing, num_bins, reset_per_sample,
-                 seed, num_workers}
+                 pose_max_position, seed, num_workers}
     parallel:   {cp, activation_checkpointing}
     loss:       {logits_masked, chunk_size}
     checkpoint: {interval, keep_latest}
@@ -138,6 +138,10 @@ class DataSection:
     """Open bins per packing pool; None = the default of the mode."""
     reset_per_sample: bool = True
     """Positions and attention restart at each sample (stages 1-2)."""
+    pose_max_position: int | None = None
+    """PoSE: each sample's positions (the sequence's without reset) jump once at a random
+    point, so that short samples teach distances up to this many positions; None = off (the
+    official stages)."""
     seed: int = 0
     """Seed of the mixture's selection and order."""
     num_workers: int = 0
@@ -157,6 +161,11 @@ class DataSection:
             )
         if self.num_bins is not None:
             _at_least("data.num_bins", self.num_bins, 1)
+        if self.pose_max_position is not None and self.pose_max_position < self.seq_len:
+            raise StageConfigError(
+                f"data.pose_max_position: must be >= data.seq_len {self.seq_len}, "
+                f"got {self.pose_max_position}"
+            )
         _at_least("data.num_workers", self.num_workers, 0)
 
 

@@ -126,6 +126,7 @@ def build_loader(stage: StageConfig, processor: Processor, state: ParallelState)
         packing=data.packing,
         num_bins=data.num_bins,
         reset_per_sample=data.reset_per_sample,
+        pose_max_position=data.pose_max_position,
         max_frames=data.max_frames,
         fps=data.fps,
         num_workers=data.num_workers,

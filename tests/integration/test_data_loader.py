@@ -128,19 +128,26 @@ def test_order_is_deterministic_for_a_seed(data_dir, processor, num_workers):
 
 
 RESUME_CASES = [
-    # (num_workers, packing, reset_per_sample, points at which the run is interrupted)
-    (0, "per_source", True, [1, 7]),
-    (0, "cross_source", False, [5, 13]),  # 13: into the second epoch
-    (2, "per_source", True, [1, 6, 12]),  # 1: the second worker has produced nothing yet
-    (2, "cross_source", False, [3]),
+    # (num_workers, packing, reset_per_sample, PoSE, points at which the run is interrupted)
+    (0, "per_source", True, None, [1, 7]),
+    (0, "cross_source", False, None, [5, 13]),  # 13: into the second epoch
+    (2, "per_source", True, None, [1, 6, 12]),  # 1: the second worker has produced nothing yet
+    (2, "cross_source", False, None, [3]),
+    (2, "per_source", True, 4 * SEQ_LEN, [2, 9]),  # the resumed positions are the same draws
+    (0, "cross_source", False, 4 * SEQ_LEN, [5, 13]),
 ]
 
 
-@pytest.mark.parametrize(("num_workers", "packing", "reset", "stops"), RESUME_CASES)
+@pytest.mark.parametrize(("num_workers", "packing", "reset", "pose", "stops"), RESUME_CASES)
 def test_resume_restarts_at_the_next_unseen_sequence(
-    data_dir, processor, num_workers, packing, reset, stops
+    data_dir, processor, num_workers, packing, reset, pose, stops
 ):
-    config = {"num_workers": num_workers, "packing": packing, "reset_per_sample": reset}
+    config = {
+        "num_workers": num_workers,
+        "packing": packing,
+        "reset_per_sample": reset,
+        "pose_max_position": pose,
+    }
     reference_loader = _loader(data_dir, processor, **config)
     reference = list(reference_loader)
     got, state, previous = [], None, 0
@@ -157,6 +164,18 @@ def test_resume_restarts_at_the_next_unseen_sequence(
     assert _all_same(got, reference)
     summaries = {e: s.to_dict() for e, s in loader.epoch_summaries.items()}
     assert summaries == {e: s.to_dict() for e, s in reference_loader.epoch_summaries.items()}
+
+
+def test_pose_stretches_positions_and_keeps_the_tokens(data_dir, processor):
+    plain = list(_loader(data_dir, processor, num_epochs=1))
+    stretched = list(_loader(data_dir, processor, num_epochs=1, pose_max_position=4 * SEQ_LEN))
+    assert len(plain) == len(stretched)
+    jumped = 0
+    for a, b in zip(plain, stretched, strict=True):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.targets, b.targets)
+        assert int(b.position_ids.max()) < 4 * SEQ_LEN
+        jumped += int((b.position_ids - a.position_ids).max() > 0)
+    assert jumped > len(plain) // 2
 
 
 def test_resume_refuses_other_settings(data_dir, processor):

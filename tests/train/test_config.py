@@ -63,6 +63,10 @@ BASE = "init: {model: tiny, tokenizer: tok}\ndata: {mixture: m.yaml, seq_len: 64
         ("schedule: {warmup_fraction: 1.5}\n", "schedule.warmup_fraction: must be in [0, 1)"),
         ("data: {mixture: m.yaml, packing: zigzag}\n", "data.packing: per_source or"),
         ("optim: [1, 2]\n", "optim: expected a mapping"),
+        (
+            "data: {mixture: m.yaml, seq_len: 64, pose_max_position: 32}\n",
+            "data.pose_max_position: must be >= data.seq_len 64, got 32",
+        ),
     ],
 )
 def test_bad_stage_files_name_the_key(tmp_path, extra, message):

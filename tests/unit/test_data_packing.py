@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from longvita.data.packing import GreedyPacker, pack_sequence
+from longvita.data.packing import GreedyPacker, pack_sequence, skip_positions
 from longvita.ops.loss import IGNORE_INDEX
 
 TOKENS_PER_TILE = 4
@@ -187,6 +188,45 @@ def test_bad_arguments_name_the_values():
         pack_sequence([sample], seq_len=4, pad_id=0, reset_per_sample=True, tokens_per_tile=4)
     with pytest.raises(ValueError, match="empty"):
         pack_sequence([], seq_len=4, pad_id=0, reset_per_sample=True, tokens_per_tile=4)
+
+
+def test_skip_positions_jumps_once_inside_each_segment():
+    lengths = [5, 7, 4]  # the last segment is padding: no generator, no jump
+    position_ids = torch.cat([torch.arange(n) for n in lengths])
+    cu_seqlens = torch.tensor([0, 5, 12, 16])
+    top = 0
+    for seed in range(200):
+        rngs = [np.random.default_rng([seed, k]) for k in range(2)]
+        out = skip_positions(position_ids, cu_seqlens, max_position=64, rngs=rngs)
+        again = skip_positions(
+            position_ids,
+            cu_seqlens,
+            max_position=64,
+            rngs=[np.random.default_rng([seed, k]) for k in range(2)],
+        )
+        assert torch.equal(out, again)
+        assert torch.equal(out[12:], position_ids[12:])
+        for start, end in [(0, 5), (5, 12)]:
+            steps = out[start:end].diff()
+            assert out[start] == 0 and bool((steps >= 1).all()) and int((steps > 1).sum()) <= 1
+            assert int(out[end - 1]) <= 63
+            top = max(top, int(out[end - 1] - out[start]))
+    assert top >= 60  # distances up to max_position are drawn
+
+
+def test_skip_positions_leaves_segments_without_room():
+    position_ids = torch.arange(8)
+    out = skip_positions(
+        position_ids, torch.tensor([0, 8]), max_position=8, rngs=[np.random.default_rng(0)]
+    )
+    assert torch.equal(out, position_ids)
+    with pytest.raises(ValueError, match="3 generators for 1 segments"):
+        skip_positions(
+            position_ids,
+            torch.tensor([0, 8]),
+            max_position=64,
+            rngs=[np.random.default_rng(k) for k in range(3)],
+        )
 
 
 @pytest.mark.parametrize("reset", [True, False])
