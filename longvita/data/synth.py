@@ -57,7 +57,12 @@ LETTERS = "ABCDEFGHJKLMNPRSTUVWXYZ"
 SHAPES = ("circle", "square", "triangle")
 NEEDLE_QUESTION = "What digit appears in the video?"
 COUNT_QUESTION = "How many frames of the video show a digit?"
-BANK_SIZE = 4000
+BANK_SIZE = 100_000
+"""Letter renders the training haystacks draw from. Every test haystack frame is a fresh render,
+and one letter that the model takes for a digit takes the answer of the whole haystack: trained
+on a bank of 4,000, the model scored a few fresh letters in 4,096 (a green P, a blue Z) as high
+as a needle."""
+MIN_BANK_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -273,8 +278,8 @@ RECIPES = {
     2: StageRecipe(
         samples=24000, mix={"image": 0.4, "needle": 0.45, "count": 0.15}, frames=(1, 64)
     ),
-    3: StageRecipe(samples=6000, mix={"image": 0.2, "needle": 0.8}, frames=(16, 512)),
-    4: StageRecipe(samples=1200, mix={"image": 0.2, "needle": 0.8}, frames=(256, 4096)),
+    3: StageRecipe(samples=8000, mix={"image": 0.4, "needle": 0.6}, frames=(16, 512)),
+    4: StageRecipe(samples=1200, mix={"image": 0.4, "needle": 0.6}, frames=(256, 4096)),
 }
 
 
@@ -318,7 +323,7 @@ def synthesize(
     stages: tuple[int, ...] = (0, 1, 2, 3, 4),
     seed: int = 0,
     scale: float = 1.0,
-    bank_size: int = BANK_SIZE,
+    bank_size: int | None = None,
     progress: Callable[[Iterator], Iterator] | None = None,
 ) -> dict[int, Path]:
     """Write the demo tokenizer (`out/tokenizer`), the letter bank and each stage's samples
@@ -326,11 +331,14 @@ def synthesize(
 
     scale multiplies every stage's sample count (tests use a small one); seed selects the
     split: a different seed renders a different bank and different samples; bank_size is the
-    number of letter renders the haystacks draw from.
+    number of letter renders the haystacks draw from (default: BANK_SIZE times scale, at least
+    MIN_BANK_SIZE).
     """
     out = Path(out)
     write_demo_tokenizer(out / "tokenizer")
     renderer = Renderer(seed)
+    if bank_size is None:
+        bank_size = max(MIN_BANK_SIZE, round(BANK_SIZE * scale))
     bank = letter_bank(out / f"bank-seed{seed}", renderer, bank_size)
     mixtures = {}
     for stage in stages:
@@ -373,7 +381,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--out", required=True, help="the data directory")
     p.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="default: all")
     p.add_argument("--seed", type=int, default=0, help="the split's seed (default 0)")
-    p.add_argument("--scale", type=float, default=1.0, help="x the samples of every stage")
+    p.add_argument(
+        "--scale", type=float, default=1.0, help="x the samples of every stage and of the bank"
+    )
+    p.add_argument(
+        "--bank-size",
+        type=int,
+        default=None,
+        help=f"letter renders the haystacks draw from (default {BANK_SIZE:,} x --scale, at "
+        f"least {MIN_BANK_SIZE})",
+    )
     p.set_defaults(func=run_synth)
     return p
 
@@ -381,13 +398,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run_synth(args: argparse.Namespace) -> int:
     if not args.scale > 0:
         raise ValueError(f"--scale must be > 0, got {args.scale}")
+    if args.bank_size is not None and args.bank_size < 1:
+        raise ValueError(f"--bank-size must be >= 1, got {args.bank_size}")
     progress = None
     if sys.stderr.isatty():
         from tqdm import tqdm
 
         progress = partial(tqdm, unit="sample", file=sys.stderr)
     mixtures = synthesize(
-        args.out, stages=tuple(args.stages), seed=args.seed, scale=args.scale, progress=progress
+        args.out,
+        stages=tuple(args.stages),
+        seed=args.seed,
+        scale=args.scale,
+        bank_size=args.bank_size,
+        progress=progress,
     )
     for stage, mixture in mixtures.items():
         print(f"stage {stage}: {mixture}")

@@ -14,7 +14,14 @@ from longvita.config import demo
 from longvita.data.encode import SampleReader
 from longvita.data.mixture import Mixture
 from longvita.data.stats import DataStats
-from longvita.data.synth import DIGITS, NEEDLE_QUESTION, Renderer, synthesize
+from longvita.data.synth import (
+    BANK_SIZE,
+    DIGITS,
+    MIN_BANK_SIZE,
+    NEEDLE_QUESTION,
+    Renderer,
+    synthesize,
+)
 from longvita.processing.processor import Processor
 from longvita.processing.tokens import load_tokenizer
 
@@ -74,3 +81,11 @@ def test_renders_are_tiles(data):
     image = next((out / "stage1" / "media").glob("*.png"))
     with Image.open(image) as opened:
         assert opened.size == (demo().vision.image_size,) * 2
+
+
+def test_the_letter_bank_scales_with_the_data(tmp_path):
+    synthesize(tmp_path / "small", stages=(0,), scale=0.001)
+    assert len(list((tmp_path / "small" / "bank-seed0").iterdir())) == MIN_BANK_SIZE
+    synthesize(tmp_path / "given", stages=(0,), scale=0.001, bank_size=7)
+    assert len(list((tmp_path / "given" / "bank-seed0").iterdir())) == 7
+    assert BANK_SIZE * 0.001 < MIN_BANK_SIZE  # the first case was the floor
