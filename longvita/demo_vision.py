@@ -42,9 +42,9 @@ REPORT = "vision_pretraining.json"
 
 @dataclass(frozen=True)
 class VisionPretraining:
-    train_renders: int = 20_000
+    train_renders: int = 60_000
     test_renders: int = 2_000
-    steps: int = 800
+    steps: int = 2400
     batch: int = 256
     lr: float = 3e-3
     seed: int = 0
