@@ -1,8 +1,7 @@
 """`make demo` end to end: the shipped demo model answers questions about three images and a
 1,024-frame video rendered now (never seen in training), printing answer and truth.
 
-The shipped model gets 3 of the 4 right with the demo's seed (a letter is misread); all 4 is
-the demo issue's bar, not yet met (benchmarks/results/demo_model.md)."""
+The shipped model gets all 4 right with the demo's seed (benchmarks/results/demo_model.md)."""
 
 from __future__ import annotations
 
@@ -23,5 +22,5 @@ def test_the_shipped_demo_model_answers_about_unseen_media(tmp_path):
     answers = re.findall(r"A: '(.*?)'\s+truth: '(.*?)'", done.stdout)
     assert len(answers) == 4, done.stdout
     right = sum(answer == truth for answer, truth in answers)
-    assert right >= 3, done.stdout
+    assert right == 4, done.stdout
     assert f"{right} of 4 right" in done.stdout, done.stdout
