@@ -10,7 +10,7 @@ sequence joins between steps, leaves when finished, cancelled or past its deadli
 prompt is prefilled a chunk per step while the others keep getting tokens.
 
 Per-sequence decisions (sampling with its own seed, stop tokens, stop sequences through its
-`Detokenizer`, the length limit) are `engine.Continuation`'s, as in the one-sequence loop, so a
+`Detokenizer`, the length limit) are `decode.Continuation`'s, as in the one-sequence loop, so a
 sequence gets the tokens it would get alone (greedy: the same up to float rounding of the
 batched matmuls). A sequence whose prompt starts like a recent one (`infer.prefix_cache`,
 through its runner) starts with that prefix copied into its cache and prefills only the rest.
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from longvita.infer.engine import Continuation, LocalRunner, TokenStep
+from longvita.infer.decode import Continuation, TokenStep
+from longvita.infer.engine import LocalRunner
 from longvita.model.kv_cache import KVCache
 from longvita.model.long_vita import LongVITAForCausalLM
 

@@ -1,5 +1,5 @@
 """Context-parallel generation: one rank's `SequenceRunner` over a prompt and KV cache split
-over the CP group; the decode loop is the single-process one (`infer.engine.TokenStream`).
+over the CP group; the decode loop is the single-process one (`infer.decode.TokenStream`).
 
 The official code keeps no KV cache under context parallelism and re-runs the whole forward,
 ViT included, for every new token. Here the layout (`infer.layout.PromptLayout`) says where
@@ -40,14 +40,8 @@ from __future__ import annotations
 import torch
 
 from longvita.errors import PromptError
-from longvita.infer.engine import (
-    EncodedTiles,
-    RunnerStats,
-    Sampler,
-    allocate_cache,
-    feature_stream,
-    run_to_end,
-)
+from longvita.infer.decode import RunnerStats, Sampler, run_to_end
+from longvita.infer.engine import EncodedTiles, allocate_cache, feature_stream
 from longvita.infer.layout import PromptLayout, shard_round
 from longvita.infer.prefix_cache import PromptPrefix, longest
 from longvita.infer.request import (

@@ -10,7 +10,7 @@ stream concatenate to the decoded answer:
   tokens decide, so a client never sees text that is later taken back.
 Decoding re-reads only the tokens since the last released character (a window of a few tokens),
 so a stream costs O(answer length) in all. Special tokens are skipped, as in
-`Processor.decode`. Knows nothing of the model or the engine: `infer.engine` calls it through
+`Processor.decode`. Knows nothing of the model or the engine: `infer.decode` calls it through
 `TextWatcher` (push, stopped).
 """
 

@@ -22,13 +22,9 @@ from longvita.checks import check_int
 from longvita.config import LongVITAConfig
 from longvita.errors import CheckpointError, PromptError
 from longvita.infer.cp_engine import ShardedRunner
+from longvita.infer.decode import Continuation, GenerationStream
 from longvita.infer.detokenize import Detokenizer
-from longvita.infer.engine import (
-    Continuation,
-    EncodedTiles,
-    GenerationStream,
-    LocalRunner,
-)
+from longvita.infer.engine import EncodedTiles, LocalRunner
 from longvita.infer.plan import check_prompt_memory, free_memory_bytes
 from longvita.infer.prefix_cache import (
     DEFAULT_MEMORY_FRACTION,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from longvita.errors import MediaError, PromptError
 from longvita.infer.batch import DEFAULT_STEP_TOKENS, BatchEngine, BatchSequence
-from longvita.infer.engine import TokenStep
+from longvita.infer.decode import TokenStep
 from longvita.infer.request import GenerationRequest
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import torch
 
 import longvita
 from longvita.infer.cp_engine import ShardedRunner
-from longvita.infer.engine import run_to_end
+from longvita.infer.decode import run_to_end
 from longvita.infer.prefix_cache import PrefixCache, PromptPrefix
 from longvita.infer.prefix_disk import DiskPrefixStore
 from longvita.infer.prefix_key import PromptKey
