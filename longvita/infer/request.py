@@ -41,6 +41,9 @@ class SamplingParams:
     """Sample among the k most likely tokens; 0 disables it."""
     seed: int | None = None
     """Seed of the sampling generator, for reproducible samples."""
+    ignore_eos: bool = False
+    """Generate past the stop token (vLLM's `ignore_eos`), so that every answer has
+    max_new_tokens tokens (benchmarks); stop sequences still end it."""
 
     def __post_init__(self) -> None:
         check_int("max_new_tokens", self.max_new_tokens, minimum=1)
@@ -49,6 +52,8 @@ class SamplingParams:
         check_int("top_k", self.top_k, minimum=0)
         if self.seed is not None:
             check_int("seed", self.seed)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
 
 
 SAMPLING_OPTIONS = tuple(f.name for f in dataclasses.fields(SamplingParams))
@@ -103,7 +108,8 @@ class GenerationRequest:
         **options: Any,
     ) -> GenerationRequest:
         """From flat keyword options, as `Pipeline.generate` takes them: the sampling ones
-        (max_new_tokens, temperature, top_p, top_k, seed) and the request's own fields."""
+        (max_new_tokens, temperature, top_p, top_k, seed, ignore_eos) and the request's own
+        fields."""
         own = {f.name for f in dataclasses.fields(cls)} - {"messages", "images", "videos"}
         unknown = sorted(set(options) - own - set(SAMPLING_OPTIONS) - {"sampling"})
         if unknown:

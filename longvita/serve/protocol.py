@@ -180,6 +180,8 @@ class ChatRequest:
     """Stream a usage chunk before `[DONE]` (`stream_options.include_usage`)."""
     max_frames: int | None = None
     fps: float | None = None
+    ignore_eos: bool | None = None
+    """Generate past the stop token (vLLM's extra field), to `max_tokens` tokens."""
 
     def generation_options(self, *, default_max_tokens: int) -> dict[str, Any]:
         """The keyword options of `Pipeline.generate` this request sets (stop not included)."""
@@ -191,6 +193,7 @@ class ChatRequest:
             "seed": self.seed,
             "max_frames": self.max_frames,
             "fps": self.fps,
+            "ignore_eos": self.ignore_eos,
         }
         return {name: value for name, value in options.items() if value is not None}
 
@@ -240,6 +243,7 @@ def parse_chat_request(
         include_usage=include_usage,
         max_frames=max_frames,
         fps=fps,
+        ignore_eos=_bool_value("ignore_eos", body.get("ignore_eos")) or None,
     )
 
 

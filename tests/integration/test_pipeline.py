@@ -83,6 +83,9 @@ def test_stops_at_stop_token_without_including_it(pipe, monkeypatch):
     out = pipe.generate("hello", max_new_tokens=10, return_scores=True)
     assert len(out.token_ids) == 2 and stop not in out.token_ids
     assert out.stop_reason == "stop_token" and out.scores.shape[0] == 2
+    calls["n"] = 0
+    past = pipe.generate("hello", max_new_tokens=6, ignore_eos=True)  # vLLM's ignore_eos
+    assert past.stop_reason == "length" and past.token_ids[2:] == [stop] * 4
 
 
 def test_stream_pieces_are_the_answer_of_generate(pipe, media):

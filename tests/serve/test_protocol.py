@@ -159,6 +159,7 @@ def test_sampling_fields():
         "top_k": -1,
         "seed": -5,
         "stop": ["\n\n", "END"],
+        "ignore_eos": True,
     }
     request = parse(body)
     assert (request.max_tokens, request.temperature, request.top_p) == (16, 0.7, 0.9)
@@ -169,6 +170,7 @@ def test_sampling_fields():
         "top_p": 0.9,
         "top_k": 0,
         "seed": -5,
+        "ignore_eos": True,
     }
     assert parse(user("hi") | {"stop": "x", "max_tokens": 3, "max_completion_tokens": 3}).stop == (
         "x",
@@ -266,6 +268,7 @@ REFUSALS = [
     (user("hi") | {"top_k": -2}, "top_k", "top_k must be >= -1"),
     (user("hi") | {"top_k": 2.0}, "top_k", "top_k must be an integer"),
     (user("hi") | {"seed": "1"}, "seed", "seed must be an integer"),
+    (user("hi") | {"ignore_eos": 1}, "ignore_eos", "ignore_eos must be true or false"),
     (user("hi") | {"seed": 2**64}, "seed", "64-bit"),
     (user("hi") | {"n": 2}, "n", "n=2: this server returns one choice per request"),
     (user("hi") | {"n": 0}, "n", "n=0"),
