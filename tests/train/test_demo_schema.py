@@ -10,7 +10,13 @@ import math
 
 import pytest
 
-from longvita.demo_train import STAGES, run_demo_training, stage_file
+from longvita.demo_train import (
+    DATA_DONE,
+    STAGES,
+    make_data_and_vision,
+    run_demo_training,
+    stage_file,
+)
 from longvita.demo_vision import VisionPretraining
 from longvita.train.config import StageConfig
 
@@ -52,6 +58,7 @@ def test_every_stage_learns_a_few_samples(tmp_path):
     # 150 small steps: well above chance (1 in 36, colours 1 in 7), far from the 98.8% of 800
     assert report["vision"]["test_class_accuracy"] > 0.2, report["vision"]
     assert report["vision"]["test_colour_accuracy"] > 0.5, report["vision"]
+    assert report["vision"]["test_digit_accuracy"] > 0.5, report["vision"]
     falls = {}
     for stage in STAGES:
         values = losses(tmp_path / f"stage{stage}")
@@ -63,6 +70,21 @@ def test_every_stage_learns_a_few_samples(tmp_path):
     assert all(last < FALL.get(s, 0.8) * first for s, (first, last) in falls.items()), summary
     assert (tmp_path / "model" / "config.json").is_file()  # exported after stage 4
     assert (tmp_path / "after-stage2" / "config.json").is_file()
+
+
+def test_a_failed_vision_pretraining_stops_the_run_and_keeps_the_data(tmp_path):
+    """The ViT trains in its own process beside the data: its failure is an error naming it,
+    the data stays complete, and rerunning retries only the ViT."""
+    spec = VisionPretraining(train_renders=64, test_renders=16, steps=4, batch=16)
+    object.__setattr__(spec, "steps", 0)  # past the check: the scheduler fails in the child
+    with pytest.raises(RuntimeError, match="vision pretraining failed"):
+        make_data_and_vision(tmp_path, scale=0.002, spec=spec)
+    assert (tmp_path / "data" / DATA_DONE).is_file()
+    good = VisionPretraining(train_renders=64, test_renders=16, steps=4, batch=16)
+    report = make_data_and_vision(tmp_path, scale=0.002, spec=good)
+    assert report["vision"]["seconds"] > 0 and (tmp_path / "vision" / "config.json").is_file()
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        VisionPretraining(steps=0)
 
 
 def test_stage_files_follow_the_schema():
@@ -90,7 +112,7 @@ def test_the_full_recipe_meets_the_bars(tmp_path):
     one not met yet, 85%: benchmarks/results/demo_model.md)."""
     report = run_demo_training(tmp_path)
     after2, after4 = report["evaluations"]["after-stage2"], report["evaluations"]["model"]
-    assert report["data_seconds"] + report["training_seconds"] <= 30 * 60, report
+    assert report["schema_seconds"] <= 30 * 60, report
     assert after4["vniah_by_frames"]["4096"] >= 0.99, after4
     assert after2["vniah_by_frames"]["4096"] < after4["vniah_by_frames"]["4096"], (after2, after4)
     assert after4["short_context_accuracy"] >= after2["short_context_accuracy"] - 0.01
