@@ -5,7 +5,8 @@ of this process on 127.0.0.1 (a free port). Batched: `max_batch=32` (the `longvi
 default). The baseline is the same server with `max_batch=1`: requests wait in a FIFO queue and
 run one at a time, which is what the official server's global lock does. Both servers hold the
 same loaded model; they are measured in the same run, alternating (the order flips at each
-level), on the same requests.
+level), on the same requests, each mode starting with an empty prefix cache (both servers share
+the pipeline's, and the other mode has just run the same prompts).
 
 Clients: N concurrent closed-loop clients (asyncio, `openai.AsyncOpenAI`, streaming,
 `max_retries=0`; the queue is sized so that nothing is refused) for N in `--clients`; each sends
@@ -13,8 +14,9 @@ its requests back to back: max(R, ceil(`--min-requests` / N)) of them, R from
 `--requests-per-client`, so that one client still gives a few samples. Prompts are short English
 texts of 20-60 tokens (fixed seed, different for every request); with the demo model each also
 carries a 28x28 PNG as a data URL (one 28-px tile). Greedy (`temperature` 0), fixed
-`max_tokens`; a random model may stop early on a stop token, so the token counts come from the
-usage chunk (`stream_options={"include_usage": True}`).
+`max_tokens` with vLLM's `ignore_eos` (the trained demo model answers in a token or two, then
+stops): every request generates `max_tokens` tokens; the counts come from the usage chunk
+(`stream_options={"include_usage": True}`).
 
 Per request: time to first token (from sending to the first chunk with content), completion
 tokens, end time. Per level: aggregate tokens/s = completion tokens / wall time of the level,
@@ -28,9 +30,10 @@ Models: `demo`, the shipped demo model (`longvita/demo_model`), or, when it is a
 model of the demo's shape (`longvita.config.demo()`, tiny tokenizer); `0.5b`, a random model of
 Qwen2.5-0.5B's LLM shape (hidden 896, 24 layers, 14/2 heads, intermediate 4,864, tied
 embeddings) with a 4,096-token vocabulary (a byte-level BPE trained here) and a stub ViT.
-Defaults: demo R = 4, `max_tokens` 64; 0.5b R = 1, `max_tokens` 32. The clients run in this
-process too (its event loop in the main thread), so their parsing shares the GIL and the cores
-with the server. Torch threads stay at torch's default (the server's) unless `--threads`.
+Defaults: demo R = 4, `max_tokens` 64; 0.5b R = 1, `max_tokens` 32. The clients run in a
+process of their own (one asyncio loop for all of them), as real clients do: their HTTP and SSE
+parsing takes that process's GIL, not the server's, but shares the machine's cores. Torch
+threads stay at torch's default (the server's) unless `--threads`.
 
     python benchmarks/serve.py --quick       # smoke run, demo model, ~30 s
     python benchmarks/serve.py               # the issue's numbers, ~10 min on 2 cores
@@ -47,12 +50,14 @@ import base64
 import io
 import json
 import math
+import multiprocessing
 import os
 import random
 import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,6 +259,7 @@ async def one_request(client, model_id: str, messages: list, max_tokens: int) ->
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
     )
     async for chunk in stream:
         if first is None and chunk.choices and chunk.choices[0].delta.content:
@@ -282,6 +288,27 @@ async def run_clients(url: str, model_id: str, work: list[list], max_tokens: int
     wall = time.perf_counter() - started
     await client.close()
     return summarize([r for records in per_client for r in records], wall)
+
+
+def clients_level(url: str, model_id: str, work: list[list], max_tokens: int) -> dict:
+    """One level's clients to the end (what the client process runs)."""
+    return asyncio.run(run_clients(url, model_id, work, max_tokens))
+
+
+class ClientProcess:
+    """The clients' own process: their HTTP, SSE parsing and pydantic objects take the GIL of
+    that process, not the server's, as real clients do."""
+
+    def __enter__(self) -> ClientProcess:
+        context = multiprocessing.get_context("spawn")
+        self.pool = ProcessPoolExecutor(max_workers=1, mp_context=context)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown()
+
+    def run(self, url: str, model_id: str, work: list[list], max_tokens: int) -> dict:
+        return self.pool.submit(clients_level, url, model_id, work, max_tokens).result()
 
 
 def summarize(records: list[dict], wall: float) -> dict:
@@ -326,15 +353,18 @@ class RssSampler:
 # -- measurement ----------------------------------------------------------------------------
 
 
-def measure_level(servers: dict, spec: ModelSpec, work: list[list], order: tuple, device: str):
+def measure_level(
+    pipe, servers: dict, clients: ClientProcess, spec: ModelSpec, work: list, order: tuple, device
+):
     """Both modes on the same requests, in `order`; memory probes around the batched run."""
     out: dict = {}
     for mode in order:
         print(f"  {mode} ...", file=sys.stderr, flush=True)
+        pipe.prefix_cache.clear()  # the other mode ran these prompts: neither starts with them
         rss_before = reset_peak("cpu")
         device_before = reset_peak(device) if device != "cpu" else 0
         with RssSampler() as sampler:
-            result = asyncio.run(run_clients(servers[mode].url, spec.key, work, spec.max_tokens))
+            result = clients.run(servers[mode].url, spec.key, work, spec.max_tokens)
         result["memory"] = {
             "rss_before_bytes": rss_before,
             "rss_sampled_max_bytes": sampler.max_kib * 1024,
@@ -366,16 +396,22 @@ def measure_model(spec: ModelSpec, args: argparse.Namespace) -> dict:
     pipe = longvita.load(spec.checkpoint, device=args.device, dtype=args.dtype)
     levels: dict = {}
     load_avg = [os.getloadavg()[0]]
-    with Server(pipe, spec.key, 32) as batched, Server(pipe, spec.key, 1) as sequential:
+    with (
+        Server(pipe, spec.key, 32) as batched,
+        Server(pipe, spec.key, 1) as sequential,
+        ClientProcess() as clients,
+    ):
         servers = {"batched": batched, "sequential": sequential}
         warm = level_requests(pipe.tokenizer, spec, 1, 1)[:1]
         for server in servers.values():  # kernels, allocator, first-touch pages, connections
-            asyncio.run(run_clients(server.url, spec.key, [warm[0][:1]], spec.max_tokens))
-        for i, clients in enumerate(args.clients):
-            print(f"{spec.key}: {clients} clients", file=sys.stderr, flush=True)
-            work = level_requests(pipe.tokenizer, spec, clients, args.min_requests)
+            clients.run(server.url, spec.key, [warm[0][:1]], spec.max_tokens)
+        for i, count in enumerate(args.clients):
+            print(f"{spec.key}: {count} clients", file=sys.stderr, flush=True)
+            work = level_requests(pipe.tokenizer, spec, count, args.min_requests)
             order = MODES if i % 2 == 0 else MODES[::-1]
-            levels[str(clients)] = measure_level(servers, spec, work, order, args.device)
+            levels[str(count)] = measure_level(
+                pipe, servers, clients, spec, work, order, args.device
+            )
             load_avg.append(os.getloadavg()[0])
     return model_report(spec, pipe, levels, load_avg, args)
 
