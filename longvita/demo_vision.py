@@ -13,9 +13,9 @@ through the LLM's one answer token per image instead takes thousands of steps (d
 frame of thousands is a digit, answered by one attention head that scores every frame with a
 linear function of its token, so one letter in 4,096 taken for a digit costs the answer. With it
 (weight 1) and twice the renders and steps, fresh letters the tower took for digits went from
-41 to 6 in 40,000, and V-NIAH at 4,096 frames from 85% to 90%; but the LLM then never learned
-to name letters (71.5% of single-image questions right, against 89.5%), so it is off by default
-(docs/demo.md, "Finding the needle").
+41 to 6 in 40,000 and V-NIAH at 4,096 frames from 85% to 90% (95% with the head alone); but in
+both runs the LLM then never learned to name letters (71.5-76.5% of single-image questions
+right, against 89.5%), so it is off by default (docs/demo.md, "Finding the needle").
 
 Two steps, so that the tower trains while the curriculum is rendered (it needs nothing of the
 run's data): `pretrain_tower` trains the ViT alone and writes its weights and report;
