@@ -69,8 +69,9 @@ def make_data(out: Path, *, scale: float, seed: int = 0) -> Path:
 def make_data_and_vision(out: Path, *, scale: float, spec: VisionPretraining) -> dict:
     """The train split (`make_data`) and the pretrained-ViT stand-in under out/vision, each made
     once. The ViT trains in a process of its own while the data is rendered (it needs nothing of
-    the run's data, and each takes one core); its export waits for the data's tokenizer. Returns
-    the ViT's report and the wall seconds of the data and of both."""
+    the run's data, and each takes one core); its export waits for the data's tokenizer and is
+    rewritten whenever the ViT was trained here. Returns the ViT's report and the wall seconds of
+    the data and of both."""
     from longvita.demo_vision import REPORT, pretrain_tower, write_vision_model
 
     start = time.perf_counter()
@@ -95,7 +96,7 @@ def make_data_and_vision(out: Path, *, scale: float, spec: VisionPretraining) ->
         if trainer is not None and trainer.is_alive():
             trainer.terminate()
             trainer.join()
-    if not (out / VISION_DIR / "config.json").is_file():
+    if trainer is not None or not (out / VISION_DIR / "config.json").is_file():
         write_vision_model(out / VISION_DIR, tower, out / "data" / "tokenizer", spec.seed)
     report = json.loads((tower / REPORT).read_text())
     return {
