@@ -5,7 +5,7 @@ format with one mixture per stage, so the ordinary data pipeline trains on them.
 What each stage teaches (reference/LONGVITA.md section 4, at toy scale):
   0  language (the stand-in for the pretrained Qwen2.5 the official stage 1 starts from):
      text only, the LLM alone: repeating captions, finding the one digit among letters
-     ("Which digit is in: K P 7 Z?"), counting digits;
+     ("Which digit is in: K P 7 Z?"), the one letter among digits, counting digits;
   1  alignment: captions of single images ("a red digit 7", "a blue circle");
   2  general knowledge: questions about images (which digit, letter, colour, shape), short
      videos (which digit appears among letters; how many frames show a digit);
@@ -204,22 +204,51 @@ def _turn(question: str, answer: str, tag: str) -> list[dict[str, str]]:
             {"role": "assistant", "content": answer}]  # fmt: skip
 
 
+TEXT_TASKS = {"repeat": 0.2, "copy": 0.1, "digit": 0.3, "letter": 0.15, "colour": 0.1,
+              "count": 0.15}  # fmt: skip
+"""Stage 0's tasks and their shares: repeat a caption; repeat a few digits and letters; which
+digit is in a list of letters, which letter (colour) in a list of digits; how many digits are
+in a list of letters."""
+FIND_AMONG = {"digit": LETTERS, "letter": DIGITS, "colour": DIGITS}
+"""What each "which ... is in" task's one answer hides among."""
+
+
 def text_sample(writer: Writer) -> dict:
-    """Stage 0: the language the later stages speak, and retrieval, in plain text."""
+    """Stage 0: the language the later stages speak, and retrieval, in plain text.
+
+    Each "which digit / letter is in" task grows the head that later reads that attribute off an
+    image token: without the letter task the LLM never learned to name (or even repeat) a
+    letter, since letters are only ever the haystack the digit task teaches it to pass over, and
+    stages 1-2 then could not learn letters from images either (docs/demo.md).
+    """
     rng, renderer = writer.renderer.rng, writer.renderer
-    task = rng.random()
-    if task < 0.3:
+    task = str(rng.choice(list(TEXT_TASKS), p=list(TEXT_TASKS.values())))
+    if task == "repeat":
         item = renderer.item(str(rng.choice(["digit", "letter", "shape"])))
         return {"messages": _text_turn(f"Repeat: {item.caption()}", item.caption())}
-    letters = [str(c) for c in rng.choice(list(LETTERS), size=log_uniform(rng, 1, 64))]
-    if task < 0.8:
-        digit = str(rng.choice(list(DIGITS)))
-        letters.insert(int(rng.integers(0, len(letters) + 1)), digit)
-        return {"messages": _text_turn(f"Which digit is in: {' '.join(letters)}?", digit)}
-    count = int(rng.integers(1, 4))
-    for _ in range(count):
-        letters.insert(int(rng.integers(0, len(letters) + 1)), str(rng.choice(list(DIGITS))))
-    return {"messages": _text_turn(f"How many digits are in: {' '.join(letters)}?", str(count))}
+    if task == "copy":
+        symbols = " ".join(_symbols(rng, DIGITS + LETTERS, high=8))
+        return {"messages": _text_turn(f"Repeat: {symbols}", symbols)}
+    if task == "count":
+        symbols = _symbols(rng, LETTERS)
+        count = int(rng.integers(1, 4))
+        for _ in range(count):
+            _insert(rng, symbols, str(rng.choice(list(DIGITS))))
+        question = f"How many digits are in: {' '.join(symbols)}?"
+        return {"messages": _text_turn(question, str(count))}
+    answer = str(rng.choice(list({"digit": DIGITS, "letter": LETTERS, "colour": COLOURS}[task])))
+    symbols = _symbols(rng, FIND_AMONG[task])
+    _insert(rng, symbols, answer)
+    return {"messages": _text_turn(f"Which {task} is in: {' '.join(symbols)}?", answer)}
+
+
+def _symbols(rng: np.random.Generator, alphabet: str, high: int = 64) -> list[str]:
+    """1 to `high` (log-uniform) random characters of `alphabet`."""
+    return [str(c) for c in rng.choice(list(alphabet), size=log_uniform(rng, 1, high))]
+
+
+def _insert(rng: np.random.Generator, symbols: list[str], symbol: str) -> None:
+    symbols.insert(int(rng.integers(0, len(symbols) + 1)), symbol)
 
 
 def _text_turn(question: str, answer: str) -> list[dict[str, str]]:
@@ -308,7 +337,8 @@ def tokenizer_corpus() -> list[str]:
     answers = [Item(k, v, c).caption() for c in COLOURS for k, vs in
                (("digit", DIGITS), ("letter", LETTERS), ("shape", SHAPES)) for v in vs]  # fmt: skip
     questions = ["Describe the image.", "What colour is it?", NEEDLE_QUESTION, COUNT_QUESTION,
-                 "Repeat:", "Which digit is in:", "How many digits are in:"]  # fmt: skip
+                 "Repeat:", "How many digits are in:"]  # fmt: skip
+    questions += [f"Which {kind} is in:" for kind in FIND_AMONG]
     questions += [f"What {kind} is this?" for kind in ("digit", "letter", "shape")]
     return answers + questions + list(DIGITS) + list(LETTERS) + list(COLOURS) + list(SHAPES)
 

@@ -16,11 +16,17 @@ from longvita.data.mixture import Mixture
 from longvita.data.stats import DataStats
 from longvita.data.synth import (
     BANK_SIZE,
+    COLOURS,
     DIGITS,
+    FIND_AMONG,
+    LETTERS,
     MIN_BANK_SIZE,
     NEEDLE_QUESTION,
+    TEXT_TASKS,
     Renderer,
+    Writer,
     synthesize,
+    text_sample,
 )
 from longvita.processing.processor import Processor
 from longvita.processing.tokens import load_tokenizer
@@ -59,6 +65,30 @@ def test_needles_are_one_digit_among_bank_letters(data):
             fresh = [f for f in frames if os.stat(f).st_ino not in bank]  # the needle render
             assert len(fresh) == 1
         assert record["messages"][1]["content"] in DIGITS
+
+
+def test_stage0_tasks_come_in_their_shares_with_the_right_answers(tmp_path):
+    writer = Writer(tmp_path, Renderer(3), bank=[])
+    answers = {"digit": DIGITS, "letter": LETTERS, "colour": list(COLOURS)}
+    found = dict.fromkeys(TEXT_TASKS, 0)
+    for _ in range(1000):
+        question, answer = (m["content"] for m in text_sample(writer)["messages"])
+        if question.startswith("Repeat: "):
+            task = "repeat" if answer.startswith("a ") else "copy"
+            assert answer == question[len("Repeat: ") :], question
+        elif question.startswith("How many digits"):
+            task = "count"
+            assert sum(s in DIGITS for s in question.split(": ")[1].rstrip("?").split()) == int(
+                answer
+            )
+        else:
+            task, symbols = question[len("Which ") :].split(" is in: ")
+            symbols = symbols.rstrip("?").split(" ")
+            assert answer in answers[task] and symbols.count(answer) == 1, question
+            assert all(s in FIND_AMONG[task] for s in symbols if s != answer), question
+        found[task] += 1
+    shares = {task: count / 1000 for task, count in found.items()}
+    assert all(abs(shares[task] - TEXT_TASKS[task]) < 0.05 for task in TEXT_TASKS), shares
 
 
 def test_splits_share_no_render():
