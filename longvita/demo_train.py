@@ -132,20 +132,32 @@ def export(out: Path, stage: int, name: str) -> Path:
     return export_checkpoint(out / f"stage{stage}", out / name)
 
 
-def short_context_accuracy(model_dir: Path, *, seed: int = TEST_SEED + 7) -> float:
-    """Exact-match accuracy on single-image questions (digit, letter, shape) of test renders."""
+def short_context_accuracy(model_dir: Path, *, seed: int = TEST_SEED + 7) -> dict[str, float]:
+    """Exact-match accuracy on single-image questions about test renders: "what digit / letter
+    / shape is this?" (SHORT_QUESTIONS, the kinds in turn: `short_context_accuracy`, and each
+    kind's) and "what colour is it?" of the same images (`colour`)."""
     import longvita
 
     pipe = longvita.load(model_dir)
     renderer = Renderer(seed)
-    right = 0
+    kinds = {"digit": DIGITS, "letter": LETTERS, "shape": SHAPES}
+    right = dict.fromkeys([*kinds, "colour"], 0)
+    asked = dict.fromkeys(kinds, 0)
     for k in range(SHORT_QUESTIONS):
-        kind = ("digit", "letter", "shape")[k % 3]
-        value = (DIGITS, LETTERS, SHAPES)[k % 3][k % len((DIGITS, LETTERS, SHAPES)[k % 3])]
-        image = renderer.render(renderer.item(kind, value))
+        kind = list(kinds)[k % len(kinds)]
+        values = kinds[kind]
+        item = renderer.item(kind, values[k % len(values)])
+        image = renderer.render(item)
         answer = pipe.generate(f"<image>\nWhat {kind} is this?", images=[image], max_new_tokens=4)
-        right += answer.text.strip() == value
-    return right / SHORT_QUESTIONS
+        colour = pipe.generate("<image>\nWhat colour is it?", images=[image], max_new_tokens=4)
+        asked[kind] += 1
+        right[kind] += answer.text.strip() == item.value
+        right["colour"] += colour.text.strip() == item.colour
+    return {
+        "short_context_accuracy": sum(right[kind] for kind in kinds) / SHORT_QUESTIONS,
+        **{f"short_context_{kind}": right[kind] / asked[kind] for kind in kinds},
+        "short_context_colour": right["colour"] / SHORT_QUESTIONS,
+    }
 
 
 def evaluate(model_dir: Path, out: Path, frames: tuple[int, ...], needles: int) -> dict:
@@ -166,7 +178,7 @@ def evaluate(model_dir: Path, out: Path, frames: tuple[int, ...], needles: int) 
     return {
         "vniah_accuracy": report["accuracy"],
         "vniah_by_frames": report["accuracy_by_frames"],
-        "short_context_accuracy": short_context_accuracy(model_dir),
+        **short_context_accuracy(model_dir),
     }
 
 
@@ -250,6 +262,17 @@ def report_markdown(report: dict) -> str:
         lines += [f"## {name}", "",
                   f"- V-NIAH: {100 * evaluation['vniah_accuracy']:.1f}% ({by_frames})",
                   f"- short context (single-image questions): "
-                  f"{100 * evaluation['short_context_accuracy']:.1f}%",
+                  f"{100 * evaluation['short_context_accuracy']:.1f}%{short_kinds(evaluation)}",
                   f"- heatmap: vniah-{name}/heatmap.png", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def short_kinds(evaluation: dict) -> str:
+    """Each kind's accuracy in an evaluation, as " (digit 100%, letter 80%, ...)"; "" for a
+    report from before the kinds were counted."""
+    parts = [
+        f"{kind} {100 * evaluation[key]:.0f}%"
+        for kind in ("digit", "letter", "shape", "colour")
+        if (key := f"short_context_{kind}") in evaluation
+    ]
+    return f" ({', '.join(parts)})" if parts else ""
