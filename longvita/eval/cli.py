@@ -35,6 +35,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, nargs="+", default=None, help="16 64 256 1024 4096")
     p.add_argument("--depths", type=float, nargs="+", default=None, help="0 0.25 0.5 0.75 1")
     p.add_argument("--needles", type=int, default=20, help="questions per cell (default 20)")
+    p.add_argument(
+        "--haystacks",
+        type=int,
+        default=1,
+        help="rendered haystacks per length; needle n goes into haystack n %% N (default 1)",
+    )
     p.add_argument("--haystack", default=None, help="a video (file or frame directory)")
     p.add_argument("--seed", type=int, default=None, help="the test renders' seed")
     p.add_argument("--teacher-forced", action="store_true", help="score by next-token logits")
@@ -52,6 +58,7 @@ def vniah_config(args: argparse.Namespace):
         frames=tuple(args.frames or DEFAULT_FRAMES),
         depths=tuple(args.depths if args.depths is not None else DEFAULT_DEPTHS),
         needles=args.needles,
+        haystacks=args.haystacks,
         seed=TEST_SEED if args.seed is None else args.seed,
         haystack=args.haystack,
         teacher_forced=args.teacher_forced,

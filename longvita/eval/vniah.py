@@ -49,6 +49,9 @@ class VniahConfig:
     """Where the needle goes: 0 the first frame, 1 the last."""
     needles: int = 20
     """Questions per cell (needle digits cycle through 0-9)."""
+    haystacks: int = 1
+    """Haystacks per length (rendered ones only): needle n is asked in haystack n % haystacks.
+    With one, a single letter that the model takes for a digit fails most of a row."""
     seed: int = TEST_SEED
     haystack: str | None = None
     """A video whose frames, sampled evenly, form the haystacks; None: rendered letters."""
@@ -64,6 +67,13 @@ class VniahConfig:
         for depth in self.depths:
             check_number("depths", depth, at_least=0.0, at_most=1.0)
         check_int("needles", self.needles, minimum=1)
+        check_int("haystacks", self.haystacks, minimum=1)
+        if self.haystacks > self.needles:
+            raise ValueError(f"haystacks ({self.haystacks}) > needles ({self.needles}): "
+                             "each haystack needs a needle")  # fmt: skip
+        if self.haystack is not None and self.haystacks > 1:
+            raise ValueError(f"haystacks={self.haystacks} needs rendered haystacks: a video "
+                             f"({self.haystack}) gives one")  # fmt: skip
 
 
 @dataclass
@@ -100,60 +110,75 @@ def run_vniah(
     answerer: Answerer,
     config: VniahConfig,
     *,
-    haystack_frames: Callable[[int], list[Image.Image]],
+    haystack_frames: Callable[[int, int], list[Image.Image]],
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> list[Cell]:
-    """The grid: for each length, the haystack (`haystack_frames(count)`) encoded once, each
-    needle encoded once, then every (depth, needle) asked."""
+    """The grid: for each length, each haystack (`haystack_frames(count, which)`) encoded once,
+    each needle encoded once, then every (depth, needle) asked, needle n in haystack
+    n % config.haystacks."""
     renderer = Renderer(config.seed + 1)  # the needles: test renders
     needle_images = [
         renderer.render(renderer.item("digit", DIGITS[n % 10])) for n in range(config.needles)
     ]
     needles = answerer.encode(needle_images)  # [needles, tpt, hidden]
-    cells = []
-    questions = [(f, d) for f in config.frames for d in config.depths]
-    iterator = progress(questions) if progress is not None else questions
-    haystacks: dict[int, torch.Tensor] = {}
-    for num_frames, depth in iterator:
-        if num_frames not in haystacks:
-            haystacks.clear()  # one haystack in memory at a time
-            haystacks[num_frames] = answerer.encode(haystack_frames(num_frames - 1))
-        hay = haystacks[num_frames]  # [F - 1, tpt, hidden]
+    answers = {(f, d): [""] * config.needles for f in config.frames for d in config.depths}
+    runs = [
+        (f, h, d) for f in config.frames for h in range(config.haystacks) for d in config.depths
+    ]
+    iterator = progress(runs) if progress is not None else runs
+    encoded: dict[tuple[int, int], torch.Tensor] = {}
+    for num_frames, which, depth in iterator:
+        if (num_frames, which) not in encoded:
+            encoded.clear()  # one haystack in memory at a time
+            frames = haystack_frames(num_frames - 1, which)
+            encoded[num_frames, which] = answerer.encode(frames)
+        hay = encoded[num_frames, which]  # [F - 1, tpt, hidden]
         at = needle_index(num_frames, depth)
-        answers, right = [], 0
-        for n in range(config.needles):
+        for n in range(which, config.needles, config.haystacks):
             features = torch.cat([hay[:at], needles[n : n + 1], hay[at:]])  # [F, tpt, hidden]
             if config.teacher_forced:
                 answer = answerer.best_of(features, config.question, list(DIGITS))
             else:
                 answer = answerer.answer(features, config.question)
-            answers.append(answer)
-            right += answer.strip() == DIGITS[n % 10]
-        cells.append(Cell(num_frames, depth, right / config.needles, config.needles, answers))
+            answers[num_frames, depth][n] = answer
+    cells = []
+    for (num_frames, depth), given in answers.items():
+        right = sum(a.strip() == DIGITS[n % 10] for n, a in enumerate(given))
+        cells.append(Cell(num_frames, depth, right / config.needles, config.needles, given))
     return cells
 
 
-def rendered_haystack(seed: int) -> Callable[[int], list[Image.Image]]:
-    """Letter frames of the test split, as many as asked (the same prefix for every length)."""
-    renderer = Renderer(seed)
-    frames: list[Image.Image] = []
+HAYSTACK_SEED_STRIDE = 1000
+"""Rendered haystack h > 0 draws from seed + h x this (haystack 0 from the seed itself, the
+needles from seed + 1)."""
 
-    def haystack(count: int) -> list[Image.Image]:
-        while len(frames) < count:
-            frames.append(renderer.render(renderer.item("letter")))
-        return frames[:count]
+
+def rendered_haystack(seed: int) -> Callable[[int, int], list[Image.Image]]:
+    """Letter frames of the test split: `haystack(count, which)`, as many as asked of haystack
+    `which` (the same prefix for every length)."""
+    renderers: dict[int, Renderer] = {}
+    frames: dict[int, list[Image.Image]] = {}
+
+    def haystack(count: int, which: int = 0) -> list[Image.Image]:
+        if which not in renderers:
+            renderers[which] = Renderer(seed + which * HAYSTACK_SEED_STRIDE)
+            frames[which] = []
+        renderer, drawn = renderers[which], frames[which]
+        while len(drawn) < count:
+            drawn.append(renderer.render(renderer.item("letter")))
+        return drawn[:count]
 
     return haystack
 
 
-def video_haystack(path: str, *, max_pixels: int) -> Callable[[int], list[Image.Image]]:
+def video_haystack(path: str, *, max_pixels: int) -> Callable[[int, int], list[Image.Image]]:
     """`count` frames sampled evenly over a video file or frame directory."""
     from longvita.processing.video import iter_video_frames, plan_video
 
     plan = plan_video(path, max_frames=1 << 30, max_fps=1e9, max_pixels=max_pixels)
     total = len(plan.indices)
 
-    def haystack(count: int) -> list[Image.Image]:
+    def haystack(count: int, which: int = 0) -> list[Image.Image]:  # one video: one haystack
         picks = np.linspace(0, total - 1, count).round().astype(int)
         wanted = [plan.indices[i] for i in picks]
         return list(iter_video_frames(path, wanted, max_pixels=max_pixels))

@@ -62,6 +62,54 @@ def test_scoring_counts_right_answers_per_cell():
     assert stub.encoded_frames == 7 + 4 + 8
 
 
+class HaystackRecorder(StubAnswerer):
+    """The stub, also told which haystack each needle was asked in: `haystack(count, which)`
+    gives frames that `encode` marks -(which + 1) (the needles 1..N as before)."""
+
+    def __init__(self) -> None:
+        super().__init__(right_depths={0.0, 1.0})
+        self.which = -1
+        self.drawn: list[tuple[int, int]] = []
+        self.asked: dict[int, set[int]] = {}
+
+    def haystack(self, count: int, which: int) -> list[Image.Image]:
+        self.which = which
+        self.drawn.append((count, which))
+        return [Image.new("RGB", (2, 2))] * count
+
+    def encode(self, frames):
+        marks = super().encode(frames)
+        return marks if self.calls == 1 else marks - 1 - self.which
+
+    def _needle(self, features):
+        (position,) = (features[:, 0, 0] > 0).nonzero()[0].tolist()
+        return position, int(features[position, 0, 0]) - 1
+
+    def answer(self, features, question):
+        position, needle = self._needle(features)
+        others = torch.cat([features[:position], features[position + 1 :]])[:, 0, 0]
+        self.asked.setdefault(needle, set()).update(int(-v) - 1 for v in others.unique())
+        return super().answer(features, question)
+
+
+def test_several_haystacks_each_take_their_needles():
+    config = VniahConfig(frames=(5, 9), depths=(0.0, 1.0), needles=7, haystacks=3)
+    stub = HaystackRecorder()
+    cells = run_vniah(stub, config, haystack_frames=stub.haystack)
+    assert stub.drawn == [(4, 0), (4, 1), (4, 2), (8, 0), (8, 1), (8, 2)]  # each encoded once
+    assert stub.asked == {n: {n % 3} for n in range(7)}
+    assert {(c.frames, c.depth): c.accuracy for c in cells} == {
+        (f, d): 1.0 for f in (5, 9) for d in (0.0, 1.0)
+    }
+
+
+def test_rendered_haystacks_differ_and_keep_their_prefix():
+    haystack = rendered_haystack(0)
+    first, second = haystack(6, 0), haystack(6, 1)
+    assert [f.tobytes() for f in haystack(3, 0)] == [f.tobytes() for f in first[:3]]
+    assert all(a.tobytes() != b.tobytes() for a, b in zip(first, second, strict=True))
+
+
 def test_needles_go_where_the_depth_says():
     assert [needle_index(9, d) for d in (0.0, 0.25, 0.5, 1.0)] == [0, 2, 4, 8]
 
@@ -80,7 +128,9 @@ def test_report_files(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"frames": (1,)}, "frames must be >= 2"), ({"depths": (1.5,)}, "depths must be <= 1.0"),
-     ({"needles": 0}, "needles must be >= 1"), ({"frames": ()}, "at least one")],
+     ({"needles": 0}, "needles must be >= 1"), ({"frames": ()}, "at least one"),
+     ({"needles": 2, "haystacks": 3}, r"haystacks \(3\) > needles \(2\)"),
+     ({"haystacks": 2, "haystack": "video.mkv"}, "needs rendered haystacks")],
 )  # fmt: skip
 def test_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
