@@ -26,7 +26,7 @@ test-all: setup
 demo: setup
 	$(BIN)/longvita demo
 
-# Train the demo model again through the four stages (about 30 minutes on 2 CPU cores), evaluate
+# Train the demo model again through the four stages (15-30 minutes on 2 CPU cores), evaluate
 # it (V-NIAH, short context) and install it as the package's demo model.
 demo-train: setup
 	$(BIN)/longvita demo train --out runs/demo --install

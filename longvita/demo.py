@@ -26,7 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Render an image and a long video the demo model has never seen (a digit, a letter "
             "or a shape; a digit among --frames frames of letters), ask about them, and print "
             "question, answer and truth. `longvita demo train` trains the demo model through "
-            "the four stages (about 30 minutes on a laptop CPU)."
+            "the four stages (15-30 minutes on a laptop CPU)."
         ),
     )
     p.add_argument("--model", default="demo", help="the model (default: the shipped demo)")

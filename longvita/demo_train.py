@@ -37,6 +37,10 @@ TOWER_DIR = "vision-tower"
 STAGES = (0, 1, 2, 3, 4)
 """Stage 0 stands in for the pretrained LLM the official stage 1 starts from (`demo_vision` for
 its pretrained ViT)."""
+VNIAH_HAYSTACKS = 5
+"""Rendered haystacks per length in the demo's V-NIAH: with one, a single letter the model takes
+for a digit fails most of a row (the shipped model: 76%, 100% and 100% at 4,096 frames on the
+haystacks of three seeds)."""
 SHORT_QUESTIONS = 200
 """Single-image questions of the short-context check."""
 
@@ -171,7 +175,7 @@ def evaluate(model_dir: Path, out: Path, frames: tuple[int, ...], needles: int) 
         write_report,
     )
 
-    config = VniahConfig(frames=frames, needles=needles)
+    config = VniahConfig(frames=frames, needles=needles, haystacks=VNIAH_HAYSTACKS)
     answerer = PipelineAnswerer(longvita.load(model_dir))
     cells = run_vniah(answerer, config, haystack_frames=rendered_haystack(config.seed))
     report = write_report(cells, config, out, title=f"V-NIAH {model_dir.name}")

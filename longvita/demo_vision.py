@@ -13,10 +13,10 @@ A third head, digit or not (`digit_weight`), serves the long stages: their one q
 which frame of thousands is a digit, answered by one attention head that scores every frame with
 a linear function of its token, so one letter in 4,096 taken for a digit costs the answer. Then
 rounds of hard-example mining (`hard_rounds`): score fresh renders with that head, train more on
-those nearest to the wrong side. In 60,000 fresh renders, 103 were on the wrong side after the
-main steps, 67 and 47 after the first two rounds. Off (weight 0, no rounds), the shipped model
-of before found the needle in 85% of 4,096-frame haystacks; on, with the stage-0 tasks that let
-the LLM read every attribute, 100% (docs/demo.md, "Finding the needle").
+those nearest to the wrong side. In 60,000 fresh renders, 113 were on the wrong side after the
+main steps, 76 and 43 after the first two rounds. With both and the stage-0 tasks that let the
+LLM read every attribute, the needle was found in 74-100% of single 4,096-frame haystacks over
+towers of nearly the same recipe (docs/demo.md, "Finding the needle").
 
 Two steps, so that the tower trains while the curriculum is rendered (it needs nothing of the
 run's data): `pretrain_tower` trains the ViT alone and writes its weights and report;
