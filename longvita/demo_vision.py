@@ -164,25 +164,7 @@ def pretrain_tower(out: str | Path, spec: VisionPretraining) -> dict:
         schedule.step()
         if step % 400 == 0:
             logger.warning("vision pretraining: step %d/%d, loss %.3f", step, spec.steps, loss)
-    hard: list[tuple[torch.Tensor, ...]] = []
-    wrong_side = []
-    for round_ in range(spec.hard_rounds):
-        pool = render_set(spec.hard_pool, spec.seed + HARD_SEED_OFFSET + round_)
-        kept_now, wrong = hardest(classifier, pool, spec.hard_keep)
-        hard.append(kept_now)
-        wrong_side.append(wrong)
-        kept = TensorBatches(*(torch.cat(parts) for parts in zip(*hard, strict=True)),
-                             generator=generator)  # fmt: skip
-        for group in optimizer.param_groups:
-            group["lr"] = spec.lr / 10  # a fine-tune at the tail of the one-cycle schedule
-        classifier.train()
-        for _ in range(spec.hard_steps):
-            half = spec.batch // 2
-            batch = [torch.cat(pair) for pair in zip(kept.sample(half), train.sample(half),
-                                                      strict=True)]  # fmt: skip
-            loss = train_step(classifier, optimizer, batch, spec.digit_weight)
-        logger.warning("vision pretraining: hard round %d/%d, loss %.3f", round_ + 1,
-                       spec.hard_rounds, loss)  # fmt: skip
+    wrong_side = train_on_hard_examples(classifier, optimizer, train, spec, generator)
     report = {**accuracy(classifier, *test), "seconds": round(time.perf_counter() - start, 1)}
     if wrong_side:
         report["hard_pool_wrong_side"] = wrong_side
@@ -224,6 +206,38 @@ def train_step(
     loss.backward()
     optimizer.step()
     return loss.item()
+
+
+def train_on_hard_examples(
+    classifier: RenderClassifier,
+    optimizer: torch.optim.Optimizer,
+    train: TensorBatches,
+    spec: VisionPretraining,
+    generator: torch.Generator,
+) -> list[int]:
+    """`spec.hard_rounds` rounds of hard-example mining (see `VisionPretraining.hard_rounds`) at
+    a tenth of the learning rate; returns how many of each round's pool were on the wrong side
+    of the digit head before that round trained."""
+    for group in optimizer.param_groups:
+        group["lr"] = spec.lr / 10  # a fine-tune at the tail of the one-cycle schedule
+    kept: list[tuple[torch.Tensor, ...]] = []
+    wrong_side = []
+    for round_ in range(spec.hard_rounds):
+        pool = render_set(spec.hard_pool, spec.seed + HARD_SEED_OFFSET + round_)
+        hardest_now, wrong = hardest(classifier, pool, spec.hard_keep)
+        kept.append(hardest_now)
+        wrong_side.append(wrong)
+        hard = TensorBatches(*(torch.cat(parts) for parts in zip(*kept, strict=True)),
+                             generator=generator)  # fmt: skip
+        classifier.train()
+        for _ in range(spec.hard_steps):
+            halves = zip(hard.sample(spec.batch // 2), train.sample(spec.batch - spec.batch // 2),
+                         strict=True)  # fmt: skip
+            train_step(classifier, optimizer, [torch.cat(pair) for pair in halves],
+                       spec.digit_weight)  # fmt: skip
+        logger.warning("vision pretraining: hard round %d/%d done (%d of %d were on the wrong "
+                       "side)", round_ + 1, spec.hard_rounds, wrong, spec.hard_pool)  # fmt: skip
+    return wrong_side
 
 
 @torch.no_grad()

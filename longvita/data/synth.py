@@ -216,10 +216,10 @@ FIND_AMONG = {"digit": LETTERS, "letter": DIGITS, "colour": DIGITS}
 def text_sample(writer: Writer) -> dict:
     """Stage 0: the language the later stages speak, and retrieval, in plain text.
 
-    Each "which digit / letter is in" task grows the head that later reads that attribute off an
-    image token: without the letter task the LLM never learned to name (or even repeat) a
-    letter, since letters are only ever the haystack the digit task teaches it to pass over, and
-    stages 1-2 then could not learn letters from images either (docs/demo.md).
+    Each "which digit / letter / colour is in" task grows the head that later reads that
+    attribute off an image token: without the letter task the LLM never learned to name (or even
+    repeat) a letter, since letters are only ever the haystack the digit task teaches it to pass
+    over, and stages 1-2 then could not learn letters from images either (docs/demo.md).
     """
     rng, renderer = writer.renderer.rng, writer.renderer
     task = str(rng.choice(list(TEXT_TASKS), p=list(TEXT_TASKS.values())))
