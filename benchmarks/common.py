@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the process memory probe and the text-only model config.
+"""What the benchmark scripts share: the process memory probe, workers in fresh processes, the
+least-squares line through measured peaks, and the text-only model config.
 
 Imported by the scripts in this folder (run as `python benchmarks/NAME.py`, so this folder is on
 sys.path); not part of the library.
@@ -7,6 +8,11 @@ sys.path); not part of the library.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -47,6 +53,36 @@ def peak_since(base_bytes: int, device: str = "cpu") -> int:
         return status_kib("VmHWM") * 1024 - base_bytes
     torch.accelerator.synchronize()
     return torch.accelerator.max_memory_allocated() - base_bytes
+
+
+def run_in_fresh_process(script: str, options: dict, label: str) -> dict:
+    """Run `script --worker --KEY VALUE...` (options' keys with "_" as "-") in a fresh process;
+    its JSON result (stdout) plus "process_seconds". A failed worker's stderr tail is printed and
+    raised as a RuntimeError naming `label`."""
+    cmd = [sys.executable, os.path.abspath(script), "--worker"]
+    for key, value in options.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    print(f"running {label}", file=sys.stderr, flush=True)
+    # Without a fixed mmap threshold glibc keeps freed multi-MB blocks in its heap, and the
+    # high-water mark reports the heap's history instead of the live peak.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        sys.stderr.write(done.stderr[-4000:])
+        raise RuntimeError(f"worker {label} exited with {done.returncode}")
+    result = json.loads(done.stdout)
+    result["process_seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def fit_line(points: dict[int, int]) -> tuple[float, float]:
+    """Least-squares (intercept, slope) of peak bytes against length."""
+    xs, ys = list(points), list(points.values())
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mean_x) ** 2 for x in xs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var
+    return mean_y - slope * mean_x, slope
 
 
 def text_model_config(args: argparse.Namespace) -> LongVITAConfig:

@@ -49,16 +49,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import peak_since, reset_peak, text_model_config
+from common import fit_line, peak_since, reset_peak, run_in_fresh_process, text_model_config
 
 from longvita.infer.plan import free_memory_bytes
 
@@ -278,32 +276,13 @@ def run_cp_worker(args: argparse.Namespace) -> dict:
 
 
 def spawn(args: argparse.Namespace, checkpoint: str, path: str, seq_len: int, **extra) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--path", path]
-    cmd += ["--checkpoint", checkpoint, "--seq-len", str(seq_len), "--threads", str(args.threads)]
-    cmd += ["--prefill-chunk", str(args.prefill_chunk), "--device", args.device]
-    cmd += ["--dtype", args.dtype]
-    for key, value in extra.items():
-        cmd += [f"--{key.replace('_', '-')}", str(value)]
-    print(f"running {path} N={seq_len} {extra or ''}", file=sys.stderr, flush=True)
-    # Without a fixed mmap threshold glibc keeps freed multi-MB blocks in its heap, and the
-    # high-water mark reports the heap's history instead of the live peak.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    start = time.perf_counter()
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    result = json.loads(out)
-    result["process_seconds"] = round(time.perf_counter() - start, 1)
+    options = {"path": path, "checkpoint": checkpoint, "seq_len": seq_len,
+               "threads": args.threads, "prefill_chunk": args.prefill_chunk,
+               "device": args.device, "dtype": args.dtype, **extra}  # fmt: skip
+    result = run_in_fresh_process(__file__, options, f"{path} N={seq_len} {extra or ''}")
     summary = {k: v for k, v in result.items() if k not in ("tokens", "ranks")}
     print(f"  -> {summary}", file=sys.stderr, flush=True)
     return result
-
-
-def fit_line(points: dict[int, int]) -> tuple[float, float]:
-    """Least-squares (intercept, slope) of peak bytes against prompt length."""
-    xs, ys = list(points), list(points.values())
-    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-    var = sum((x - mean_x) ** 2 for x in xs)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var
-    return mean_y - slope * mean_x, slope
 
 
 def fits(points: dict[int, int], seq_len: int, device: str) -> bool:

@@ -48,9 +48,7 @@ import argparse
 import dataclasses
 import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,8 +56,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import peak_since, reset_peak, status_kib, text_model_config
-from long_context import fit_line
+from common import (
+    fit_line,
+    peak_since,
+    reset_peak,
+    run_in_fresh_process,
+    status_kib,
+    text_model_config,
+)
 
 from longvita.config import tiny
 from longvita.data.packed import PackedSequence
@@ -374,21 +378,9 @@ def run_checkpoints(args: argparse.Namespace) -> dict:
 
 def spawn(args: argparse.Namespace, path: str, seq_len: int = 0, **extra) -> dict:
     """Run one worker in a fresh process; its JSON result."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--path", path]
-    options = {"seq_len": seq_len, **{name: getattr(args, name) for name in WORKER_FLAGS}, **extra}
-    for key, value in options.items():
-        cmd += [f"--{key.replace('_', '-')}", str(value)]
-    print(f"running {path} S={seq_len} {extra or ''}", file=sys.stderr, flush=True)
-    # Without a fixed mmap threshold glibc keeps freed multi-MB blocks in its heap, and the
-    # high-water mark reports the heap's history instead of the live peak.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode:
-        sys.stderr.write(done.stderr[-4000:])
-        raise RuntimeError(f"worker {path} S={seq_len} exited with {done.returncode}")
-    result = json.loads(done.stdout)
-    result["process_seconds"] = round(time.perf_counter() - start, 1)
+    options = {"path": path, "seq_len": seq_len,
+               **{name: getattr(args, name) for name in WORKER_FLAGS}, **extra}  # fmt: skip
+    result = run_in_fresh_process(__file__, options, f"{path} S={seq_len} {extra or ''}")
     brief = {k: v for k, v in result.items() if not isinstance(v, dict | list) or k == "seconds"}
     print(f"  -> {brief}", file=sys.stderr, flush=True)
     return result
