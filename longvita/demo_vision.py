@@ -15,8 +15,8 @@ a linear function of its token, so one letter in 4,096 taken for a digit costs t
 rounds of hard-example mining (`hard_rounds`): score fresh renders with that head, train more on
 those nearest to the wrong side. In 60,000 fresh renders, 113 were on the wrong side after the
 main steps, 76 and 43 after the first two rounds. With both and the stage-0 tasks that let the
-LLM read every attribute, the needle was found in 74-100% of single 4,096-frame haystacks over
-towers of nearly the same recipe (docs/demo.md, "Finding the needle").
+LLM read every attribute, the needle was found in 73-100% of single 4,096-frame haystacks by
+three towers of nearly the same recipe (docs/demo.md, "Finding the needle").
 
 Two steps, so that the tower trains while the curriculum is rendered (it needs nothing of the
 run's data): `pretrain_tower` trains the ViT alone and writes its weights and report;

@@ -156,14 +156,12 @@ needles from seed + 1)."""
 def rendered_haystack(seed: int) -> Callable[[int, int], list[Image.Image]]:
     """Letter frames of the test split: `haystack(count, which)`, as many as asked of haystack
     `which` (the same prefix for every length)."""
-    renderers: dict[int, Renderer] = {}
-    frames: dict[int, list[Image.Image]] = {}
+    drawn_so_far: dict[int, tuple[Renderer, list[Image.Image]]] = {}
 
     def haystack(count: int, which: int = 0) -> list[Image.Image]:
-        if which not in renderers:
-            renderers[which] = Renderer(seed + which * HAYSTACK_SEED_STRIDE)
-            frames[which] = []
-        renderer, drawn = renderers[which], frames[which]
+        if which not in drawn_so_far:
+            drawn_so_far[which] = (Renderer(seed + which * HAYSTACK_SEED_STRIDE), [])
+        renderer, drawn = drawn_so_far[which]
         while len(drawn) < count:
             drawn.append(renderer.render(renderer.item("letter")))
         return drawn[:count]
