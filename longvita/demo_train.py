@@ -254,7 +254,7 @@ def report_markdown(report: dict) -> str:
     lines += ["", f"Vision tower (the stand-in for InternViT): {vision['seconds']} s; test renders "
               f"named right {100 * vision['test_class_accuracy']:.1f}%, colours "
               f"{100 * vision['test_colour_accuracy']:.1f}%, digit or not "
-              f"{100 * vision['test_digit_accuracy']:.2f}%."]  # fmt: skip
+              f"{100 * vision['test_digit_accuracy']:.2f}%.{needle_estimate(vision)}"]  # fmt: skip
     lines += ["", f"Data {report['data_seconds']} s, the vision tower trained alongside (both "
               f"{report['data_and_vision_seconds']} s); the schema (data, tower and stages) "
               f"{report['schema_seconds']} s, in all (evaluations included) "
@@ -269,6 +269,15 @@ def report_markdown(report: dict) -> str:
                   f"{100 * evaluation['short_context_accuracy']:.1f}%{short_kinds(evaluation)}",
                   f"- heatmap: vniah-{name}/heatmap.png", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def needle_estimate(vision: dict) -> str:
+    """The digit head's needle estimate of a ViT report as a sentence; "" without one."""
+    shares = vision.get("digit_head_finds_needle")
+    if not shares:
+        return ""
+    rows = ", ".join(f"{100 * share:.2f}% at {int(frames):,}" for frames, share in shares.items())
+    return f" Needles its digit head alone ranks first among fresh letters: {rows} frames."
 
 
 def short_kinds(evaluation: dict) -> str:

@@ -14,6 +14,7 @@ from longvita.demo_vision import (
     TOWER,
     VisionPretraining,
     hardest,
+    needle_found_share,
     pretrain_tower,
 )
 
@@ -47,9 +48,11 @@ def test_hardest_keeps_the_renders_nearest_the_wrong_side():
 def test_mining_adds_rounds_and_the_same_seed_gives_the_same_tower(tmp_path):
     spec = VisionPretraining(train_renders=128, test_renders=16, steps=6, batch=16,
                              digit_weight=1.0, hard_rounds=2, hard_pool=64, hard_keep=8,
-                             hard_steps=2)  # fmt: skip
+                             hard_steps=2, estimate_renders=50)  # fmt: skip
     report = pretrain_tower(tmp_path / "a", spec)
     assert len(report["hard_pool_wrong_side"]) == 2
+    assert set(report["digit_head_finds_needle"]) == {"1024", "4096"}
+    assert all(0 <= share <= 1 for share in report["digit_head_finds_needle"].values())
     assert all(0 <= wrong <= 64 for wrong in report["hard_pool_wrong_side"])
     torch.manual_seed(12345)  # the global random state must not matter
     pretrain_tower(tmp_path / "b", spec)
@@ -71,3 +74,15 @@ def test_mining_adds_rounds_and_the_same_seed_gives_the_same_tower(tmp_path):
 def test_a_recipe_that_cannot_mine_is_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         VisionPretraining(**fields)
+
+
+def test_needle_found_share_is_the_chance_that_every_letter_scores_lower():
+    letters = torch.arange(100, dtype=torch.float32)  # scores 0..99
+    assert needle_found_share(torch.tensor([100.0, 200.0]), letters, 4096) == 1.0
+    assert needle_found_share(torch.tensor([-1.0]), letters, 2) == 0.0
+    # a needle above 90 of the 100 letters beats the one letter of a 2-frame haystack 90% of
+    # the time, both letters of a 3-frame one 81%; the share is the mean over the needles
+    assert needle_found_share(torch.tensor([89.5]), letters, 2) == pytest.approx(0.9)
+    assert needle_found_share(torch.tensor([89.5]), letters, 3) == pytest.approx(0.81)
+    needles = torch.tensor([89.5, 100.0, 100.0, 100.0])
+    assert needle_found_share(needles, letters, 2) == pytest.approx((0.9 + 3) / 4)
