@@ -18,6 +18,7 @@ from longvita.model.projector import VisionProjector
 from longvita.model.qwen2 import AttentionFn, Qwen2Model
 from longvita.model.vision import InternVisionModel
 from longvita.ops.embedding import embed
+from longvita.ops.linear import decode_linear
 from longvita.ops.loss import full_logits_loss, masked_lm_loss
 
 
@@ -102,7 +103,7 @@ class LongVITAForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LongVITAModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = decode_linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:

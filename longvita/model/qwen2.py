@@ -24,6 +24,7 @@ from torch import nn
 
 from longvita.config import LongVITAConfig
 from longvita.ops.attention import attention
+from longvita.ops.linear import decode_linear
 from longvita.ops.rope import apply_rope, rope_cos_sin
 
 MLP_ROW_BLOCK = 1024
@@ -74,10 +75,10 @@ class Qwen2Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.q_proj = decode_linear(hidden, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = decode_linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = decode_linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = decode_linear(self.num_heads * self.head_dim, hidden, bias=False)
 
     def forward(
         self,
@@ -104,9 +105,9 @@ class Qwen2MLP(nn.Module):
     def __init__(self, config: LongVITAConfig) -> None:
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(hidden, inner, bias=False)
-        self.up_proj = nn.Linear(hidden, inner, bias=False)
-        self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.gate_proj = decode_linear(hidden, inner, bias=False)
+        self.up_proj = decode_linear(hidden, inner, bias=False)
+        self.down_proj = decode_linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():  # training: autograd keeps the [rows, inner] tensors anyway
