@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,7 @@ def _spawn(fn, world_size, cp, args, device: torch.device, timeout_s: float, gra
     """Spawn `world_size` local ranks, wait for all of them, return rank 0's result."""
     with tempfile.TemporaryDirectory(prefix="longvita-cp-") as tmp:
         workdir = Path(tmp)
+        held = _hold_sigint()
         handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the ranks
         try:
             context = mp.start_processes(
@@ -129,10 +131,14 @@ def _spawn(fn, world_size, cp, args, device: torch.device, timeout_s: float, gra
                 join=False,
                 start_method="spawn",
             )
-        finally:
+        except BaseException:
             signal.signal(signal.SIGINT, handler)
+            _release_sigint(held)
+            raise
+        signal.signal(signal.SIGINT, handler)
         previous_sigterm = _raise_on_sigterm()
         try:
+            _release_sigint(held)  # a Ctrl-C during the start arrives now: the ranks are stopped
             while not context.join():
                 pass
         except _Terminated:
@@ -166,6 +172,26 @@ def _spawn(fn, world_size, cp, args, device: torch.device, timeout_s: float, gra
             raise RankFailedError(f"rank 0 of {world_size} exited without a result")
         # A file our own rank 0 has just written: full unpickling allows any result type.
         return torch.load(result_file, weights_only=False)
+
+
+def _hold_sigint() -> bool:
+    """Block SIGINT in this thread while the ranks start (with SIGINT ignored, so that they
+    inherit "ignore"): on Linux a blocked signal stays pending even while ignored, so a Ctrl-C
+    in that window is delivered by `_release_sigint` instead of lost. Whether it blocked."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return False
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    # multiprocessing starts its resource tracker at the first spawn with SIGINT blocked, then
+    # unblocks it: start it first, or it would undo this block
+    resource_tracker.ensure_running()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    return True
+
+
+def _release_sigint(held: bool) -> None:
+    if held:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 class _Terminated(Exception):

@@ -4,6 +4,7 @@ Ctrl-C ending every rank quietly."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -70,6 +71,29 @@ def test_spawned_ranks_return_rank_zeros_result():
         "cp_size": 3,
         "sum": 33.0,  # 10 + 11 + 12: every rank took part
     }
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="needs signal masks")
+def test_a_ctrl_c_while_the_ranks_start_stops_them(monkeypatch):
+    """The parent ignores SIGINT while it starts the ranks (they inherit "ignore"); a Ctrl-C
+    in that window must still stop the job, not be lost."""
+    launching = importlib.import_module("longvita.parallel.launch")  # the module, not launch()
+    real_start = launching.mp.start_processes
+    started = []
+
+    def start_then_ctrl_c(*args, **kwargs):
+        context = real_start(*args, **kwargs)
+        started.extend(context.processes)
+        signal.raise_signal(signal.SIGINT)  # arrives while SIGINT is still ignored here
+        return context
+
+    monkeypatch.setattr(launching.mp, "start_processes", start_then_ctrl_c)
+    begin = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        launch(_sum_of_ranks, cp=2, args=(0,), timeout_s=60)  # would return: it is quick
+    assert time.monotonic() - begin < DEADLINE_S
+    assert len(started) == 2 and not any(process.is_alive() for process in started)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_cp_one_runs_in_this_process():
