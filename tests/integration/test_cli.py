@@ -178,9 +178,9 @@ def _processes_in_group(pgid: int) -> list[int]:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
 def test_ctrl_c_ends_every_rank_quietly_with_status_130(tiny_checkpoint):
     """SIGINT to the whole process group, as a terminal sends it, while the ranks start."""
+    # up to 2,000 tokens: still generating when the signal comes
     command = [sys.executable, "-m", "longvita", "generate", "--model", str(tiny_checkpoint),
-               "--prompt", "hi", "--cp", "2",
-               "--max-new-tokens", "2000"]  # fmt: skip  (still generating when the signal comes)
+               "--prompt", "hi", "--cp", "2", "--max-new-tokens", "2000"]  # fmt: skip
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
