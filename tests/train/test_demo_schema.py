@@ -128,6 +128,6 @@ def test_the_full_recipe_meets_the_bars(tmp_path):
     report = run_demo_training(tmp_path, needles=100)
     after2, after4 = report["evaluations"]["after-stage2"], report["evaluations"]["model"]
     assert report["schema_seconds"] <= 30 * 60, report
-    assert after4["vniah_by_frames"]["4096"] >= 0.99, after4
+    assert after4["vniah_by_frames"]["4096"] >= 0.99 - 1e-9, after4  # a mean of 5 cells
     assert after2["vniah_by_frames"]["4096"] < after4["vniah_by_frames"]["4096"], (after2, after4)
     assert after4["short_context_accuracy"] >= after2["short_context_accuracy"] - 0.01
