@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 
 import torch
-from common import peak_since, reset_peak
+from common import peak_since, reset_peak, run_in_fresh_process
 
 from longvita.infer.plan import free_memory_bytes
 from longvita.ops.loss import IGNORE_INDEX, full_logits_loss, masked_lm_loss, shift_labels
@@ -85,16 +83,10 @@ def run_worker(args: argparse.Namespace) -> dict:
 
 
 def spawn(args: argparse.Namespace, path: str, seq_len: int, fraction: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--path", path]
-    cmd += ["--seq-len", str(seq_len), "--fraction", str(fraction), "--dtype", args.dtype]
-    cmd += ["--hidden-size", str(args.hidden_size), "--vocab-size", str(args.vocab_size)]
-    cmd += ["--chunk-size", str(args.chunk_size)]
-    print(f"running {path} N={seq_len} fraction={fraction}", file=sys.stderr, flush=True)
-    # A fixed mmap threshold stops glibc from keeping freed blocks of a few MB in its heap,
-    # where they would count in the high-water mark after being freed.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    result = json.loads(out)
+    options = {"path": path, "seq_len": seq_len, "fraction": fraction, "dtype": args.dtype,
+               "hidden_size": args.hidden_size, "vocab_size": args.vocab_size,
+               "chunk_size": args.chunk_size}  # fmt: skip
+    result = run_in_fresh_process(__file__, options, f"{path} N={seq_len} fraction={fraction}")
     print(f"  -> {result}", file=sys.stderr, flush=True)
     return result
 
