@@ -39,8 +39,8 @@ STAGES = (0, 1, 2, 3, 4)
 its pretrained ViT)."""
 VNIAH_HAYSTACKS = 5
 """Rendered haystacks per length in the demo's V-NIAH: with one, a single letter the model takes
-for a digit fails most of a row (the shipped model: 76%, 100% and 100% at 4,096 frames on the
-haystacks of three seeds)."""
+for a digit fails most of a row (model r7: 76%, 100% and 100% at 4,096 frames on the haystacks
+of three seeds; benchmarks/results/demo_model.md)."""
 SHORT_QUESTIONS = 200
 """Single-image questions of the short-context check."""
 

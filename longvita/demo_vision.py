@@ -258,12 +258,18 @@ def hardest(
     """The `keep` renders (pixels, classes, colours) whose digit logit is nearest to, or past,
     the wrong side (the letters and shapes most like a digit, the digits least like one), and
     how many of all were past it."""
-    classifier.eval()
     pixels, classes, _ = renders
-    logits = torch.cat([classifier(chunk)[2][:, 0] for chunk in pixels.split(4096)])
+    logits = digit_logits(classifier, pixels)
     margin = torch.where(IS_DIGIT[classes], logits, -logits)  # > 0: right side
     rows = margin.argsort()[:keep]
     return tuple(tensor[rows] for tensor in renders), int((margin < 0).sum())
+
+
+@torch.no_grad()
+def digit_logits(classifier: RenderClassifier, pixels: torch.Tensor) -> torch.Tensor:
+    """The digit head's logit of each render, pixels [n, 3, S, S] -> [n], 4,096 at a time."""
+    classifier.eval()
+    return torch.cat([classifier(chunk)[2][:, 0] for chunk in pixels.split(4096)])
 
 
 ESTIMATE_FRAMES = (1024, 4096)
@@ -274,14 +280,14 @@ ESTIMATE_FRAMES = (1024, 4096)
 def digit_head_estimate(classifier: RenderClassifier, letters: int, seed: int) -> dict[str, float]:
     """{frames: `needle_found_share`} for ESTIMATE_FRAMES, from the digit head's scores of
     `letters` fresh letters and a fifth as many fresh digits (renders of `seed`)."""
-    classifier.eval()
     renderer = Renderer(seed)
     scores = {}
     for kind, count in (("letter", letters), ("digit", max(1, letters // 5))):
         chunks = []
-        for start in range(0, count, 4096):
+        for start in range(0, count, 4096):  # rendered a chunk at a time: 50,000 are 470 MB
             images = [renderer.render(renderer.item(kind)) for _ in range(min(4096, count - start))]
-            chunks.append(classifier(to_pixel_values(images, tile_size=images[0].width))[2][:, 0])
+            pixels = to_pixel_values(images, tile_size=images[0].width)
+            chunks.append(digit_logits(classifier, pixels))
         scores[kind] = torch.cat(chunks)
     return {
         str(frames): round(needle_found_share(scores["digit"], scores["letter"], frames), 4)
