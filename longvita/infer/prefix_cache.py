@@ -24,6 +24,7 @@ last, whose logits start the answer. No torch.distributed here.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import threading
 from collections import OrderedDict
@@ -46,6 +47,9 @@ DEFAULT_MEMORY_FRACTION = 0.25
 """`longvita.load`'s default in-memory budget: this share of the device's free memory."""
 UNKNOWN_FREE_MEMORY_BUDGET = 2 * 2**30
 """The budget where the free memory cannot be read."""
+MAX_CANDIDATES = 8
+"""Entries a lookup compares token by token: of those with the prompt's longest prefix hash in
+common, the ones added last."""
 
 
 @dataclass(eq=False)
@@ -110,45 +114,68 @@ class PrefixMatch:
     """Prompt tokens (positions 0..length-1) the entry holds for the new prompt."""
 
 
+Slot = tuple[str, int, int]
+"""An entry's place in the store: (entry id, cp, cp_rank)."""
+
+
+def _slot(entry: CachedPrefix) -> Slot:
+    return entry.entry_id, entry.cp, entry.cp_rank
+
+
 class MemoryPrefixStore:
-    """Entries within `max_bytes`, least recently used dropped first; thread-safe."""
+    """Entries within `max_bytes`, least recently used dropped first; thread-safe.
+
+    An index of the entries' prefix hashes (`PromptKey.prefix_hashes`) finds the entries a
+    prompt shares the most with by a binary search over the prompt's hashes, so a lookup costs
+    the same with ten entries or a hundred thousand (a server's store of short chats)."""
 
     def __init__(self, max_bytes: int) -> None:
         if max_bytes < 0:
             raise ValueError(f"the prefix cache's byte budget must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[str, int, int], CachedPrefix] = OrderedDict()
+        self._entries: OrderedDict[Slot, CachedPrefix] = OrderedDict()  # least recent first
+        self._by_prefix: dict[tuple[int, int, int], dict[Slot, None]] = {}
+        """(cp, cp_rank, prefix hash) -> the slots of the entries with that prefix, in the order
+        they were added."""
+        self._bytes = 0
         self._lock = threading.Lock()
 
     @property
     def num_bytes(self) -> int:
         with self._lock:
-            return sum(entry.num_bytes for entry in self._entries.values())
+            return self._bytes
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def add(self, entry: CachedPrefix) -> bool:
         """Keep `entry`, in place of the entries of prompts it covers (`PromptKey.covers`: the
-        same prompt, an earlier question about the same video), dropping the least recently
-        used to stay within the budget; False when it alone is over the budget (not kept)."""
+        same prompt, an earlier question about the same video) among those it shares the
+        longest prefix with, dropping the least recently used to stay within the budget; False
+        when it alone is over the budget (not kept)."""
         if entry.num_bytes > self.max_bytes:
             return False
+        slot = _slot(entry)
         with self._lock:
-            for slot, held in list(self._entries.items()):
-                if slot[1:] == _slot(entry)[1:] and entry.key.covers(held.key):
-                    del self._entries[slot]  # the new prompt serves all it did
-            self._entries[_slot(entry)] = entry
-            total = sum(e.num_bytes for e in self._entries.values())
-            while total > self.max_bytes:
-                _, dropped = self._entries.popitem(last=False)
-                total -= dropped.num_bytes
+            for held in self._closest(entry.key, entry.cp, entry.cp_rank):
+                if entry.key.covers(held.key):
+                    self._remove(_slot(held))  # the new prompt serves all it did
+            self._remove(slot)  # the same prompt, kept before
+            self._entries[slot] = entry
+            self._bytes += entry.num_bytes
+            for prefix in entry.key.prefix_hashes:
+                self._by_prefix.setdefault((entry.cp, entry.cp_rank, prefix), {})[slot] = None
+            while self._bytes > self.max_bytes:
+                self._remove(next(iter(self._entries)))
         return True
 
     def matches(self, key: PromptKey, *, cp: int, cp_rank: int) -> list[PrefixMatch]:
-        """The entries of this rank that share a prefix with `key`."""
+        """The entries of this rank that share the longest prefix with `key`: those with the
+        longest prefix hash in common (`PromptKey.prefix_hashes`; the `MAX_CANDIDATES` added
+        last when more have it), with their exact shared lengths. One of them shares the most
+        tokens of all entries, or falls short of it by less than one `PREFIX_BLOCK`."""
         with self._lock:
-            entries = [e for e in self._entries.values() if (e.cp, e.cp_rank) == (cp, cp_rank)]
+            entries = self._closest(key, cp, cp_rank)
         found = [PrefixMatch(entry, key.shared_prefix(entry.key)) for entry in entries]
         return [match for match in found if match.length > 0]
 
@@ -161,10 +188,38 @@ class MemoryPrefixStore:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._by_prefix.clear()
+            self._bytes = 0
 
+    def _closest(self, key: PromptKey, cp: int, cp_rank: int) -> list[CachedPrefix]:
+        """The entries of (cp, cp_rank) with the longest of `key`'s prefix hashes (the lock is
+        held). A hash is indexed only with every shorter one of the same entry, so the hashes
+        of `key` found in the index are a leading run: its end is found by bisection."""
+        hashes = key.prefix_hashes
+        low, high = 0, len(hashes)  # the first `low` hashes are in the index
+        while low < high:
+            middle = (low + high + 1) // 2
+            if (cp, cp_rank, hashes[middle - 1]) in self._by_prefix:
+                low = middle
+            else:
+                high = middle - 1
+        if low == 0:
+            return []
+        slots = self._by_prefix[(cp, cp_rank, hashes[low - 1])]
+        return [self._entries[slot] for slot in itertools.islice(reversed(slots), MAX_CANDIDATES)]
 
-def _slot(entry: CachedPrefix) -> tuple[str, int, int]:
-    return entry.entry_id, entry.cp, entry.cp_rank
+    def _remove(self, slot: Slot) -> None:
+        """Forget the entry in `slot`, if any (the lock is held)."""
+        entry = self._entries.pop(slot, None)
+        if entry is None:
+            return
+        self._bytes -= entry.num_bytes
+        for prefix in entry.key.prefix_hashes:
+            index_key = (entry.cp, entry.cp_rank, prefix)
+            slots = self._by_prefix[index_key]
+            del slots[slot]
+            if not slots:
+                del self._by_prefix[index_key]
 
 
 class PrefixCache:

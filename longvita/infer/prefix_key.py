@@ -3,7 +3,9 @@
 Owns `PromptKey`: a prompt's token ids [N] beside the identity of the medium behind each visual
 slot [N] (0 at text tokens), and the length of the prefix two keys share, compared token by
 token. Two prompts with the same token ids but another image (or the same file changed on
-disk, or another `max_frames`) differ at the first slot of that medium.
+disk, or another `max_frames`) differ at the first slot of that medium. For a store to find the
+prompts that start alike without comparing against each one, a key also hashes its prefixes at
+the lengths of `prefix_levels` (every length below `PREFIX_BLOCK` tokens, then every multiple).
 
 A medium's identity is a hash of its content and of what turns it into pixel tiles, never its
 path (a server fetches every request's media into a new directory):
@@ -43,6 +45,14 @@ DIGEST_MEMO_SIZE = 4096
 """File digests remembered per process (by path and stat)."""
 SUPERSEDE_DIVISOR = 16
 """A prompt replaces a cached one it shares all but 1/16 of (see `PromptKey.covers`)."""
+PREFIX_BLOCK = 16
+"""Prefix hashes are taken at every length below this, then at its multiples."""
+
+
+def prefix_levels(num_tokens: int, block: int = PREFIX_BLOCK) -> list[int]:
+    """The prefix lengths a key of `num_tokens` hashes: 1, 2, ..., block - 1, then block,
+    2 * block, ... up to `num_tokens` (a 1M-token prompt: about 62,500)."""
+    return [*range(1, min(block, num_tokens + 1)), *range(block, num_tokens + 1, block)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,6 +82,20 @@ class PromptKey:
         hasher.update(self.token_ids.to(torch.int64).contiguous().numpy())
         hasher.update(self.media_ids.to(torch.int64).contiguous().numpy())
         return hasher.hexdigest()[:32]
+
+    @functools.cached_property
+    def prefix_hashes(self) -> list[int]:
+        """Hashes of the prefixes at the lengths `prefix_levels(num_tokens)`, each chained on
+        the one before: two keys with the same prefix of such a length have the same hash there
+        (Python's hash: within one process only, and a match still needs `shared_prefix`)."""
+        pairs = torch.stack([self.token_ids, self.media_ids], dim=1).to(torch.int64)
+        data = pairs.contiguous().numpy().tobytes()  # 16 bytes a token
+        hashes, previous, start = [], 0, 0
+        for end in prefix_levels(self.num_tokens):
+            previous = hash((previous, data[16 * start : 16 * end]))
+            hashes.append(previous)
+            start = end
+        return hashes
 
     def shared_prefix(self, other: PromptKey) -> int:
         """Tokens at the start of both prompts with the same id and the same medium."""

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from longvita.config import tiny
 from longvita.infer.layout import PromptLayout, shard_round
 from longvita.infer.prefix_cache import (
+    MAX_CANDIDATES,
     CachedPrefix,
     MemoryPrefixStore,
     PrefixCache,
@@ -24,7 +25,7 @@ from longvita.infer.prefix_cache import (
     longest,
 )
 from longvita.infer.prefix_disk import DiskPrefixStore, checkpoint_identity, file_name
-from longvita.infer.prefix_key import PromptKey
+from longvita.infer.prefix_key import PREFIX_BLOCK, PromptKey, prefix_levels
 from longvita.model.kv_cache import KVCache
 from longvita.processing.processor import Processor
 from longvita.processing.tokens import load_tokenizer
@@ -138,6 +139,56 @@ def test_a_newer_prompt_replaces_the_ones_it_covers():
     assert len(store) == 1  # the second question serves all the first did
     match = store.matches(key([*video, 1, 2]), cp=1, cp_rank=0)[0]
     assert match.entry is second and match.length == 200
+
+
+def test_prefix_levels_and_hashes():
+    assert prefix_levels(3, block=4) == [1, 2, 3]
+    assert prefix_levels(9, block=4) == [1, 2, 3, 4, 8] and prefix_levels(0) == []
+    assert len(prefix_levels(1_000_000)) == PREFIX_BLOCK - 1 + 1_000_000 // PREFIX_BLOCK
+    a = key(list(range(40)))
+    b = key([*range(35), 99, 98])
+    image = key(list(range(40)), [0] * 20 + [7] * 20)
+    levels = prefix_levels(40)
+    assert len(a.prefix_hashes) == len(levels)
+    shared = [x == y for x, y in zip(a.prefix_hashes, b.prefix_hashes, strict=False)]
+    assert shared == [length <= 35 for length in levels[: len(shared)]]
+    assert a.prefix_hashes[:16] == image.prefix_hashes[:16]  # levels 1-16, before the image
+    assert a.prefix_hashes[16] != image.prefix_hashes[16]  # level 32 holds its first 12 slots
+
+
+def test_a_lookup_compares_a_few_entries_whatever_the_store_holds(monkeypatch):
+    """1,000 chats after one system prompt: the lookup finds the one a prompt continues (added
+    first, so the least recent) and compares at most MAX_CANDIDATES entries token by token."""
+    system = list(range(1000, 1040))
+    chats = [entry(key([*system, k, *range(2000, 2030)])) for k in range(1000)]
+    store = MemoryPrefixStore(max_bytes=sum(e.num_bytes for e in chats))
+    for chat in chats:
+        assert store.add(chat)
+    compared = []
+    original = PromptKey.shared_prefix
+    monkeypatch.setattr(
+        PromptKey, "shared_prefix", lambda k, other: compared.append(1) or original(k, other)
+    )
+    turn = key([*system, 0, *range(2000, 2030), 5, 6, 7])  # the next turn of chat 0
+    (match,) = store.matches(turn, cp=1, cp_rank=0)
+    assert match.entry is chats[0] and match.length == 71 and len(compared) == 1
+    compared.clear()
+    new_chat = store.matches(key([*system, 5000, 1, 2]), cp=1, cp_rank=0)
+    assert len(new_chat) == MAX_CANDIDATES == len(compared)
+    assert {m.length for m in new_chat} == {40}
+    assert {m.entry.entry_id for m in new_chat} == {c.entry_id for c in chats[-MAX_CANDIDATES:]}
+
+
+def test_dropped_entries_leave_the_index():
+    a, b = entry(key(list(range(50)))), entry(key([*range(30), 7, 7]))
+    store = MemoryPrefixStore(max_bytes=a.num_bytes)
+    assert store.add(a) and store.add(b)  # b pushes a out of the budget
+    assert [m.entry for m in store.matches(key(list(range(50))), cp=1, cp_rank=0)] == [b]
+    assert len(store) == 1 and store.num_bytes == b.num_bytes
+    store.clear()
+    assert store.matches(key(list(range(50))), cp=1, cp_rank=0) == [] and store.num_bytes == 0
+    assert store.add(a) and store.add(entry(key(list(range(50)))))  # the same prompt again
+    assert len(store) == 1 and store.num_bytes == a.num_bytes
 
 
 def store(directory, *, dtype=torch.float32, model="model-a", max_bytes=2**30):
