@@ -268,12 +268,15 @@ class Answer:
         try:
             while True:
                 try:
-                    event = await asyncio.wait_for(self.job.events.get(), DISCONNECT_POLL_S)
-                except TimeoutError:
-                    if await self.request.is_disconnected():
-                        self.job.cancel()
-                        return
-                    continue
+                    event = self.job.events.get_nowait()  # under load the next one is here
+                except asyncio.QueueEmpty:
+                    try:
+                        event = await asyncio.wait_for(self.job.events.get(), DISCONNECT_POLL_S)
+                    except TimeoutError:
+                        if await self.request.is_disconnected():
+                            self.job.cancel()
+                            return
+                        continue
                 if event.tokens:
                     now = time.monotonic()
                     if first:
@@ -298,13 +301,12 @@ class Answer:
                 **envelope, delta={"role": "assistant", "content": ""}, finish_reason=None
             )
         )
+        content = responses.ContentEvents(**envelope)
         status = 200
         async for event in self.next_events():
             if event.finish is None:
                 if event.text:
-                    delta = {"content": event.text}
-                    chunk = responses.chunk_body(**envelope, delta=delta, finish_reason=None)
-                    yield responses.sse_event(chunk)
+                    yield content.event(event.text)
                 continue
             error = self.error(event)
             if error is not None:

@@ -54,6 +54,8 @@ class _Metric:
         return 0.0
 
     def _key(self, labels: dict[str, object]) -> tuple[str, ...]:
+        if not labels and not self.label_names:
+            return ()
         if set(labels) != set(self.label_names):
             raise ValueError(f"{self.name} takes labels {self.label_names}, got {sorted(labels)}")
         return tuple(str(labels[name]) for name in self.label_names)
@@ -206,21 +208,26 @@ class ServerMetrics:
         self._lock = threading.Lock()
 
     def record_tokens(self, n: int, now: float) -> None:
-        """Count `n` generated tokens (the total and the recent rate) at time `now`."""
+        """Count `n` generated tokens (the total and the recent rate) at time `now`; the rate
+        gauge itself is brought up to date when it is read (`render`, `update_rate`)."""
         self.generated_tokens.inc(n)
         with self._lock:
             self._recent.append((now, n))
             self._recent_tokens += n
-        self.update_rate(now)
+            self._forget_before(now - self.window_s)
 
     def update_rate(self, now: float) -> float:
         """Set and return the generation rate: tokens in the last `window_s` over `window_s`."""
         with self._lock:
-            while self._recent and self._recent[0][0] <= now - self.window_s:
-                self._recent_tokens -= self._recent.popleft()[1]
+            self._forget_before(now - self.window_s)
             rate = self._recent_tokens / self.window_s
         self.tokens_per_second.set(rate)
         return rate
+
+    def _forget_before(self, start: float) -> None:
+        """Drop the recent counts at or before `start` (the lock is held)."""
+        while self._recent and self._recent[0][0] <= start:
+            self._recent_tokens -= self._recent.popleft()[1]
 
     def render(self, now: float | None = None) -> str:
         """The exposition text, with the generation rate brought up to `now`."""

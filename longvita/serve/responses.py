@@ -69,6 +69,26 @@ def chunk_body(
     return {**_envelope(id, "chat.completion.chunk", created, model), "choices": [choice]}
 
 
+class ContentEvents:
+    """The server-sent events of a stream's text deltas, byte for byte
+    `sse_event(chunk_body(..., delta={"content": text}, finish_reason=None))`, with the JSON
+    around the text encoded once per stream instead of once per token."""
+
+    def __init__(self, *, id: str, created: int, model: str) -> None:
+        marker = "\x00"  # where the text goes: the content is the chunk's last string
+        chunk = chunk_body(
+            id=id, created=created, model=model, delta={"content": marker}, finish_reason=None
+        )
+        self._head, _, self._tail = sse_event(chunk).rpartition(_json_string(marker).encode())
+
+    def event(self, text: str) -> bytes:
+        return self._head + _json_string(text).encode("utf-8") + self._tail
+
+
+def _json_string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
 def usage_chunk_body(
     *,
     id: str,

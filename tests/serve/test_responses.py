@@ -13,6 +13,7 @@ import pytest
 from longvita.serve.media import MediaRefused
 from longvita.serve.protocol import ApiError, MediaPart, media_api_error
 from longvita.serve.responses import (
+    ContentEvents,
     chunk_body,
     completion_body,
     finish_reason_of,
@@ -114,6 +115,16 @@ def test_sse_event_framing():
     assert event.count(b"\n") == 2
     with pytest.raises(ValueError, match="one line"):
         sse_event("a\nb")
+
+
+@pytest.mark.parametrize("model", ["m", 'a "quoted" \\ model\x00', "模型"])
+def test_content_events_are_the_chunks_byte_for_byte(model):
+    content = ContentEvents(id="chatcmpl-9", created=7, model=model)
+    for text in ["Hello", 'say "hi"\n', "\x00", "é猫\t\\", "\u2028 </script>", ""]:
+        chunk = chunk_body(
+            id="chatcmpl-9", created=7, model=model, delta={"content": text}, finish_reason=None
+        )
+        assert content.event(text) == sse_event(chunk), text
 
 
 def test_finish_reasons_and_ids():
