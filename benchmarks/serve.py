@@ -21,10 +21,12 @@ stops): every request generates `max_tokens` tokens; the counts come from the us
 Per request: time to first token (from sending to the first chunk with content), completion
 tokens, end time. Per level: aggregate tokens/s = completion tokens / wall time of the level,
 p50/p95 of the time to first token. Ratios: batched / sequential tokens/s at each N, and the
-batched TTFT p50 at 8 clients over that at 1. Peak memory during the batched run at the largest
-N: this process's resident set (VmRSS sampled every 50 ms, and VmHWM since a reset through
-/proc/self/clear_refs), both above the resident set before the run; on an accelerator the
-allocator's peak above what it held before.
+batched TTFT p50 at 8 clients over that at 1. The CPU seconds each process spent on a level
+(`server_process_cpu_s`: every thread of this process, torch's included; `client_process_cpu_s`)
+say which side held the cores: a server near 1 CPU-second a second is bound by its GIL. Peak
+memory during the batched run at the largest N: this process's resident set (VmRSS sampled
+every 50 ms, and VmHWM since a reset through /proc/self/clear_refs), both above the resident
+set before the run; on an accelerator the allocator's peak above what it held before.
 
 Models: `demo`, the shipped demo model (`longvita/demo_model`), or, when it is absent, a random
 model of the demo's shape (`longvita.config.demo()`, tiny tokenizer); `0.5b`, a random model of
@@ -291,8 +293,12 @@ async def run_clients(url: str, model_id: str, work: list[list], max_tokens: int
 
 
 def clients_level(url: str, model_id: str, work: list[list], max_tokens: int) -> dict:
-    """One level's clients to the end (what the client process runs)."""
-    return asyncio.run(run_clients(url, model_id, work, max_tokens))
+    """One level's clients to the end (what the client process runs), with the CPU seconds
+    that process spent on them."""
+    cpu_before = time.process_time()
+    result = asyncio.run(run_clients(url, model_id, work, max_tokens))
+    result["client_process_cpu_s"] = round(time.process_time() - cpu_before, 2)
+    return result
 
 
 class ClientProcess:
@@ -363,8 +369,10 @@ def measure_level(
         pipe.prefix_cache.clear()  # the other mode ran these prompts: neither starts with them
         rss_before = reset_peak("cpu")
         device_before = reset_peak(device) if device != "cpu" else 0
+        cpu_before = time.process_time()
         with RssSampler() as sampler:
             result = clients.run(servers[mode].url, spec.key, work, spec.max_tokens)
+        result["server_process_cpu_s"] = round(time.process_time() - cpu_before, 2)
         result["memory"] = {
             "rss_before_bytes": rss_before,
             "rss_sampled_max_bytes": sampler.max_kib * 1024,

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import longvita
 
@@ -85,6 +86,7 @@ def test_serve_keeps_its_kv_caches_in_the_dtype_asked(tiny_checkpoint):
         (["--max-batch", "0"], "--max-batch must be >= 1"),
         (["--allowed-local-media-path", "/no/such/dir"], "is not a directory"),
         (["--prefix-cache-gib", "-1"], "--prefix-cache-gib must be >= 0"),
+        (["--threads", "0"], "--threads must be >= 1"),
     ],
 )
 def test_bad_flags_are_one_line_errors(tiny_checkpoint, flags, message):
@@ -112,3 +114,19 @@ def test_context_parallel_serving_answers_like_one_process(tiny_checkpoint):
     assert first == pipe.generate("Describe a quiet morning.", max_new_tokens=6).text
     assert second == pipe.generate("Tell me a story.", max_new_tokens=6).text
     assert code in (0, 130) and "Traceback" not in err, err
+
+
+def test_threads_go_to_this_process_or_to_each_cp_rank(monkeypatch):
+    from longvita.serve.cli import set_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        set_threads(1, cp=1)
+        assert torch.get_num_threads() == 1 and "OMP_NUM_THREADS" not in os.environ
+        set_threads(3, cp=2)  # read by parallel.launch in the ranks it spawns
+        assert os.environ["OMP_NUM_THREADS"] == "3" and torch.get_num_threads() == 1
+        set_threads(None, cp=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
