@@ -3,6 +3,7 @@ ranks."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,15 @@ import torch.distributed as dist
 from longvita.testing import make_image, make_tiny_checkpoint, make_video
 
 SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared/reference/qwen2-tokenizer"
+
+
+def pytest_configure(config) -> None:
+    """A shell that starts the tests in the background (`make test &`, nohup: POSIX ignores
+    SIGINT for a background job when job control is off) would hand every Ctrl-C test, and
+    every process they start, an ignored SIGINT: give this process the interpreter's usual
+    handler back, as in a terminal."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
