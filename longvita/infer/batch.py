@@ -145,9 +145,11 @@ class BatchEngine:
             for segment in segments:
                 self._end(segment.sequence, "error", err)
             return 0
-        choosing = [segment for segment in segments if segment.needs_logits]
-        for segment, row in zip(choosing, logits, strict=True):
-            self._advance(segment.sequence, row[None])
+        choosing = [segment.sequence for segment in segments if segment.needs_logits]
+        greedy = [sequence.continuation.greedy for sequence in choosing]
+        argmax = logits.argmax(dim=-1).tolist() if any(greedy) else []  # one call, one sync
+        for k, (sequence, row) in enumerate(zip(choosing, logits, strict=True)):
+            self._advance(sequence, row[None], argmax[k] if greedy[k] else None)
         self.steps += 1
         return sum(segment.length for segment in segments)
 
@@ -251,9 +253,10 @@ class BatchEngine:
                     sequence.runner.prefilled()  # free the decoders, keep the prompt's cache
         return logits[0]
 
-    def _advance(self, sequence: BatchSequence, logits: torch.Tensor) -> None:
-        """Choose the sequence's next token from logits [1, vocab] and hand it out."""
-        step = sequence.continuation.next(logits)
+    def _advance(self, sequence: BatchSequence, logits: torch.Tensor, chosen: int | None) -> None:
+        """Choose the sequence's next token from logits [1, vocab] (`chosen`: the greedy one,
+        taken for the whole step) and hand it out."""
+        step = sequence.continuation.next(logits, chosen)
         if step is not None:
             sequence.on_step(step)
             sequence.next_token = step.token_id

@@ -126,6 +126,8 @@ class Continuation:
         keep_logits: bool = False,
     ) -> None:
         self.choose = choose
+        self.greedy = params.temperature <= 0.0
+        """`choose` is the argmax: a batch may pick this sequence's token with its others'."""
         self.max_new_tokens = params.max_new_tokens
         self.stop_ids = frozenset() if params.ignore_eos else frozenset(stop_ids)
         self.text = text
@@ -138,11 +140,12 @@ class Continuation:
     def finished(self) -> bool:
         return bool(self.stop_reason)
 
-    def next(self, logits: torch.Tensor) -> TokenStep | None:
-        """The token chosen from logits [1, vocab]; None when it is a stop token."""
+    def next(self, logits: torch.Tensor, chosen: int | None = None) -> TokenStep | None:
+        """The token chosen from logits [1, vocab] (or `chosen`, the argmax of these logits
+        already taken by a batch for a `greedy` sequence); None when it is a stop token."""
         if self.finished:
             raise RuntimeError(f"the sequence is finished ({self.stop_reason})")
-        token_id = int(self.choose(logits))
+        token_id = int(self.choose(logits)) if chosen is None else chosen
         if token_id in self.stop_ids:
             self._finish("stop_token")
             return None
