@@ -130,3 +130,31 @@ def test_threads_go_to_this_process_or_to_each_cp_rank(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_accepted_connections_send_small_writes_at_once():
+    """Nagle's algorithm off on every connection of the default (asyncio) loop: with it on, a
+    stream's second small write waited for the client's delayed ACK, 40 ms a request."""
+    import asyncio
+    import socket
+
+    from longvita.serve.cli import bind
+
+    async def accepted_nodelay() -> int:
+        listen = bind("127.0.0.1", 0)
+        accepted: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        class Record(asyncio.Protocol):
+            def connection_made(self, transport) -> None:
+                sock = transport.get_extra_info("socket")
+                accepted.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        server = await asyncio.get_running_loop().create_server(Record, sock=listen)
+        _, writer = await asyncio.open_connection(*listen.getsockname()[:2])
+        try:
+            return await asyncio.wait_for(accepted, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
