@@ -32,10 +32,14 @@ Models: `demo`, the shipped demo model (`longvita/demo_model`), or, when it is a
 model of the demo's shape (`longvita.config.demo()`, tiny tokenizer); `0.5b`, a random model of
 Qwen2.5-0.5B's LLM shape (hidden 896, 24 layers, 14/2 heads, intermediate 4,864, tied
 embeddings) with a 4,096-token vocabulary (a byte-level BPE trained here) and a stub ViT.
-Defaults: demo R = 4, `max_tokens` 64; 0.5b R = 1, `max_tokens` 32. The clients run in a
+Defaults: demo R = 16 (at 4, an 8-client level lasted about a second and its ratio moved by
+0.3 from run to run), `max_tokens` 64; 0.5b R = 1, `max_tokens` 32. The clients run in a
 process of their own (one asyncio loop for all of them), as real clients do: their HTTP and SSE
-parsing takes that process's GIL, not the server's, but shares the machine's cores. Torch
-threads stay at torch's default (the server's) unless `--threads`.
+parsing takes that process's GIL, not the server's, but shares the machine's cores. Each model
+is served as `docs/serving.md` advises: the demo with one torch thread (`--threads 1`: a
+250 K-parameter model gains nothing from a second one, which takes the core the HTTP side and
+the clients need), the 0.5b with torch's default; `--threads` sets both; both modes of a level
+always run with the same.
 
     python benchmarks/serve.py --quick       # smoke run, demo model, ~30 s
     python benchmarks/serve.py               # the issue's numbers, ~10 min on 2 cores
@@ -82,6 +86,7 @@ SEED = 0
 PROMPT_TOKENS = (20, 60)  # user text, before the chat template and the image
 MAX_QUEUE = 128  # more than any --clients: nothing is refused
 MODES = ("batched", "sequential")
+DEMO_THREADS = 1  # docs/serving.md: a small model on a few cores serves more with one thread
 VOCABULARY = (  # the words prompts are made of
     "the a image video red blue green square circle line over under left right small large "
     "what where which how many colour shape frame scene person dog cat car tree house sky "
@@ -115,6 +120,8 @@ class ModelSpec:
     requests_per_client: int
     with_image: bool
     notes: list[str] = field(default_factory=list)
+    threads: int | None = None
+    """Torch threads the server runs this model with; None: torch's default."""
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -131,8 +138,9 @@ def demo_spec(work: Path, args: argparse.Namespace) -> ModelSpec:
         checkpoint, label = work / "demo-shaped", "demo-shaped random (shipped demo model absent)"
         if not (checkpoint / "config.json").is_file():
             make_tiny_checkpoint(checkpoint, config=demo())
-    r = args.requests_per_client or 4
-    return ModelSpec("demo", label, checkpoint, args.max_tokens or 64, r, with_image=True)
+    r = args.requests_per_client or 16
+    threads = args.threads or DEMO_THREADS
+    return ModelSpec("demo", label, checkpoint, args.max_tokens or 64, r, True, threads=threads)
 
 
 def qwen_05b_config() -> LongVITAConfig:
@@ -171,7 +179,8 @@ def qwen_05b_spec(work: Path, args: argparse.Namespace) -> ModelSpec:
     )
     r = args.requests_per_client or 1
     label = "Qwen2.5-0.5B-shaped random (vocab 4,096)"
-    return ModelSpec("0.5b", label, checkpoint, args.max_tokens or 32, r, False, [note])
+    tokens = args.max_tokens or 32
+    return ModelSpec("0.5b", label, checkpoint, tokens, r, False, [note], threads=args.threads)
 
 
 # -- requests -------------------------------------------------------------------------------
@@ -399,7 +408,8 @@ def kv_bytes_per_token(config: LongVITAConfig, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
 
 
-def measure_model(spec: ModelSpec, args: argparse.Namespace) -> dict:
+def measure_model(spec: ModelSpec, args: argparse.Namespace, default_threads: int) -> dict:
+    torch.set_num_threads(spec.threads or default_threads)
     print(f"{spec.key}: loading {spec.checkpoint}", file=sys.stderr, flush=True)
     pipe = longvita.load(spec.checkpoint, device=args.device, dtype=args.dtype)
     levels: dict = {}
@@ -441,6 +451,7 @@ def model_report(spec: ModelSpec, pipe, levels: dict, load_avg: list, args) -> d
             n: requests_per_client(spec, n, args.min_requests) for n in args.clients
         },
         "notes": spec.notes,
+        "torch_threads": torch.get_num_threads(),
         "load_avg_1min": [round(x, 2) for x in load_avg],
         "levels": levels,
         "peak_memory": {
@@ -483,7 +494,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: torch's, as the server)"
+        "--threads",
+        type=int,
+        default=None,
+        help=f"torch threads for every model (default: demo {DEMO_THREADS}, 0.5b torch's)",
     )
     parser.add_argument("--work", type=Path, help="keep the random checkpoints here (reused)")
     parser.add_argument("--quick", action="store_true", help="demo model, 1 and 8 clients, short")
@@ -501,8 +515,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    default_threads = torch.get_num_threads()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="longvita-bench-serve-") as tmp:
         work = args.work or Path(tmp)
@@ -513,10 +528,13 @@ def main() -> None:
                 **{k: v for k, v in vars(args).items() if k != "work"},
                 "torch": torch.__version__,
                 "cpus": os.cpu_count(),
-                "torch_threads": torch.get_num_threads(),
+                "torch_default_threads": torch.get_num_threads(),
                 "modes": {"batched": "max_batch=32", "sequential": "max_batch=1 (FIFO)"},
             },
-            "models": {key: measure_model(makers[key](work, args), args) for key in args.models},
+            "models": {
+                key: measure_model(makers[key](work, args), args, default_threads)
+                for key in args.models
+            },
         }
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=2))
