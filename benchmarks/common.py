@@ -1,5 +1,6 @@
 """What the benchmark scripts share: the process memory probe, workers in fresh processes, the
-least-squares line through measured peaks, and the text-only model config.
+least-squares line through measured peaks, the median time of repeated calls, and the
+text-only model config.
 
 Imported by the scripts in this folder (run as `python benchmarks/NAME.py`, so this folder is on
 sys.path); not part of the library.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -74,6 +76,16 @@ def run_in_fresh_process(script: str, options: dict, label: str) -> dict:
     result = json.loads(done.stdout)
     result["process_seconds"] = round(time.perf_counter() - start, 1)
     return result
+
+
+def median_ms(call, repeats: int) -> float:
+    """The median wall time of `repeats` calls of `call()`, in milliseconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def fit_line(points: dict[int, int]) -> tuple[float, float]:

@@ -25,10 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 import torch
+from common import median_ms
 
 from longvita.infer.prefix_cache import CachedPrefix, MemoryPrefixStore
 from longvita.infer.prefix_key import PromptKey
@@ -47,13 +47,9 @@ def entry_of(key: PromptKey) -> CachedPrefix:
     return CachedPrefix(key, kv, kv, torch.arange(key.num_tokens), num_bytes=8)
 
 
-def median_ms(call, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return round(statistics.median(times) * 1e3, 4)
+def timed_ms(call, repeats: int) -> float:
+    """`median_ms`, rounded for the JSON."""
+    return round(median_ms(call, repeats), 4)
 
 
 def scan_longest(entries: list[CachedPrefix], key: PromptKey) -> int:
@@ -84,8 +80,8 @@ def measure_store(size: int, repeats: int, generator: torch.Generator) -> dict:
     result: dict = {"entries": size, "fill_s": round(fill_s, 3)}
     for name, key in prompts.items():
         result[name] = {
-            "index_ms": median_ms(lambda key=key: index_longest(store, key), repeats),
-            "scan_ms": median_ms(lambda key=key: scan_longest(entries, key), repeats),
+            "index_ms": timed_ms(lambda key=key: index_longest(store, key), repeats),
+            "scan_ms": timed_ms(lambda key=key: scan_longest(entries, key), repeats),
             "longest": index_longest(store, key),
             "same_longest": index_longest(store, key) == scan_longest(entries, key),
         }
@@ -94,14 +90,14 @@ def measure_store(size: int, repeats: int, generator: torch.Generator) -> dict:
     ]
     fresh = iter([entry_of(chat_key(system, own)) for own in new_chats])  # hashed inside `add`
     last = entries[-1]
-    result["add_index_ms"] = median_ms(lambda: store.add(next(fresh)), repeats)
-    result["add_scan_ms"] = median_ms(lambda: [last.key.covers(e.key) for e in entries], repeats)
+    result["add_index_ms"] = timed_ms(lambda: store.add(next(fresh)), repeats)
+    result["add_scan_ms"] = timed_ms(lambda: [last.key.covers(e.key) for e in entries], repeats)
     return result
 
 
 def hashing_ms(num_tokens: int, repeats: int) -> float:
     ids = torch.arange(num_tokens)
-    return median_ms(lambda: PromptKey(ids, torch.zeros_like(ids)).prefix_hashes, repeats)
+    return timed_ms(lambda: PromptKey(ids, torch.zeros_like(ids)).prefix_hashes, repeats)
 
 
 def main() -> None:

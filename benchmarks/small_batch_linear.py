@@ -31,6 +31,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import median_ms
 
 from longvita.ops.linear import SmallBatchLinear, use_weight_left, weight_left_linear
 
@@ -44,15 +45,6 @@ SHAPES = {
     "demo mlp 128x64": (128, 64),
 }
 ROWS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 32, 64)
-
-
-def median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def measure(out_features: int, in_features: int, rows: int, repeats: int) -> dict:
