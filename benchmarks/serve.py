@@ -42,7 +42,7 @@ the clients need), the 0.5b with torch's default; `--threads` sets both; both mo
 always run with the same.
 
     python benchmarks/serve.py --quick       # smoke run, demo model, ~30 s
-    python benchmarks/serve.py               # the numbers, ~10 min on 2 cores
+    python benchmarks/serve.py               # the numbers, ~5 min on 2 cores
     python benchmarks/serve.py --device cuda --dtype bfloat16    # on a GPU
 
 Prints one JSON object to stdout; progress goes to stderr.
