@@ -267,16 +267,12 @@ class Answer:
         first = True
         try:
             while True:
-                try:
-                    event = self.job.events.get_nowait()  # under load the next one is here
-                except asyncio.QueueEmpty:
-                    try:
-                        event = await asyncio.wait_for(self.job.events.get(), DISCONNECT_POLL_S)
-                    except TimeoutError:
-                        if await self.request.is_disconnected():
-                            self.job.cancel()
-                            return
-                        continue
+                event = await self._next_event()
+                if event is None:
+                    if await self.request.is_disconnected():
+                        self.job.cancel()
+                        return
+                    continue
                 if event.tokens:
                     now = time.monotonic()
                     if first:
@@ -291,6 +287,16 @@ class Answer:
         finally:
             if not self.job.finished:
                 self.job.cancel()
+
+    async def _next_event(self) -> Event | None:
+        """The job's next event: at once when one is queued (under load the next one is
+        there), else when it comes; None after DISCONNECT_POLL_S without one."""
+        if not self.job.events.empty():
+            return self.job.events.get_nowait()
+        try:
+            return await asyncio.wait_for(self.job.events.get(), DISCONNECT_POLL_S)
+        except TimeoutError:
+            return None
 
     async def events(self) -> AsyncIterator[bytes]:
         """Server-sent events: the role, the text as it comes, the finish reason (or an error
