@@ -2,11 +2,11 @@
 
 A decode step of a batch multiplies each weight by a handful of rows (one per sequence). On a
 CPU, `F.linear` on 2-4 rows goes through the BLAS's matrix-matrix product, which on the 0.5B's
-large weights is 1.5-3x slower than the same product written as `weight @ rows.T` (the weight
-on the left, read once in its own layout), and slower per product than on 1 row or on 8
-(benchmarks/results/serve.md, `benchmarks/small_batch_linear.py`). Which row counts pay depends
-on the CPU and its BLAS: on this project's 2-core AMD EPYC, 2-5 rows gained 1.5-3.3x, 6-15 rows
-were mixed (0.5-1.9x) and 16 gained again; an earlier machine gained up to 32 rows. So
+large weights is slower than the same product written as `weight @ rows.T` (the weight on the
+left, read once in its own layout), and slower per product than on 1 row or on 8: figures in
+benchmarks/results/serve.md (`benchmarks/small_batch_linear.py`). Which row counts pay depends
+on the CPU and its BLAS: on this project's 2-core AMD EPYC, 2-4 rows gained and more rows were
+mixed and unstable from run to run; an earlier machine gained up to 32 rows. So
 `SmallBatchLinear` takes that path only for inference on a CPU, on 2-4 rows and large weights,
 and is `nn.Linear` otherwise (same parameters, same state-dict keys; training never takes it);
 `decode_linear` gives the LLM's layers one where the weight is large, a plain `nn.Linear`
