@@ -8,8 +8,12 @@ same loaded model; they are measured in the same run, alternating (the order fli
 level), on the same requests, each mode starting with an empty prefix cache (both servers share
 the pipeline's, and the other mode has just run the same prompts).
 
-Clients: N concurrent closed-loop clients (asyncio, `openai.AsyncOpenAI`, streaming,
-`max_retries=0`; the queue is sized so that nothing is refused) for N in `--clients`; each sends
+Clients: N concurrent closed-loop clients (asyncio, streaming; the queue is sized so that
+nothing is refused) for N in `--clients`. The load generator (`--client`) is `sse_client.py` by
+default: a kept-alive connection per client and one `json.loads` per event, as vLLM's
+`benchmark_serving` does; the clients share the server's cores, and openai's `AsyncOpenAI`
+(`--client openai`, no retries) spent 6x the CPU per token, more than the server's event loop
+(`results/serve.md`). The tests check the server with the real openai client. Each client sends
 its requests back to back: max(R, ceil(`--min-requests` / N)) of them, R from
 `--requests-per-client`, so that one client still gives a few samples. Prompts are short English
 texts of 20-60 tokens (fixed seed, different for every request); with the demo model each also
@@ -73,6 +77,7 @@ import torch
 import uvicorn
 from common import STUB_VISION, peak_since, reset_peak, status_kib
 from PIL import Image
+from sse_client import ChatConnection
 
 import longvita
 from longvita.config import LongVITAConfig, VisionConfig, demo
@@ -258,61 +263,92 @@ class Server:
         self.thread.join(timeout=60)
 
 
-async def one_request(client, model_id: str, messages: list, max_tokens: int) -> dict:
-    """Stream one chat completion: TTFT, completion tokens, start and end times."""
-    start = time.perf_counter()
-    first = None
-    usage = None
-    stream = await client.chat.completions.create(
-        model=model_id,
-        messages=messages,
-        max_tokens=max_tokens,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True},
-    )
-    async for chunk in stream:
-        if first is None and chunk.choices and chunk.choices[0].delta.content:
-            first = time.perf_counter()
-        if chunk.usage is not None:
-            usage = chunk.usage
+def request_body(model_id: str, messages: list, max_tokens: int) -> dict:
+    """A streamed, greedy request that generates `max_tokens` tokens, with its usage chunk."""
+    return {
+        "model": model_id,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
+
+
+def record(start: float, first: float | None, usage: dict) -> dict:
     end = time.perf_counter()
     return {
         "start": start,
         "end": end,
         "ttft": (first if first is not None else end) - start,
-        "completion_tokens": usage.completion_tokens,
-        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage["completion_tokens"],
+        "prompt_tokens": usage["prompt_tokens"],
     }
 
 
-async def run_clients(url: str, model_id: str, work: list[list], max_tokens: int) -> dict:
-    """Every client sends its requests back to back; all clients at once."""
-    client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600)
+async def openai_request(client, body: dict) -> dict:
+    """Stream one chat completion with openai's client: TTFT, tokens, start and end times."""
+    start = time.perf_counter()
+    first, usage = None, None
+    ignore_eos = {"ignore_eos": body["ignore_eos"]}
+    rest = {k: v for k, v in body.items() if k != "ignore_eos"}
+    async for chunk in await client.chat.completions.create(**rest, extra_body=ignore_eos):
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter()
+        if chunk.usage is not None:
+            usage = chunk.usage.model_dump()
+    return record(start, first, usage)
+
+
+async def raw_request(connection: ChatConnection, body: dict) -> dict:
+    """The same over `sse_client` (this benchmark's default load generator)."""
+    start = time.perf_counter()
+    result = await connection.stream(body)
+    return record(start, result.first_content, result.usage)
+
+
+async def run_clients(url: str, model_id: str, work: list[list], max_tokens: int, kind: str):
+    """Every client sends its requests back to back, all clients at once; `kind`: "raw" (a
+    connection each, `sse_client`) or "openai" (one `AsyncOpenAI` for all)."""
+    shared = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600)
 
     async def closed_loop(requests: list) -> list[dict]:
-        return [await one_request(client, model_id, m, max_tokens) for m in requests]
+        bodies = [request_body(model_id, messages, max_tokens) for messages in requests]
+        if kind == "openai":
+            return [await openai_request(shared, body) for body in bodies]
+        connection = ChatConnection(url)
+        try:
+            return [await raw_request(connection, body) for body in bodies]
+        finally:
+            await connection.close()
 
     started = time.perf_counter()
     per_client = await asyncio.gather(*(closed_loop(requests) for requests in work))
     wall = time.perf_counter() - started
-    await client.close()
-    return summarize([r for records in per_client for r in records], wall)
+    await shared.close()
+    records = [r for client_records in per_client for r in client_records]
+    short = [r["completion_tokens"] for r in records if r["completion_tokens"] != max_tokens]
+    if short:  # ignore_eos: every answer has max_tokens tokens, else the figures mean nothing
+        raise RuntimeError(f"{len(short)} answers had {short[:5]} tokens, not {max_tokens}")
+    return summarize(records, wall)
 
 
-def clients_level(url: str, model_id: str, work: list[list], max_tokens: int) -> dict:
+def clients_level(url: str, model_id: str, work: list[list], max_tokens: int, kind: str) -> dict:
     """One level's clients to the end (what the client process runs), with the CPU seconds
     that process spent on them."""
     cpu_before = time.process_time()
-    result = asyncio.run(run_clients(url, model_id, work, max_tokens))
+    result = asyncio.run(run_clients(url, model_id, work, max_tokens, kind))
     result["client_process_cpu_s"] = round(time.process_time() - cpu_before, 2)
     return result
 
 
 class ClientProcess:
-    """The clients' own process: their HTTP, SSE parsing and pydantic objects take the GIL of
-    that process, not the server's, as real clients do."""
+    """The clients' own process: their HTTP and SSE parsing take the GIL of that process, not
+    the server's, as real clients do. kind: the load generator, "raw" or "openai"."""
+
+    def __init__(self, kind: str = "raw") -> None:
+        self.kind = kind
 
     def __enter__(self) -> ClientProcess:
         context = multiprocessing.get_context("spawn")
@@ -323,7 +359,8 @@ class ClientProcess:
         self.pool.shutdown()
 
     def run(self, url: str, model_id: str, work: list[list], max_tokens: int) -> dict:
-        return self.pool.submit(clients_level, url, model_id, work, max_tokens).result()
+        job = self.pool.submit(clients_level, url, model_id, work, max_tokens, self.kind)
+        return job.result()
 
 
 def summarize(records: list[dict], wall: float) -> dict:
@@ -417,7 +454,7 @@ def measure_model(spec: ModelSpec, args: argparse.Namespace, default_threads: in
     with (
         Server(pipe, spec.key, 32) as batched,
         Server(pipe, spec.key, 1) as sequential,
-        ClientProcess() as clients,
+        ClientProcess(args.client) as clients,
     ):
         servers = {"batched": batched, "sequential": sequential}
         warm = level_requests(pipe.tokenizer, spec, 1, 1)[:1]
@@ -483,7 +520,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--models", default="demo,0.5b", help="comma-separated: demo, 0.5b")
     parser.add_argument("--clients", default="1,8,32", help="concurrency levels, comma-separated")
     parser.add_argument(
-        "--requests-per-client", type=int, default=None, help="R (default: demo 4, 0.5b 1)"
+        "--requests-per-client", type=int, default=None, help="R (default: demo 16, 0.5b 1)"
     )
     parser.add_argument(
         "--min-requests", type=int, default=4, help="each level sends at least this many (4)"
@@ -498,6 +535,13 @@ def parse_args() -> argparse.Namespace:
         type=int,
         default=None,
         help=f"torch threads for every model (default: demo {DEMO_THREADS}, 0.5b torch's)",
+    )
+    parser.add_argument(
+        "--client",
+        choices=("raw", "openai"),
+        default="raw",
+        help="load generator: raw (sse_client.py, the default: costs the shared cores little) "
+        "or openai (openai's AsyncOpenAI, as before 2026-12-01)",
     )
     parser.add_argument("--work", type=Path, help="keep the random checkpoints here (reused)")
     parser.add_argument("--quick", action="store_true", help="demo model, 1 and 8 clients, short")
