@@ -5,7 +5,10 @@ row of tokens: the next token of every decoding sequence, then prompt chunks of 
 prefilling, up to `step_tokens` tokens in all. Every sequence keeps its own KV cache
 (`model.kv_cache.KVCache`, sized for its prompt + max_new_tokens) and positions; in the forward,
 each segment of the row attends to its own cache only (`PackedCaches`), so sequences of any
-lengths share the linear layers' work without padding and without seeing each other. A
+lengths share the linear layers' work without padding and without seeing each other. Once its
+prompt is read, a sequence's cache moves into a slot of the engine's `DecodePool` when it fits
+(`infer.decode_pool`), and the decode tokens of the pooled sequences attend in one call per
+layer. A
 sequence joins between steps, leaves when finished, cancelled or past its deadline, and a long
 prompt is prefilled a chunk per step while the others keep getting tokens.
 
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from longvita.infer.decode import Continuation, TokenStep
+from longvita.infer.decode_pool import DEFAULT_POOL_TOKENS, DecodePool, PooledRows
 from longvita.infer.engine import LocalRunner
 from longvita.model.kv_cache import KVCache
 from longvita.model.long_vita import LongVITAForCausalLM
@@ -77,6 +81,8 @@ class Segment:
     """[length] the tokens' positions in their own sequence."""
     needs_logits: bool
     """A decode token, or the chunk that ends a prompt: its last token chooses the next."""
+    pooled: bool = False
+    """A decode token of a sequence whose cache is a slot of the engine's `DecodePool`."""
     input_ids: torch.Tensor | None = None
     visual_mask: torch.Tensor | None = None
     """[length] bool where the segment has visual features, else None."""
@@ -86,20 +92,32 @@ class Segment:
 
 class PackedCaches:
     """Attention strategy of a packed row: segment i attends to cache i (and stores its keys
-    and values there), never to another segment."""
+    and values there), never to another segment. The first `pooled.count` rows, decode tokens
+    of pooled sequences, go through the pool in one call per layer."""
 
-    def __init__(self, spans: list[tuple[KVCache, int, int]]) -> None:
+    def __init__(
+        self,
+        spans: list[tuple[KVCache, int, int]],
+        pool: DecodePool | None = None,
+        pooled: PooledRows | None = None,
+    ) -> None:
         self.spans = spans  # (cache, start, end) in the packed row
+        self.pool, self.pooled = pool, pooled
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int
     ) -> torch.Tensor:
         """q [1, heads, T, head_dim], k, v [1, kv_heads, T, head_dim] -> [1, heads, T, head_dim]."""
-        outs = [
+        outs = []
+        if self.pooled is not None:
+            n = self.pooled.count
+            rows = q[:, :, :n], k[:, :, :n], v[:, :, :n]
+            outs.append(self.pool.attend(*rows, layer_idx, self.pooled))
+        outs += [
             cache(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], layer_idx)
             for cache, start, end in self.spans
         ]
-        return torch.cat(outs, dim=2)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 class BatchEngine:
@@ -111,13 +129,30 @@ class BatchEngine:
         *,
         max_batch: int = 32,
         step_tokens: int = DEFAULT_STEP_TOKENS,
+        pool_tokens: int = DEFAULT_POOL_TOKENS,
     ) -> None:
-        if max_batch < 1 or step_tokens < 1:
-            raise ValueError(f"need max_batch, step_tokens >= 1, got {max_batch=}, {step_tokens=}")
+        if max_batch < 1 or step_tokens < 1 or pool_tokens < 0:
+            raise ValueError(
+                f"need max_batch, step_tokens >= 1 and pool_tokens >= 0, got {max_batch=}, "
+                f"{step_tokens=}, {pool_tokens=}"
+            )
         self.model = model
         self.max_batch = max_batch
         self.step_tokens = step_tokens
         self.device = model.lm_head.weight.device
+        config = model.config
+        self.pool = None
+        """Slots where decoding sequences' caches move (`infer.decode_pool`); None: off."""
+        if pool_tokens > 0:
+            self.pool = DecodePool(
+                num_layers=config.num_hidden_layers,
+                num_kv_heads=config.num_key_value_heads,
+                head_dim=config.head_dim,
+                slots=max_batch,
+                dtype=model.lm_head.weight.dtype,
+                device=self.device,
+                max_tokens=pool_tokens,
+            )
         self.waiting: deque[BatchSequence] = deque()
         self.running: list[BatchSequence] = []
         self.steps = 0
@@ -172,12 +207,14 @@ class BatchEngine:
         """Decode tokens first (one per decoding sequence), then prompt chunks, oldest first, in
         the tokens left of the step (at least a quarter of it, so prompts always progress)."""
         segments: list[Segment] = []
-        offset = 0
-        for sequence in self.running:
-            if not sequence.prefilling:
-                position = torch.tensor([sequence.runner.cache.length])
-                segments.append(Segment(sequence, offset, 1, position, needs_logits=True))
-                offset += 1
+        decoding = [sequence for sequence in self.running if not sequence.prefilling]
+        pooled = {id(s) for s in decoding if self.pool and self.pool.holds(s.runner.cache)}
+        decoding.sort(key=lambda sequence: id(sequence) not in pooled)  # the pool's rows first
+        for offset, sequence in enumerate(decoding):
+            position = torch.tensor([sequence.runner.cache.length])
+            in_pool = id(sequence) in pooled
+            segments.append(Segment(sequence, offset, 1, position, True, pooled=in_pool))
+        offset = len(decoding)
         budget = max(self.step_tokens - offset, self.step_tokens // 4, 1)
         for sequence in self.running:
             if budget == 0:
@@ -235,13 +272,19 @@ class BatchEngine:
         input_ids = torch.cat([s.input_ids for s in segments]).to(self.device)[None]  # [1, T]
         positions = torch.cat([s.positions for s in segments]).to(self.device)[None]  # [1, T]
         logit_rows = [s.offset + s.length - 1 for s in segments if s.needs_logits]
-        spans = [(s.sequence.runner.cache, s.offset, s.offset + s.length) for s in segments]
+        pooled = [s.sequence.runner.cache for s in segments if s.pooled]
+        spans = [
+            (s.sequence.runner.cache, s.offset, s.offset + s.length)
+            for s in segments
+            if not s.pooled
+        ]
+        rows = self.pool.rows(pooled) if pooled else None
         logits = self.model(
             input_ids,
             position_ids=positions,
             visual_mask=visual_mask,
             visual_features=torch.cat(features) if features else None,
-            attention_fn=PackedCaches(spans),
+            attention_fn=PackedCaches(spans, self.pool, rows),
             logit_positions=torch.tensor(logit_rows, dtype=torch.long, device=self.device),
         )  # [1, n, vocab]
         for segment in segments:
@@ -251,7 +294,15 @@ class BatchEngine:
                 sequence.prefilled += segment.length
                 if not sequence.prefilling:
                     sequence.runner.prefilled()  # free the decoders, keep the prompt's cache
+                    self._to_pool(sequence)
         return logits[0]
+
+    def _to_pool(self, sequence: BatchSequence) -> None:
+        """Move a sequence that starts decoding into a slot of the pool, when it fits."""
+        runner = sequence.runner
+        pooled = None if self.pool is None else self.pool.admit(runner.cache)
+        if pooled is not None:
+            runner.move_cache(pooled)
 
     def _advance(self, sequence: BatchSequence, logits: torch.Tensor, chosen: int | None) -> None:
         """Choose the sequence's next token from logits [1, vocab] (`chosen`: the greedy one,
@@ -276,6 +327,8 @@ class BatchEngine:
 
     def _end(self, sequence: BatchSequence, reason: str, error: Exception | None = None) -> None:
         sequence.runner.close()
+        if self.pool is not None and self.pool.holds(sequence.runner.cache):
+            self.pool.release(sequence.runner.cache)
         if sequence in self.running:
             self.running.remove(sequence)
         elif sequence in self.waiting:

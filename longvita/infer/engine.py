@@ -289,6 +289,12 @@ class LocalRunner:
             self.prefix.keep(self.cache, torch.arange(self.input_ids.numel()))
         self._prefilled = True
 
+    def move_cache(self, cache: KVCache) -> None:
+        """Go on in `cache`, which holds what the current one does (a decode pool's slot)."""
+        if cache.length != self.cache.length:
+            raise ValueError(f"the new cache holds {cache.length} tokens, not {self.cache.length}")
+        self.cache = cache
+
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         return self.sampler(logits)
 

@@ -83,6 +83,26 @@ class KVCache:
         """Tokens cached and visible to the next step."""
         self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # dequantized block
 
+    @classmethod
+    def over(cls, keys: torch.Tensor, values: torch.Tensor) -> KVCache:
+        """An empty float cache over given storage [layers, 1, kv_heads, capacity, head_dim]:
+        views of a larger buffer (`infer.decode_pool`), written and read like its own."""
+        if keys.shape != values.shape or keys.dim() != 5 or not keys.dtype.is_floating_point:
+            raise ValueError(
+                f"a cache over storage needs float keys and values of one 5-D shape, got "
+                f"{tuple(keys.shape)} {keys.dtype} and {tuple(values.shape)} {values.dtype}"
+            )
+        layers, batch, kv_heads, _, head_dim = keys.shape
+        cache = cls(num_layers=layers, batch_size=batch, num_kv_heads=kv_heads, head_dim=head_dim,
+                    capacity=0, dtype=keys.dtype, device=keys.device)  # fmt: skip
+        cache.move_to(keys, values)
+        return cache
+
+    def move_to(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Use other storage of this cache's shape that holds the same tokens (a pool that
+        grew has copied them)."""
+        self.keys, self.values, self.capacity = keys, values, keys.shape[3]
+
     @property
     def dtype(self) -> torch.dtype:
         """The storage dtype (torch.int8 for the quantized cache)."""

@@ -14,6 +14,7 @@ import os
 import socket
 
 from longvita.infer.batch import DEFAULT_STEP_TOKENS
+from longvita.infer.decode_pool import DEFAULT_POOL_TOKENS
 from longvita.runtime import KV_CACHE_DTYPES
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=DEFAULT_STEP_TOKENS,
         help=f"tokens per batched forward ({DEFAULT_STEP_TOKENS}): long prompts "
         "are prefilled this much per step between others' tokens",
+    )
+    limits.add_argument(
+        "--decode-pool-tokens",
+        type=int,
+        default=DEFAULT_POOL_TOKENS,
+        help=f"longest sequence (prompt + answer) whose decode steps are batched in the decode "
+        f"pool ({DEFAULT_POOL_TOKENS:,}; longer ones decode alone; 0: no pool)",
     )
     limits.add_argument(
         "--max-tokens", type=int, default=256, help="max_tokens of a request that gives none (256)"
@@ -159,6 +167,8 @@ def settings_from_args(args: argparse.Namespace, model_dir):
         raise ValueError("--max-body-mb and --timeout must be positive")
     if args.cp < 1:
         raise ValueError(f"--cp must be >= 1, got {args.cp}")
+    if args.decode_pool_tokens < 0:
+        raise ValueError(f"--decode-pool-tokens must be >= 0, got {args.decode_pool_tokens}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if not 0 <= args.port <= 65535:
@@ -201,6 +211,7 @@ def run_serve(args: argparse.Namespace) -> int:
         "max_batch": args.max_batch,
         "max_queue": args.max_queue,
         "step_tokens": args.step_tokens,
+        "pool_tokens": args.decode_pool_tokens,
     }
     listen = bind(args.host, args.port)  # a busy port fails here, before the model loads
     set_threads(args.threads, args.cp)

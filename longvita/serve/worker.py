@@ -29,6 +29,7 @@ from pathlib import Path
 from longvita.errors import MediaError, PromptError
 from longvita.infer.batch import DEFAULT_STEP_TOKENS, BatchEngine, BatchSequence
 from longvita.infer.decode import TokenStep
+from longvita.infer.decode_pool import DEFAULT_POOL_TOKENS
 from longvita.infer.request import GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -154,10 +155,13 @@ class BatchWorker(_Worker):
         max_batch: int = 32,
         max_queue: int = 64,
         step_tokens: int = DEFAULT_STEP_TOKENS,
+        pool_tokens: int = DEFAULT_POOL_TOKENS,
     ) -> None:
         super().__init__(max_batch + max_queue, "longvita-model")
         self.pipeline = pipeline
-        self.engine = BatchEngine(pipeline.model, max_batch=max_batch, step_tokens=step_tokens)
+        self.engine = BatchEngine(
+            pipeline.model, max_batch=max_batch, step_tokens=step_tokens, pool_tokens=pool_tokens
+        )
         self._incoming: queue.SimpleQueue[BatchSequence | None] = queue.SimpleQueue()
         self._stopping = False
 

@@ -92,6 +92,47 @@ def test_chunked_prefill_and_cached_decode_on_cuda_equal_one_forward(tiny_checkp
     torch.testing.assert_close(out.scores, steps, **tol)
 
 
+def test_batched_decode_in_the_pool_on_cuda_gives_the_cpu_tokens(tiny_checkpoint, media):
+    """Three sequences stepped together by the server's engine on the GPU in fp32, their caches
+    moved into the decode pool (CUDA index tensors, a masked SDPA): each gets the tokens the CPU
+    gives it alone."""
+    from longvita.infer.batch import BatchEngine, BatchSequence
+    from longvita.infer.request import GenerationRequest
+
+    cpu = longvita.load(tiny_checkpoint)
+    gpu = longvita.load(tiny_checkpoint, device="cuda", dtype="float32")
+    engine = BatchEngine(gpu.model, max_batch=4)
+    requests, got, pooled = [], {}, set()
+    for name, (prompt, image_keys, video_keys) in PROMPTS.items():
+        images, videos = [media[k] for k in image_keys], [media[k] for k in video_keys]
+        request = GenerationRequest.create(prompt, images, videos, max_new_tokens=8)
+        planned, sampling = gpu.prepare(request)
+        runner, continuation = gpu.sequence(
+            planned.input_ids, planned.visual_mask, planned.tiles, sampling
+        )
+        got[name] = []
+        engine.add(BatchSequence(runner, continuation, _recorder(got[name]), _ignore))
+        requests.append((name, request, runner))
+    while not engine.idle:
+        engine.step()
+        pooled |= {name for name, _, runner in requests if engine.pool.holds(runner.cache)}
+    assert pooled == set(PROMPTS)
+    for name, request, _ in requests:
+        assert got[name] == cpu.run(request).token_ids, name
+
+
+def _recorder(token_ids: list[int]):
+    def on_step(step) -> None:
+        if step.token_id is not None:
+            token_ids.append(step.token_id)
+
+    return on_step
+
+
+def _ignore(reason, error) -> None:
+    pass
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_over_a_long_cache_never_repeats_kv_heads(dtype):
     """40 query heads on 8 K/V heads over 256K cached tokens (the 14B model's heads): a

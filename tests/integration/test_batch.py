@@ -7,6 +7,7 @@ import pytest
 
 import longvita
 from longvita.infer.batch import BatchEngine, BatchSequence
+from longvita.infer.decode_pool import DEFAULT_POOL_TOKENS
 from longvita.infer.request import GenerationRequest
 
 
@@ -55,25 +56,43 @@ def requests(media) -> list[GenerationRequest]:
     ]
 
 
-@pytest.mark.parametrize("step_tokens", [512, 16])
-def test_batched_sequences_get_the_tokens_they_get_alone(pipe, media, step_tokens):
-    engine = BatchEngine(pipe.model, max_batch=4, step_tokens=step_tokens)
+@pytest.fixture(scope="module")
+def alone(pipe, media) -> list:
+    """Each request's output run by itself."""
+    return [pipe.run(request) for request in requests(media)]
+
+
+@pytest.mark.parametrize(
+    ("step_tokens", "pool_tokens"),
+    [(512, DEFAULT_POOL_TOKENS), (16, DEFAULT_POOL_TOKENS), (512, 0), (512, 48)],
+    ids=["pooled", "small-steps", "pool-off", "some-pooled"],
+)
+def test_batched_sequences_get_the_tokens_they_get_alone(
+    pipe, media, alone, step_tokens, pool_tokens
+):
+    """Whether their caches decode in the pool (`infer.decode_pool`), some of them (48 tokens:
+    the three text prompts), or none, every sequence gets its tokens alone."""
+    engine = BatchEngine(pipe.model, max_batch=4, step_tokens=step_tokens, pool_tokens=pool_tokens)
     batch = requests(media)
     clients = [Client() for _ in batch]
-    for request, client in zip(batch, clients, strict=True):
-        engine.add(sequence(pipe, request, client))
-    steps = 0
+    added = [sequence(pipe, r, c) for r, c in zip(batch, clients, strict=True)]
+    for added_sequence in added:
+        engine.add(added_sequence)
+    steps, pooled = 0, set()
     while not engine.idle:
         assert len(engine.running) <= 4
         engine.step()
         steps += 1
-    for request, client in zip(batch, clients, strict=True):
-        alone = pipe.run(request)
-        assert client.token_ids == alone.token_ids
-        assert client.text == alone.text and client.reason == alone.stop_reason
+        if engine.pool is not None:
+            pooled |= {i for i, s in enumerate(added) if engine.pool.holds(s.runner.cache)}
+    for client, output in zip(clients, alone, strict=True):
+        assert client.token_ids == output.token_ids
+        assert client.text == output.text and client.reason == output.stop_reason
     longest = max(r.sampling.max_new_tokens for r in batch)
     assert steps < sum(r.sampling.max_new_tokens for r in batch)  # the decodes were batched
     assert steps >= longest
+    expected = {DEFAULT_POOL_TOKENS: set(range(len(batch))), 0: set(), 48: {0, 3, 4}}
+    assert pooled == expected[pool_tokens]
 
 
 def test_a_sequence_joins_a_running_batch(pipe, media):

@@ -87,6 +87,7 @@ def test_serve_keeps_its_kv_caches_in_the_dtype_asked(tiny_checkpoint):
         (["--allowed-local-media-path", "/no/such/dir"], "is not a directory"),
         (["--prefix-cache-gib", "-1"], "--prefix-cache-gib must be >= 0"),
         (["--threads", "0"], "--threads must be >= 1"),
+        (["--decode-pool-tokens", "-1"], "--decode-pool-tokens must be >= 0"),
     ],
 )
 def test_bad_flags_are_one_line_errors(tiny_checkpoint, flags, message):
