@@ -88,6 +88,30 @@ def median_ms(call, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def engine_step_ms(pipe, sequences: int, new_tokens: int = 12, **engine_options) -> float:
+    """Median time of a `BatchEngine` step (`engine_options`: its keyword arguments) in which
+    all `sequences` decode: short text prompts, `new_tokens` greedy tokens each."""
+    from longvita.infer.batch import BatchEngine, BatchSequence
+    from longvita.infer.request import GenerationRequest
+
+    engine = BatchEngine(pipe.model, max_batch=sequences, **engine_options)
+    for i in range(sequences):
+        request = GenerationRequest.create(
+            f"Tell me about the number {i}, please.", max_new_tokens=new_tokens, ignore_eos=True
+        )
+        prompt, sampling = pipe.prepare(request)
+        runner, continuation = pipe.sequence(
+            prompt.input_ids, prompt.visual_mask, prompt.tiles, sampling
+        )
+        engine.add(BatchSequence(runner, continuation, lambda step: None, lambda *end: None))
+    steps = []
+    while not engine.idle:
+        start = time.perf_counter()
+        tokens = engine.step()
+        steps.append((time.perf_counter() - start, tokens))
+    return statistics.median(t for t, tokens in steps if tokens == sequences) * 1e3
+
+
 def fit_line(points: dict[int, int]) -> tuple[float, float]:
     """Least-squares (intercept, slope) of peak bytes against length."""
     xs, ys = list(points), list(points.values())

@@ -31,7 +31,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import median_ms
+from common import engine_step_ms, median_ms
 
 from longvita.ops.linear import SmallBatchLinear, use_weight_left, weight_left_linear
 
@@ -75,29 +75,6 @@ def measure(out_features: int, in_features: int, rows: int, repeats: int) -> dic
         "weight_left_speedup": round(ms["f_linear"] / ms["weight_left"], 2),
         "layer_speedup": round(ms["nn_linear"] / ms["layer"], 2),
     }
-
-
-def engine_step_ms(pipe, sequences: int, new_tokens: int = 12) -> float:
-    """Median time of a BatchEngine step in which all `sequences` decode."""
-    from longvita.infer.batch import BatchEngine, BatchSequence
-    from longvita.infer.request import GenerationRequest
-
-    engine = BatchEngine(pipe.model, max_batch=sequences)
-    for i in range(sequences):
-        request = GenerationRequest.create(
-            f"Tell me about the number {i}, please.", max_new_tokens=new_tokens, ignore_eos=True
-        )
-        prompt, sampling = pipe.prepare(request)
-        runner, continuation = pipe.sequence(
-            prompt.input_ids, prompt.visual_mask, prompt.tiles, sampling
-        )
-        engine.add(BatchSequence(runner, continuation, lambda step: None, lambda *end: None))
-    steps = []
-    while not engine.idle:
-        start = time.perf_counter()
-        tokens = engine.step()
-        steps.append((time.perf_counter() - start, tokens))
-    return statistics.median(t for t, tokens in steps if tokens == sequences) * 1e3
 
 
 def measure_engine(model_dir: str) -> list[dict]:

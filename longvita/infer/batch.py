@@ -38,6 +38,10 @@ from longvita.model.long_vita import LongVITAForCausalLM
 
 DEFAULT_STEP_TOKENS = 512
 """Tokens per batched forward: decode tokens first, prompt chunks in what is left."""
+MIN_POOLED_ROWS = 3
+"""Pooled decode tokens from which a step attends through the pool in one call per layer;
+below, each attends in its own slot's cache (the pool's indexing and mask cost more than one
+or two plain calls: `benchmarks/results/serve.md`, decode pool)."""
 
 
 @dataclass(eq=False)
@@ -209,6 +213,8 @@ class BatchEngine:
         segments: list[Segment] = []
         decoding = [sequence for sequence in self.running if not sequence.prefilling]
         pooled = {id(s) for s in decoding if self.pool and self.pool.holds(s.runner.cache)}
+        if len(pooled) < MIN_POOLED_ROWS:  # too few to gain: each attends in its slot alone
+            pooled = set()
         decoding.sort(key=lambda sequence: id(sequence) not in pooled)  # the pool's rows first
         for offset, sequence in enumerate(decoding):
             position = torch.tensor([sequence.runner.cache.length])

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 import longvita
-from longvita.infer.batch import BatchEngine, BatchSequence
-from longvita.infer.decode_pool import DEFAULT_POOL_TOKENS
+from longvita.infer.batch import MIN_POOLED_ROWS, BatchEngine, BatchSequence
+from longvita.infer.decode_pool import DEFAULT_POOL_TOKENS, DecodePool
 from longvita.infer.request import GenerationRequest
 
 
@@ -68,10 +68,15 @@ def alone(pipe, media) -> list:
     ids=["pooled", "small-steps", "pool-off", "some-pooled"],
 )
 def test_batched_sequences_get_the_tokens_they_get_alone(
-    pipe, media, alone, step_tokens, pool_tokens
+    pipe, media, alone, step_tokens, pool_tokens, monkeypatch
 ):
     """Whether their caches decode in the pool (`infer.decode_pool`), some of them (48 tokens:
     the three text prompts), or none, every sequence gets its tokens alone."""
+    pooled_steps = []
+    attend = DecodePool.attend
+    monkeypatch.setattr(
+        DecodePool, "attend", lambda self, *a: pooled_steps.append(a[-1].count) or attend(self, *a)
+    )
     engine = BatchEngine(pipe.model, max_batch=4, step_tokens=step_tokens, pool_tokens=pool_tokens)
     batch = requests(media)
     clients = [Client() for _ in batch]
@@ -93,6 +98,9 @@ def test_batched_sequences_get_the_tokens_they_get_alone(
     assert steps >= longest
     expected = {DEFAULT_POOL_TOKENS: set(range(len(batch))), 0: set(), 48: {0, 3, 4}}
     assert pooled == expected[pool_tokens]
+    assert all(count >= MIN_POOLED_ROWS for count in pooled_steps)
+    if (step_tokens, pool_tokens) == (512, DEFAULT_POOL_TOKENS):  # 3-4 decode at once
+        assert pooled_steps
 
 
 def test_a_sequence_joins_a_running_batch(pipe, media):
