@@ -10,13 +10,13 @@ a few calls per layer: 8 sequences of the demo model spend ~3x less time in atte
 and on a GPU the kernel launches of a step stop growing with the number of sequences.
 
 The buffer grows when a sequence finds no free slot (slots double, up to the batch's) or holds
-more tokens than a slot (tokens per slot double, up to `max_tokens`), and only into free memory
-(as much again must stay free); a sequence that does not fit (too long, every slot taken, no
-memory, a cache of another dtype) decodes in its own cache as before. The lowest free slot is
-taken, so the range attended, slot 0 to the highest in use, has few holes; a hole gets a query
-row of zeros whose output is dropped. The attention is a cache's own decode step's (every
-cached token visible, the new one included); only the batched kernel's order of additions
-differs, as with any batched matmul.
+more tokens than a slot (a slot holds the next power of two, up to `max_tokens`), only into free
+memory (as much again must stay free), and is freed when the last pooled sequence ends. A
+sequence that does not fit (too long, every slot taken, no memory, a cache of another dtype)
+decodes in its own cache as before. The lowest free slot is taken, so the range attended, slot
+0 to the highest in use, has few holes; a hole gets a query row of zeros whose output is
+dropped. The attention is a cache's own decode step's (every cached token visible, the new one
+included); only the batched kernel's order of additions differs, as with any batched matmul.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from longvita.model.kv_cache import KVCache
 
 DEFAULT_POOL_TOKENS = 4096
 """Most tokens (prompt + answer) a pooled sequence may hold; longer ones decode alone."""
-MIN_POOL_TOKENS = 256
-"""Tokens per slot of a new pool (it doubles from there as needed)."""
+MIN_POOL_TOKENS = 64
+"""Fewest tokens per slot: a slot holds a power of two of tokens from there."""
 MIN_POOL_SLOTS = 4
 """Slots of a new pool (they double from there as needed, up to `slots`)."""
 
@@ -105,10 +105,8 @@ class DecodePool:
             slots = min(max(MIN_POOL_SLOTS, 2 * slots), self.max_slots)
         tokens = self.tokens_per_slot
         if cache.capacity > tokens:
-            tokens = max(MIN_POOL_TOKENS, tokens)
-            while tokens < cache.capacity:
-                tokens *= 2
-            tokens = min(tokens, self.max_tokens)
+            tokens = min(max(MIN_POOL_TOKENS, 1 << (cache.capacity - 1).bit_length()),
+                         self.max_tokens)  # fmt: skip
         if not self._resize(slots, tokens):
             return None
         slot = self.caches.index(None)
@@ -122,8 +120,15 @@ class DecodePool:
         return id(cache) in self._slots
 
     def release(self, cache: KVCache) -> None:
-        """Free the slot of a cache `admit` returned (its sequence ended)."""
+        """Free the slot of a cache `admit` returned (its sequence ended); the storage goes
+        when no slot is held (a burst of long sequences does not keep it large)."""
         self.caches[self._slots.pop(id(cache))] = None
+        if not self._slots:
+            layers, _, kv_heads, _, head_dim = self.keys.shape
+            empty = (layers, 0, kv_heads, 0, head_dim)
+            self.keys = torch.empty(empty, dtype=self.dtype, device=self.device)
+            self.values = torch.empty(empty, dtype=self.dtype, device=self.device)
+            self.caches = []
 
     def rows(self, caches: list[KVCache]) -> PooledRows:
         """The per-step plan of decode tokens for `caches` (pooled, one token each)."""
@@ -188,6 +193,8 @@ class DecodePool:
         free = free_memory_bytes(self.device)
         if free is not None and 2 * needed > free:
             return False
+        # zeroed: the attention reads each slot up to the longest row's length, and a NaN in
+        # uninitialised memory would survive the mask (NaN + -inf) into the real rows
         keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         values = torch.zeros(shape, dtype=self.dtype, device=self.device)
         keys[:, :old_slots, :, :old_tokens] = self.keys

@@ -101,7 +101,14 @@ def test_storage_grows_with_the_sequences_held_and_keeps_their_tokens():
     the_pool = pool(slots=32)
     sources = [filled_cache(4 + i, 12, seed=i) for i in range(5)]
     pooled = [the_pool.admit(source) for source in sources]
-    assert tuple(the_pool.keys.shape[1::2]) == (8, 256)  # 4 slots, then 8; 256 tokens each
-    for source, cache in zip(sources, pooled, strict=True):  # moved twice, tokens intact
+    assert tuple(the_pool.keys.shape[1::2]) == (8, 64)  # 4 slots, then 8; 64 tokens each
+    pooled.append(the_pool.admit(sources[0]))  # 12 tokens need no more room
+    pooled.append(the_pool.admit(filled_cache(3, 100, seed=9)))  # 100 need 128 a slot
+    assert tuple(the_pool.keys.shape[1::2]) == (8, 128)
+    for source, cache in zip(sources, pooled, strict=False):  # moved thrice, tokens intact
         for name, tensor in source.held(source.length).items():
             torch.testing.assert_close(cache.held(cache.length)[name], tensor, rtol=0, atol=0)
+    for cache in pooled:
+        the_pool.release(cache)
+    assert the_pool.num_bytes == 0  # the last one out frees the storage
+    assert the_pool.admit(sources[1]) is not None
