@@ -23,12 +23,15 @@ stops): every request generates `max_tokens` tokens; the counts come from the us
 (`stream_options={"include_usage": True}`).
 
 Per request: time to first token (from sending to the first chunk with content), completion
-tokens, end time. Per level: aggregate tokens/s = completion tokens / wall time of the level,
-p50/p95 of the time to first token. Ratios: batched / sequential tokens/s at each N, and the
-batched TTFT p50 at 8 clients over that at 1. The CPU seconds each process spent on a level
+tokens, end time. Per run of a level: aggregate tokens/s = completion tokens / wall time,
+p50/p95 of the time to first token. A level is `--repeats` runs of both modes (demo 3, 0.5b 1:
+its sequential 32-client run alone takes 2 minutes), the order flipping at each run; it reports
+every run and the medians over them of the batched / sequential tokens/s ratio and of each
+mode's figures, and the checks read the medians: the ratio at 8 clients, and the batched TTFT
+p50 at 8 clients over that at 1. The CPU seconds each process spent on a level
 (`server_process_cpu_s`: every thread of this process, torch's included; `client_process_cpu_s`)
 say which side held the cores: a server near 1 CPU-second a second is bound by its GIL. Peak
-memory during the batched run at the largest N: this process's resident set (VmRSS sampled
+memory during the batched runs at the largest N (the largest of them): this process's resident set (VmRSS sampled
 every 50 ms, and VmHWM since a reset through /proc/self/clear_refs), both above the resident
 set before the run; on an accelerator the allocator's peak above what it held before.
 
@@ -63,6 +66,7 @@ import math
 import multiprocessing
 import os
 import random
+import statistics
 import sys
 import tempfile
 import threading
@@ -127,6 +131,8 @@ class ModelSpec:
     notes: list[str] = field(default_factory=list)
     threads: int | None = None
     """Torch threads the server runs this model with; None: torch's default."""
+    repeats: int = 1
+    """Runs of each level (both modes each time); the level reports their medians."""
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -145,7 +151,10 @@ def demo_spec(work: Path, args: argparse.Namespace) -> ModelSpec:
             make_tiny_checkpoint(checkpoint, config=demo())
     r = args.requests_per_client or 16
     threads = args.threads or DEMO_THREADS
-    return ModelSpec("demo", label, checkpoint, args.max_tokens or 64, r, True, threads=threads)
+    repeats = args.repeats or 3
+    return ModelSpec(
+        "demo", label, checkpoint, args.max_tokens or 64, r, True, threads=threads, repeats=repeats
+    )
 
 
 def qwen_05b_config() -> LongVITAConfig:
@@ -185,7 +194,9 @@ def qwen_05b_spec(work: Path, args: argparse.Namespace) -> ModelSpec:
     r = args.requests_per_client or 1
     label = "Qwen2.5-0.5B-shaped random (vocab 4,096)"
     tokens = args.max_tokens or 32
-    return ModelSpec("0.5b", label, checkpoint, tokens, r, False, [note], threads=args.threads)
+    return ModelSpec(
+        "0.5b", label, checkpoint, tokens, r, False, [note], args.threads, args.repeats or 1
+    )
 
 
 # -- requests -------------------------------------------------------------------------------
@@ -440,6 +451,27 @@ def measure_level(
     return out
 
 
+def level_summary(runs: list[dict]) -> dict:
+    """A level's runs, and the medians over them of the ratio and of each mode's tokens/s and
+    TTFT p50 (what the checks read)."""
+
+    def median(values) -> float:
+        return round(statistics.median(values), 3)
+
+    summary: dict = {
+        "tokens_per_s_batched_vs_sequential": median(
+            [run["tokens_per_s_batched_vs_sequential"] for run in runs]
+        )
+    }
+    for mode in MODES:
+        summary[mode] = {
+            key: median([run[mode][key] for run in runs])
+            for key in ("tokens_per_s", "ttft_p50_s", "ttft_p95_s")
+        }
+    summary["runs"] = runs
+    return summary
+
+
 def kv_bytes_per_token(config: LongVITAConfig, dtype: torch.dtype) -> int:
     element = torch.empty(0, dtype=dtype).element_size()
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
@@ -460,13 +492,16 @@ def measure_model(spec: ModelSpec, args: argparse.Namespace, default_threads: in
         warm = level_requests(pipe.tokenizer, spec, 1, 1)[:1]
         for server in servers.values():  # kernels, allocator, first-touch pages, connections
             clients.run(server.url, spec.key, [warm[0][:1]], spec.max_tokens)
-        for i, count in enumerate(args.clients):
+        flips = 0
+        for count in args.clients:
             print(f"{spec.key}: {count} clients", file=sys.stderr, flush=True)
             work = level_requests(pipe.tokenizer, spec, count, args.min_requests)
-            order = MODES if i % 2 == 0 else MODES[::-1]
-            levels[str(count)] = measure_level(
-                pipe, servers, clients, spec, work, order, args.device
-            )
+            runs = []
+            for _ in range(spec.repeats):
+                order = MODES if flips % 2 == 0 else MODES[::-1]
+                flips += 1
+                runs.append(measure_level(pipe, servers, clients, spec, work, order, args.device))
+            levels[str(count)] = level_summary(runs)
             load_avg.append(os.getloadavg()[0])
     return model_report(spec, pipe, levels, load_avg, args)
 
@@ -475,7 +510,8 @@ def model_report(spec: ModelSpec, pipe, levels: dict, load_avg: list, args) -> d
     top = str(max(args.clients))
     params = sum(p.numel() for p in pipe.model.parameters())
     kv_token = kv_bytes_per_token(pipe.config, pipe.model.lm_head.weight.dtype)
-    top_run = levels[top]["batched"]
+    top_runs = [run["batched"] for run in levels[top]["runs"]]
+    top_run = max(top_runs, key=lambda run: run["memory"]["hwm_peak_above_before_bytes"])
     kv_top = int(top) * (top_run["prompt_tokens_mean"] + spec.max_tokens) * kv_token
     return {
         "model": spec.label,
@@ -487,6 +523,7 @@ def model_report(spec: ModelSpec, pipe, levels: dict, load_avg: list, args) -> d
         "requests_per_client": {
             n: requests_per_client(spec, n, args.min_requests) for n in args.clients
         },
+        "runs_per_level": spec.repeats,
         "notes": spec.notes,
         "torch_threads": torch.get_num_threads(),
         "load_avg_1min": [round(x, 2) for x in load_avg],
@@ -543,12 +580,21 @@ def parse_args() -> argparse.Namespace:
         help="load generator: raw (sse_client.py, the default: costs the shared cores little) "
         "or openai (openai's AsyncOpenAI, as before 2026-12-01)",
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="runs of each level, medians reported (default: demo 3, 0.5b 1)",
+    )
     parser.add_argument("--work", type=Path, help="keep the random checkpoints here (reused)")
     parser.add_argument("--quick", action="store_true", help="demo model, 1 and 8 clients, short")
     args = parser.parse_args()
     if args.quick:
         args.models, args.clients, args.min_requests = "demo", "1,8", 2
         args.requests_per_client, args.max_tokens = 1, 16
+        args.repeats = args.repeats or 1
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     args.models = args.models.split(",")
     args.clients = [int(n) for n in args.clients.split(",")]
     unknown = set(args.models) - {"demo", "0.5b"}
