@@ -195,8 +195,11 @@ class DecodePool:
             return False
         # zeroed: the attention reads each slot up to the longest row's length, and a NaN in
         # uninitialised memory would survive the mask (NaN + -inf) into the real rows
-        keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        try:
+            keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        except (torch.OutOfMemoryError, RuntimeError):  # the allocator refused (RuntimeError on
+            return False  # a CPU): the sequence decodes in its own cache, nothing is lost
         keys[:, :old_slots, :, :old_tokens] = self.keys
         values[:, :old_slots, :, :old_tokens] = self.values
         self.keys, self.values = keys, values

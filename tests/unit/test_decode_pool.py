@@ -83,11 +83,18 @@ def test_what_cannot_be_pooled_is_refused(monkeypatch):
     monkeypatch.setattr(decode_pool, "free_memory_bytes", lambda device: 1000)
     assert the_pool.admit(filled_cache(4, 8, 0)) is None  # growing needs more than is free
     monkeypatch.setattr(decode_pool, "free_memory_bytes", lambda device: None)  # unknown: grow
+    with monkeypatch.context() as refusing:  # an allocator that fails all the same
+        refusing.setattr(torch, "zeros", _out_of_memory)
+        assert the_pool.admit(filled_cache(4, 8, 0)) is None
     first, second = the_pool.admit(filled_cache(4, 8, 0)), the_pool.admit(filled_cache(4, 8, 1))
     assert first is not None and second is not None
     assert the_pool.admit(filled_cache(4, 8, 2)) is None  # no free slot
     the_pool.release(first)
     assert the_pool.admit(filled_cache(4, 8, 2)) is not None  # the freed slot is taken again
+
+
+def _out_of_memory(*args, **kwargs):
+    raise RuntimeError("DefaultCPUAllocator: not enough memory")
 
 
 def test_a_full_pooled_cache_is_an_error_not_an_overwrite():
