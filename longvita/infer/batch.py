@@ -8,9 +8,8 @@ each segment of the row attends to its own cache only (`PackedCaches`), so seque
 lengths share the linear layers' work without padding and without seeing each other. Once its
 prompt is read, a sequence's cache moves into a slot of the engine's `DecodePool` when it fits
 (`infer.decode_pool`), and the decode tokens of the pooled sequences attend in one call per
-layer. A
-sequence joins between steps, leaves when finished, cancelled or past its deadline, and a long
-prompt is prefilled a chunk per step while the others keep getting tokens.
+layer. A sequence joins between steps, leaves when finished, cancelled or past its deadline,
+and a long prompt is prefilled a chunk per step while the others keep getting tokens.
 
 Per-sequence decisions (sampling with its own seed, stop tokens, stop sequences through its
 `Detokenizer`, the length limit) are `decode.Continuation`'s, as in the one-sequence loop, so a

@@ -92,7 +92,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_POOL_TOKENS,
         help=f"longest sequence (prompt + answer) whose decode steps are batched in the decode "
-        f"pool ({DEFAULT_POOL_TOKENS:,}; longer ones decode alone; 0: no pool)",
+        f"pool ({DEFAULT_POOL_TOKENS:,}; longer ones decode alone; 0: no pool; not under --cp)",
     )
     limits.add_argument(
         "--max-tokens", type=int, default=256, help="max_tokens of a request that gives none (256)"
