@@ -6,10 +6,13 @@ For each number of sequences, the median time of the steps in which every sequen
 (short text prompts, 24 greedy tokens each), the two modes alternating, `--runs` runs of each;
 reported: the median over runs of each mode and their ratio. Model: the shipped demo model
 (`longvita/demo_model`, one torch thread, as `longvita serve --threads 1` runs it in
-`results/serve.md`), or `--model DIR` with torch's threads.
+`results/serve.md`), or `--model DIR` with torch's threads; on the CPU in float32 by default,
+or `--device cuda` (`make gpu-check` runs it there, in bfloat16: where the calls the pool saves
+are kernel launches).
 
-    python benchmarks/decode_pool.py                  # demo model, ~30 s on 2 cores
+    python benchmarks/decode_pool.py                  # demo model, ~5 s on 2 cores
     python benchmarks/decode_pool.py --model /tmp/bench-work/qwen2.5-0.5b-shaped --sequences 1,8
+    python benchmarks/decode_pool.py --device cuda --dtype bfloat16
 
 Prints one JSON object to stdout.
 """
@@ -51,11 +54,13 @@ def main() -> None:
     parser.add_argument("--sequences", default="1,2,4,8,16,32", help="comma-separated counts")
     parser.add_argument("--runs", type=int, default=5, help="runs of each mode (5)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     args = parser.parse_args()
     model = args.model or str(resolve_model_dir("demo"))
     threads = args.threads or (1 if args.model is None else torch.get_num_threads())
     torch.set_num_threads(threads)
-    pipe = longvita.load(model)
+    pipe = longvita.load(model, device=args.device, dtype=args.dtype)
     started = time.perf_counter()
     counts = [int(n) for n in args.sequences.split(",")]
     report = {
@@ -65,6 +70,8 @@ def main() -> None:
             "torch": torch.__version__,
             "cpus": os.cpu_count(),
             "torch_threads": threads,
+            "device": args.device,
+            "dtype": args.dtype,
             "runs": args.runs,
         },  # fmt: skip
         "steps": [measure(pipe, n, args.runs) for n in counts],

@@ -7,6 +7,8 @@
    are two).
 2. `benchmarks/long_context.py` on CUDA in bf16, ours against transformers' Qwen2 with the
    same weights, at 8K-128K tokens (and CP 2 when two GPUs are visible).
+3. `benchmarks/decode_pool.py` on CUDA in bf16: the server engine's decode step with and
+   without the decode pool, 1-32 sequences of the demo model (seconds).
 
 Prints one JSON summary (versions, device, test counts and failures, the benchmark's targets
 and figures); with --out DIR also writes it, the JUnit report and both logs there.
@@ -90,6 +92,18 @@ def run_benchmark(out: Path, quick: bool) -> dict:
             "lengths": report["lengths"], "cp": report.get("cp")}  # fmt: skip
 
 
+def run_decode_pool(out: Path) -> dict:
+    command = [sys.executable, str(ROOT / "benchmarks" / "decode_pool.py"), "--device", "cuda",
+               "--dtype", "bfloat16", "--runs", "3"]  # fmt: skip
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    seconds = round(time.perf_counter() - start, 1)
+    if done.returncode != 0:
+        return {"exit_status": done.returncode, "seconds": seconds, "log_tail": done.stderr[-3000:]}
+    (out / "decode_pool.json").write_text(done.stdout)
+    return {"exit_status": 0, "seconds": seconds, "steps": json.loads(done.stdout)["steps"]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="gpu_check_output", help="where to write (%(default)s)")
@@ -108,10 +122,13 @@ def main() -> int:
     if not args.skip_benchmark:
         print("running the long-context benchmark on CUDA bf16", file=sys.stderr, flush=True)
         summary["long_context"] = run_benchmark(out, args.quick)
+        print("running the decode pool benchmark on CUDA bf16", file=sys.stderr, flush=True)
+        summary["decode_pool"] = run_decode_pool(out)
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     failed = summary["tests"]["exit_status"] != 0
-    return int(failed or summary.get("long_context", {}).get("exit_status", 0) != 0)
+    benchmarks = ("long_context", "decode_pool")
+    return int(failed or any(summary.get(b, {}).get("exit_status", 0) != 0 for b in benchmarks))
 
 
 if __name__ == "__main__":

@@ -31,9 +31,10 @@ mode's figures, and the checks read the medians: the ratio at 8 clients, and the
 p50 at 8 clients over that at 1. The CPU seconds each process spent on a level
 (`server_process_cpu_s`: every thread of this process, torch's included; `client_process_cpu_s`)
 say which side held the cores: a server near 1 CPU-second a second is bound by its GIL. Peak
-memory during the batched runs at the largest N (the largest of them): this process's resident set (VmRSS sampled
-every 50 ms, and VmHWM since a reset through /proc/self/clear_refs), both above the resident
-set before the run; on an accelerator the allocator's peak above what it held before.
+memory during the batched runs at the largest N (the largest of them): this process's resident
+set (VmRSS sampled every 50 ms, and VmHWM since a reset through /proc/self/clear_refs), both
+above the resident set before the run; on an accelerator the allocator's peak above what it
+held before.
 
 Models: `demo`, the shipped demo model (`longvita/demo_model`), or, when it is absent, a random
 model of the demo's shape (`longvita.config.demo()`, tiny tokenizer); `0.5b`, a random model of
