@@ -109,6 +109,7 @@ def create_app(pipeline, worker, settings: ServerSettings) -> FastAPI:
     async def prometheus() -> Response:
         metrics.queue_depth.set(worker.queued)
         metrics.running.set(worker.running)
+        metrics.decode_pool_bytes.set(worker.decode_pool_bytes)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")

@@ -188,6 +188,12 @@ class ServerMetrics:
         self.requests = add(Counter("longvita_requests_total", "Requests by status.", ("status",)))
         self.queue_depth = add(Gauge("longvita_queue_depth", "Requests waiting for the model."))
         self.running = add(Gauge("longvita_running_requests", "Requests the model is running."))
+        self.decode_pool_bytes = add(
+            Gauge(
+                "longvita_decode_pool_bytes",
+                "Memory of the decode pool: decoding sequences' KV caches side by side.",
+            )
+        )
         self.prompt_tokens = add(Counter("longvita_prompt_tokens_total", "Prompt tokens."))
         self.generated_tokens = add(Counter("longvita_generated_tokens_total", "Tokens generated."))
         self.time_to_first_token = add(

@@ -132,6 +132,11 @@ class _Worker:
     def queued(self) -> int:
         return max(self.slots.held - self.running, 0)
 
+    @property
+    def decode_pool_bytes(self) -> int:
+        """Memory of the batch engine's decode pool (0 without one)."""
+        return 0
+
     def start(self) -> None:
         self._thread.start()
 
@@ -168,6 +173,11 @@ class BatchWorker(_Worker):
     @property
     def running(self) -> int:
         return len(self.engine.running)
+
+    @property
+    def decode_pool_bytes(self) -> int:
+        pool = self.engine.pool
+        return 0 if pool is None else pool.num_bytes
 
     def stop(self) -> None:
         self._stopping = True

@@ -231,6 +231,19 @@ def test_metrics_health_models_and_chat_page(server):
     assert page.status_code == 200 and "<html" in page.text.lower()
 
 
+def test_metrics_show_the_decode_pool_memory(server, monkeypatch):
+    def pool_bytes() -> float:
+        for line in httpx.get(server.url + "/metrics").text.splitlines():
+            if line.startswith("longvita_decode_pool_bytes "):
+                return float(line.split()[1])
+        raise AssertionError("no longvita_decode_pool_bytes in /metrics")
+
+    assert pool_bytes() == 0  # idle: the pool holds nothing (freed with its last sequence)
+    pool = server.worker.engine.pool  # the pool's own accounting: tests/unit/test_decode_pool.py
+    monkeypatch.setattr(type(pool), "num_bytes", property(lambda self: 4096))
+    assert pool_bytes() == 4096
+
+
 def status_and_message(server, body: dict | bytes, **headers) -> tuple[int, str]:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = httpx.post(
