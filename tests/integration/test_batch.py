@@ -3,6 +3,8 @@ each get the tokens and text they get alone; they join and leave between steps."
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 import longvita
@@ -177,3 +179,68 @@ def test_media_failing_mid_prompt_ends_that_sequence_only(pipe, media):
         engine.step()
     assert broken.reason == "error: frame 3 is corrupt" and not broken.token_ids
     assert healthy.reason == "length" and len(healthy.token_ids) == 6
+
+
+@pytest.mark.parametrize("pool_tokens", [48, DEFAULT_POOL_TOKENS])
+def test_random_arrivals_and_cancellations_keep_every_answer(pipe, media, pool_tokens):
+    """24 requests of random lengths, some with an image, joining 0-3 a step, some cancelled
+    mid-way, 6 at a time; the pool holds some (48 tokens) or all of them: every request that
+    is not cancelled gets the tokens it gets alone, and the pool is empty at the end."""
+    rng = random.Random(pool_tokens)
+    words = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "far", "away")
+    requests, clients, waiting, cancel_at = [], [], [], {}
+    for i in range(24):
+        text, images = " ".join(rng.choices(words, k=rng.randint(1, 25))), []
+        if rng.random() < 0.3:
+            text, images = "<image>\n" + text, [media["image"]]
+        request = GenerationRequest.create(
+            text, images, max_new_tokens=rng.randint(1, 30), ignore_eos=rng.random() < 0.5
+        )
+        requests.append(request)
+        clients.append(Client())
+        waiting.append(sequence(pipe, request, clients[-1]))
+        if rng.random() < 0.15:
+            cancel_at[i] = rng.randint(1, 40)
+    added = list(waiting)
+    engine = BatchEngine(pipe.model, max_batch=6, step_tokens=64, pool_tokens=pool_tokens)
+    steps = 0
+    while waiting or not engine.idle:
+        for _ in range(rng.randint(0, 3)):
+            if waiting:
+                engine.add(waiting.pop(0))
+        engine.step()
+        steps += 1
+        for i, step in cancel_at.items():
+            if step == steps:
+                added[i].cancelled = True
+    for request, client in zip(requests, clients, strict=True):
+        if client.reason != "cancelled":
+            assert client.token_ids == pipe.run(request).token_ids
+    assert any(client.reason == "cancelled" for client in clients)
+    assert engine.pool.num_bytes == 0
+
+
+def test_pooled_rows_lead_the_step_whatever_the_order_of_arrival(pipe, media, monkeypatch):
+    """A sequence whose cache stays its own (67 + 16 tokens, over the pool's 48) arrived first;
+    four pooled ones decode beside it: the step puts the pool's rows first, and all five get
+    the tokens they get alone."""
+    pooled_steps = []
+    attend = DecodePool.attend
+    monkeypatch.setattr(
+        DecodePool, "attend", lambda self, *a: pooled_steps.append(a[-1].count) or attend(self, *a)
+    )
+
+    def create(*args, **options) -> GenerationRequest:  # each decodes to its length
+        return GenerationRequest.create(*args, ignore_eos=True, **options)
+
+    batch = [create("<image>\nWhat is in this image?", [media["wide"]], max_new_tokens=16)]
+    batch += [create(f"Say {word}.", max_new_tokens=12) for word in ("one", "two", "six", "ten")]
+    clients = [Client() for _ in batch]
+    engine = BatchEngine(pipe.model, max_batch=8, pool_tokens=48)
+    for request, client in zip(batch, clients, strict=True):
+        engine.add(sequence(pipe, request, client))
+    while not engine.idle:
+        engine.step()
+    assert pooled_steps and max(pooled_steps) == 4
+    for request, client in zip(batch, clients, strict=True):
+        assert client.token_ids == pipe.run(request).token_ids
