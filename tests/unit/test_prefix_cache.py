@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from longvita.config import tiny
 from longvita.infer.layout import PromptLayout, shard_round
 from longvita.infer.prefix_cache import (
+    INDEX_BYTES_PER_HASH,
     MAX_CANDIDATES,
     CachedPrefix,
     MemoryPrefixStore,
@@ -118,12 +119,14 @@ def test_frame_directory_identity_follows_its_files(processor, tmp_path):
 
 def test_memory_store_keeps_the_budget_least_recently_used_first():
     a, b, c = (entry(key([k, *range(100, 100 + n)])) for k, n in ((1, 9), (2, 9), (3, 9)))
-    store = MemoryPrefixStore(max_bytes=2 * a.num_bytes)
+    cost = MemoryPrefixStore.cost(a)
+    assert cost == a.num_bytes + 16 * 10 + INDEX_BYTES_PER_HASH * 10  # 10 tokens, 10 hashes
+    store = MemoryPrefixStore(max_bytes=2 * cost)
     assert store.add(a) and store.add(b)
     store.touch(a)  # b is now the least recently used
     assert store.add(c)
     ids = {m.entry.entry_id for m in store.matches(key([1, 100]), cp=1, cp_rank=0)}
-    assert ids == {a.entry_id} and len(store) == 2 and store.num_bytes == 2 * a.num_bytes
+    assert ids == {a.entry_id} and len(store) == 2 and store.num_bytes == 2 * cost
     assert store.matches(key([2, 100]), cp=1, cp_rank=0) == []  # b was dropped
     assert not store.add(entry(key(list(range(40)))))  # alone over the budget
     assert store.matches(key([1, 100]), cp=2, cp_rank=0) == []  # another cp size
@@ -133,7 +136,7 @@ def test_memory_store_keeps_the_budget_least_recently_used_first():
 def test_a_newer_prompt_replaces_the_ones_it_covers():
     video = list(range(200))
     first, second = entry(key([*video, 1, 2])), entry(key([*video, 3, 4, 5]))
-    store = MemoryPrefixStore(max_bytes=10 * first.num_bytes)
+    store = MemoryPrefixStore(max_bytes=10 * MemoryPrefixStore.cost(first))
     store.add(first)
     store.add(second)
     assert len(store) == 1  # the second question serves all the first did
@@ -161,7 +164,7 @@ def test_a_lookup_compares_a_few_entries_whatever_the_store_holds(monkeypatch):
     first, so the least recent) and compares at most MAX_CANDIDATES entries token by token."""
     system = list(range(1000, 1040))
     chats = [entry(key([*system, k, *range(2000, 2030)])) for k in range(1000)]
-    store = MemoryPrefixStore(max_bytes=sum(e.num_bytes for e in chats))
+    store = MemoryPrefixStore(max_bytes=sum(MemoryPrefixStore.cost(e) for e in chats))
     for chat in chats:
         assert store.add(chat)
     compared = []
@@ -181,14 +184,15 @@ def test_a_lookup_compares_a_few_entries_whatever_the_store_holds(monkeypatch):
 
 def test_dropped_entries_leave_the_index():
     a, b = entry(key(list(range(50)))), entry(key([*range(30), 7, 7]))
-    store = MemoryPrefixStore(max_bytes=a.num_bytes)
+    cost = MemoryPrefixStore.cost
+    store = MemoryPrefixStore(max_bytes=cost(a))
     assert store.add(a) and store.add(b)  # b pushes a out of the budget
     assert [m.entry for m in store.matches(key(list(range(50))), cp=1, cp_rank=0)] == [b]
-    assert len(store) == 1 and store.num_bytes == b.num_bytes
+    assert len(store) == 1 and store.num_bytes == cost(b)
     store.clear()
     assert store.matches(key(list(range(50))), cp=1, cp_rank=0) == [] and store.num_bytes == 0
     assert store.add(a) and store.add(entry(key(list(range(50)))))  # the same prompt again
-    assert len(store) == 1 and store.num_bytes == a.num_bytes
+    assert len(store) == 1 and store.num_bytes == cost(a)
 
 
 def store(directory, *, dtype=torch.float32, model="model-a", max_bytes=2**30):
