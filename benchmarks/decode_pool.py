@@ -30,13 +30,14 @@ from common import engine_step_ms
 
 import longvita
 from longvita.assets import resolve_model_dir
+from longvita.infer.decode_pool import DEFAULT_POOL_TOKENS
 
 
 def measure(pipe, sequences: int, runs: int) -> dict:
     times: dict[str, list[float]] = {"pool": [], "own caches": []}
     for _ in range(runs):
         for mode, times_of_mode in times.items():
-            pool_tokens = 0 if mode == "own caches" else 4096
+            pool_tokens = 0 if mode == "own caches" else DEFAULT_POOL_TOKENS
             times_of_mode.append(engine_step_ms(pipe, sequences, 24, pool_tokens=pool_tokens))
     pooled, own = statistics.median(times["pool"]), statistics.median(times["own caches"])
     return {

@@ -8,10 +8,10 @@ same loaded model; they are measured in the same run, alternating (the order fli
 level), on the same requests, each mode starting with an empty prefix cache (both servers share
 the pipeline's, and the other mode has just run the same prompts).
 
-Clients: N concurrent closed-loop clients (asyncio, streaming; the queue is sized so that
-nothing is refused) for N in `--clients`. The load generator (`--client`) is `sse_client.py` by
-default: a kept-alive connection per client and one `json.loads` per event, as vLLM's
-`benchmark_serving` does; the clients share the server's cores, and openai's `AsyncOpenAI`
+Clients (`serve_clients.py`): N concurrent closed-loop clients (asyncio, streaming; the queue is
+sized so that nothing is refused) for N in `--clients`. The load generator (`--client`) is
+`sse_client.py` by default: a kept-alive connection per client and one `json.loads` per event,
+as vLLM's `benchmark_serving` does; the clients share the server's cores, and openai's `AsyncOpenAI`
 (`--client openai`, no retries) spent 6x the CPU per token, more than the server's event loop
 (`results/serve.md`). The tests check the server with the real openai client. Each client sends
 its requests back to back: max(R, ceil(`--min-requests` / N)) of them, R from
@@ -50,7 +50,7 @@ the clients need), the 0.5b with torch's default; `--threads` sets both; both mo
 always run with the same.
 
     python benchmarks/serve.py --quick       # smoke run, demo model, ~30 s
-    python benchmarks/serve.py               # the issue's numbers, ~5 min on 2 cores
+    python benchmarks/serve.py               # the issue's numbers, ~6 min on 2 cores
     python benchmarks/serve.py --device cuda --dtype bfloat16    # on a GPU
 
 Prints one JSON object to stdout; progress goes to stderr.
@@ -59,12 +59,10 @@ Prints one JSON object to stdout; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import io
 import json
 import math
-import multiprocessing
 import os
 import random
 import statistics
@@ -72,20 +70,18 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import openai
 import torch
 import uvicorn
 from common import STUB_VISION, peak_since, reset_peak, status_kib
 from PIL import Image
-from sse_client import ChatConnection
+from serve_clients import ClientProcess
 
 import longvita
 from longvita.config import LongVITAConfig, VisionConfig, demo
+from longvita.model.kv_cache import kv_bytes_per_token
 from longvita.processing.tokens import train_bpe_tokenizer
 from longvita.serve.app import ServerSettings, create_app
 from longvita.serve.cli import bind
@@ -275,122 +271,6 @@ class Server:
         self.thread.join(timeout=60)
 
 
-def request_body(model_id: str, messages: list, max_tokens: int) -> dict:
-    """A streamed, greedy request that generates `max_tokens` tokens, with its usage chunk."""
-    return {
-        "model": model_id,
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "ignore_eos": True,
-    }
-
-
-def record(start: float, first: float | None, usage: dict) -> dict:
-    end = time.perf_counter()
-    return {
-        "start": start,
-        "end": end,
-        "ttft": (first if first is not None else end) - start,
-        "completion_tokens": usage["completion_tokens"],
-        "prompt_tokens": usage["prompt_tokens"],
-    }
-
-
-async def openai_request(client, body: dict) -> dict:
-    """Stream one chat completion with openai's client: TTFT, tokens, start and end times."""
-    start = time.perf_counter()
-    first, usage = None, None
-    ignore_eos = {"ignore_eos": body["ignore_eos"]}
-    rest = {k: v for k, v in body.items() if k != "ignore_eos"}
-    async for chunk in await client.chat.completions.create(**rest, extra_body=ignore_eos):
-        if first is None and chunk.choices and chunk.choices[0].delta.content:
-            first = time.perf_counter()
-        if chunk.usage is not None:
-            usage = chunk.usage.model_dump()
-    return record(start, first, usage)
-
-
-async def raw_request(connection: ChatConnection, body: dict) -> dict:
-    """The same over `sse_client` (this benchmark's default load generator)."""
-    start = time.perf_counter()
-    result = await connection.stream(body)
-    return record(start, result.first_content, result.usage)
-
-
-async def run_clients(url: str, model_id: str, work: list[list], max_tokens: int, kind: str):
-    """Every client sends its requests back to back, all clients at once; `kind`: "raw" (a
-    connection each, `sse_client`) or "openai" (one `AsyncOpenAI` for all)."""
-    shared = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600)
-
-    async def closed_loop(requests: list) -> list[dict]:
-        bodies = [request_body(model_id, messages, max_tokens) for messages in requests]
-        if kind == "openai":
-            return [await openai_request(shared, body) for body in bodies]
-        connection = ChatConnection(url)
-        try:
-            return [await raw_request(connection, body) for body in bodies]
-        finally:
-            await connection.close()
-
-    started = time.perf_counter()
-    per_client = await asyncio.gather(*(closed_loop(requests) for requests in work))
-    wall = time.perf_counter() - started
-    await shared.close()
-    records = [r for client_records in per_client for r in client_records]
-    short = [r["completion_tokens"] for r in records if r["completion_tokens"] != max_tokens]
-    if short:  # ignore_eos: every answer has max_tokens tokens, else the figures mean nothing
-        raise RuntimeError(f"{len(short)} answers had {short[:5]} tokens, not {max_tokens}")
-    return summarize(records, wall)
-
-
-def clients_level(url: str, model_id: str, work: list[list], max_tokens: int, kind: str) -> dict:
-    """One level's clients to the end (what the client process runs), with the CPU seconds
-    that process spent on them."""
-    cpu_before = time.process_time()
-    result = asyncio.run(run_clients(url, model_id, work, max_tokens, kind))
-    result["client_process_cpu_s"] = round(time.process_time() - cpu_before, 2)
-    return result
-
-
-class ClientProcess:
-    """The clients' own process: their HTTP and SSE parsing take the GIL of that process, not
-    the server's, as real clients do. kind: the load generator, "raw" or "openai"."""
-
-    def __init__(self, kind: str = "raw") -> None:
-        self.kind = kind
-
-    def __enter__(self) -> ClientProcess:
-        context = multiprocessing.get_context("spawn")
-        self.pool = ProcessPoolExecutor(max_workers=1, mp_context=context)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.pool.shutdown()
-
-    def run(self, url: str, model_id: str, work: list[list], max_tokens: int) -> dict:
-        job = self.pool.submit(clients_level, url, model_id, work, max_tokens, self.kind)
-        return job.result()
-
-
-def summarize(records: list[dict], wall: float) -> dict:
-    ttft = [r["ttft"] for r in records]
-    latency = [r["end"] - r["start"] for r in records]
-    tokens = sum(r["completion_tokens"] for r in records)
-    return {
-        "ttft_p50_s": round(float(np.percentile(ttft, 50)), 3),
-        "ttft_p95_s": round(float(np.percentile(ttft, 95)), 3),
-        "latency_p50_s": round(float(np.percentile(latency, 50)), 3),
-        "tokens_per_s": round(tokens / wall, 2),
-        "requests": len(records),
-        "completion_tokens": tokens,
-        "prompt_tokens_mean": round(sum(r["prompt_tokens"] for r in records) / len(records), 1),
-        "wall_s": round(wall, 2),
-    }
-
-
 class RssSampler:
     """Max VmRSS of this process, sampled every `interval` seconds in a thread."""
 
@@ -473,11 +353,6 @@ def level_summary(runs: list[dict]) -> dict:
     return summary
 
 
-def kv_bytes_per_token(config: LongVITAConfig, dtype: torch.dtype) -> int:
-    element = torch.empty(0, dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
-
-
 def measure_model(spec: ModelSpec, args: argparse.Namespace, default_threads: int) -> dict:
     torch.set_num_threads(spec.threads or default_threads)
     print(f"{spec.key}: loading {spec.checkpoint}", file=sys.stderr, flush=True)
@@ -510,7 +385,13 @@ def measure_model(spec: ModelSpec, args: argparse.Namespace, default_threads: in
 def model_report(spec: ModelSpec, pipe, levels: dict, load_avg: list, args) -> dict:
     top = str(max(args.clients))
     params = sum(p.numel() for p in pipe.model.parameters())
-    kv_token = kv_bytes_per_token(pipe.config, pipe.model.lm_head.weight.dtype)
+    config = pipe.config
+    kv_token = kv_bytes_per_token(
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        dtype=pipe.kv_cache_dtype,
+    )
     top_runs = [run["batched"] for run in levels[top]["runs"]]
     top_run = max(top_runs, key=lambda run: run["memory"]["hwm_peak_above_before_bytes"])
     kv_top = int(top) * (top_run["prompt_tokens_mean"] + spec.max_tokens) * kv_token
