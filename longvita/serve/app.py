@@ -262,6 +262,8 @@ class Answer:
         self.completion_tokens = 0
         self.id = responses.new_completion_id()
         self.created = int(time.time())
+        self._held: Event | None = None
+        """The final event, taken while merging text events, for the next call."""
 
     async def next_events(self) -> AsyncIterator[Event]:
         """The job's events until its last; cancels the job if the client goes away."""
@@ -291,13 +293,28 @@ class Answer:
 
     async def _next_event(self) -> Event | None:
         """The job's next event: at once when one is queued (under load the next one is
-        there), else when it comes; None after DISCONNECT_POLL_S without one."""
-        if not self.job.events.empty():
-            return self.job.events.get_nowait()
-        try:
-            return await asyncio.wait_for(self.job.events.get(), DISCONNECT_POLL_S)
-        except TimeoutError:
-            return None
+        there), else when it comes; None after DISCONNECT_POLL_S without one. Text events
+        queued behind it are merged into it (`Event.merged`): a loop that falls behind the
+        model sends a stream's tokens in fewer, larger chunks instead of falling further
+        behind, as vLLM's output collector does."""
+        if self._held is not None:
+            event, self._held = self._held, None
+            return event
+        events = self.job.events
+        if events.empty():
+            try:
+                async with asyncio.timeout(DISCONNECT_POLL_S):
+                    return await events.get()
+            except TimeoutError:
+                return None
+        event = events.get_nowait()
+        while event.finish is None and not events.empty():
+            following = events.get_nowait()
+            if following.finish is not None:
+                self._held = following  # the end goes out after the text
+                break
+            event = event.merged(following)
+        return event
 
     async def events(self) -> AsyncIterator[bytes]:
         """Server-sent events: the role, the text as it comes, the finish reason (or an error
@@ -309,7 +326,7 @@ class Answer:
             )
         )
         content = responses.ContentEvents(**envelope)
-        status = 200
+        status, end = 200, []  # the end goes out in one write: finish or error, usage, [DONE]
         async for event in self.next_events():
             if event.finish is None:
                 if event.text:
@@ -318,23 +335,27 @@ class Answer:
             error = self.error(event)
             if error is not None:
                 status = error.status
-                yield responses.sse_event(error.body())
+                end.append(responses.sse_event(error.body()))
                 break
             finish = responses.finish_reason_of(event.finish)
-            yield responses.sse_event(
-                responses.chunk_body(**envelope, delta={}, finish_reason=finish)
+            end.append(
+                responses.sse_event(
+                    responses.chunk_body(**envelope, delta={}, finish_reason=finish)
+                )
             )
             if self.chat.include_usage:
-                yield responses.sse_event(
-                    responses.usage_chunk_body(
-                        **envelope,
-                        prompt_tokens=self.prompt_tokens,
-                        completion_tokens=self.completion_tokens,
-                        cached_tokens=event.cached_tokens,
+                end.append(
+                    responses.sse_event(
+                        responses.usage_chunk_body(
+                            **envelope,
+                            prompt_tokens=self.prompt_tokens,
+                            completion_tokens=self.completion_tokens,
+                            cached_tokens=event.cached_tokens,
+                        )
                     )
                 )
         self.metrics.requests.inc(status=status)
-        yield responses.sse_event("[DONE]")
+        yield b"".join([*end, responses.sse_event("[DONE]")])
 
     async def whole(self) -> JSONResponse:
         text, finish = [], None

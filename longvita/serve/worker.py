@@ -58,6 +58,10 @@ class Event:
     cached_tokens: int = 0
     """At the end: prompt tokens taken from the prefix cache (`usage.prompt_tokens_details`)."""
 
+    def merged(self, following: Event) -> Event:
+        """This text event and the text event after it, as one."""
+        return Event(text=self.text + following.text, tokens=self.tokens + following.tokens)
+
 
 class Job:
     """One request's handle: events arrive on `events` (an asyncio queue of the handler's
