@@ -1,12 +1,13 @@
 """The serving benchmark's clients: closed-loop streaming clients in a process of their own.
 
-Each of N clients sends its requests back to back, all clients at once, every request a greedy
-stream of exactly `max_tokens` tokens (vLLM's `ignore_eos`) with its usage chunk; per request
-the time to first token (sending to the first chunk with text), tokens, start and end; per
-level the aggregate tokens/s and TTFT percentiles (`summarize`). The clients run in their own
-process (`ClientProcess`), as real clients do: their HTTP and SSE parsing take that process's
-GIL, not the server's. Two load generators: `sse_client.ChatConnection` ("raw", the default:
-it costs the shared cores little) and openai's `AsyncOpenAI` ("openai").
+Each of N clients sends its requests back to back, all clients at once (or from staggered start
+times), every request a greedy stream of exactly `max_tokens` tokens (vLLM's `ignore_eos`) with
+its usage chunk; per request the time to first token (sending to the first chunk with text),
+tokens, start and end; per level the aggregate tokens/s and TTFT percentiles (`summarize`). The
+clients run in their own process (`ClientProcess`), as real clients do: their HTTP and SSE
+parsing take that process's GIL, not the server's. Two load generators:
+`sse_client.ChatConnection` ("raw", the default: it costs the shared cores little) and openai's
+`AsyncOpenAI` ("openai").
 """
 
 from __future__ import annotations
@@ -66,13 +67,23 @@ async def raw_request(connection: ChatConnection, body: dict) -> dict:
     return record(start, result.first_content, result.usage)
 
 
-async def run_clients(url: str, model_id: str, work: list[list], max_tokens: int, kind: str):
-    """Every client sends its requests back to back, all clients at once; `kind`: "raw" (a
-    connection each, `sse_client`) or "openai" (one `AsyncOpenAI` for all)."""
+async def run_clients(
+    url: str,
+    model_id: str,
+    work: list[list],
+    max_tokens: int,
+    kind: str,
+    start_offsets: list[float] | None = None,
+):
+    """Every client sends its requests back to back, all clients at once, or client i from
+    `start_offsets[i]` seconds after the start; `kind`: "raw" (a connection each,
+    `sse_client`) or "openai" (one `AsyncOpenAI` for all)."""
     shared = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600)
+    offsets = start_offsets or [0.0] * len(work)
 
-    async def closed_loop(requests: list) -> list[dict]:
+    async def closed_loop(requests: list, offset: float) -> list[dict]:
         bodies = [request_body(model_id, messages, max_tokens) for messages in requests]
+        await asyncio.sleep(offset)
         if kind == "openai":
             return [await openai_request(shared, body) for body in bodies]
         connection = ChatConnection(url)
@@ -82,7 +93,7 @@ async def run_clients(url: str, model_id: str, work: list[list], max_tokens: int
             await connection.close()
 
     started = time.perf_counter()
-    per_client = await asyncio.gather(*(closed_loop(requests) for requests in work))
+    per_client = await asyncio.gather(*map(closed_loop, work, offsets))
     wall = time.perf_counter() - started
     await shared.close()
     records = [r for client_records in per_client for r in client_records]
@@ -92,11 +103,13 @@ async def run_clients(url: str, model_id: str, work: list[list], max_tokens: int
     return summarize(records, wall)
 
 
-def clients_level(url: str, model_id: str, work: list[list], max_tokens: int, kind: str) -> dict:
+def clients_level(
+    url: str, model_id: str, work: list[list], max_tokens: int, kind: str, start_offsets=None
+) -> dict:
     """One level's clients to the end (what the client process runs), with the CPU seconds
     that process spent on them."""
     cpu_before = time.process_time()
-    result = asyncio.run(run_clients(url, model_id, work, max_tokens, kind))
+    result = asyncio.run(run_clients(url, model_id, work, max_tokens, kind, start_offsets))
     result["client_process_cpu_s"] = round(time.process_time() - cpu_before, 2)
     return result
 
@@ -116,8 +129,19 @@ class ClientProcess:
     def __exit__(self, *exc) -> None:
         self.pool.shutdown()
 
-    def run(self, url: str, model_id: str, work: list[list], max_tokens: int) -> dict:
-        job = self.pool.submit(clients_level, url, model_id, work, max_tokens, self.kind)
+    def run(
+        self,
+        url: str,
+        model_id: str,
+        work: list[list],
+        max_tokens: int,
+        start_offsets: list[float] | None = None,
+    ) -> dict:
+        """`work`'s requests to the end (`run_clients`); start_offsets: when each client starts,
+        in seconds after the first (None: all at once)."""
+        job = self.pool.submit(
+            clients_level, url, model_id, work, max_tokens, self.kind, start_offsets
+        )
         return job.result()
 
 
