@@ -1,6 +1,6 @@
 """What the benchmark scripts share: the process memory probe, workers in fresh processes, the
 least-squares line through measured peaks, the median time of repeated calls, and the
-text-only model config.
+text-only model config with its flags.
 
 Imported by the scripts in this folder (run as `python benchmarks/NAME.py`, so this folder is on
 sys.path); not part of the library.
@@ -21,6 +21,9 @@ import torch
 
 from longvita.config import LongVITAConfig, VisionConfig
 
+LONG_CONTEXT_MODEL = {  # flag -> default: the model of issue 5 (long_context.py and others)
+    "hidden": 1024, "intermediate": 2816, "layers": 8, "heads": 16, "kv_heads": 4, "vocab": 152064,
+}  # fmt: skip
 STUB_VISION = {  # text-only prompts never run the ViT: keep it as small as a ViT can be
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -57,17 +60,23 @@ def peak_since(base_bytes: int, device: str = "cpu") -> int:
     return torch.accelerator.max_memory_allocated() - base_bytes
 
 
-def run_in_fresh_process(script: str, options: dict, label: str) -> dict:
+def run_in_fresh_process(
+    script: str, options: dict, label: str, *, fixed_mmap_threshold: bool = True
+) -> dict:
     """Run `script --worker --KEY VALUE...` (options' keys with "_" as "-") in a fresh process;
     its JSON result (stdout) plus "process_seconds". A failed worker's stderr tail is printed and
-    raised as a RuntimeError naming `label`."""
+    raised as a RuntimeError naming `label`. fixed_mmap_threshold: for memory peaks (below);
+    False for speed, as the threshold makes every large temporary a fresh mapping, page
+    faults included, which a process with glibc's default (adaptive) threshold reuses."""
     cmd = [sys.executable, os.path.abspath(script), "--worker"]
     for key, value in options.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     print(f"running {label}", file=sys.stderr, flush=True)
     # Without a fixed mmap threshold glibc keeps freed multi-MB blocks in its heap, and the
     # high-water mark reports the heap's history instead of the live peak.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    env = dict(os.environ)
+    if fixed_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
@@ -119,6 +128,13 @@ def fit_line(points: dict[int, int]) -> tuple[float, float]:
     var = sum((x - mean_x) ** 2 for x in xs)
     slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var
     return mean_y - slope * mean_x, slope
+
+
+def add_model_flags(parser: argparse.ArgumentParser, sizes: dict[str, int]) -> None:
+    """--hidden, --intermediate, --layers, --heads, --kv-heads, --vocab with `sizes`' defaults
+    (what `text_model_config` reads)."""
+    for name, default in sizes.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
 
 
 def text_model_config(args: argparse.Namespace) -> LongVITAConfig:

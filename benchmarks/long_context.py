@@ -56,7 +56,15 @@ import time
 from pathlib import Path
 
 import torch
-from common import fit_line, peak_since, reset_peak, run_in_fresh_process, text_model_config
+from common import (
+    LONG_CONTEXT_MODEL,
+    add_model_flags,
+    fit_line,
+    peak_since,
+    reset_peak,
+    run_in_fresh_process,
+    text_model_config,
+)
 
 from longvita.infer.plan import free_memory_bytes
 
@@ -68,9 +76,6 @@ SHARED_FIELDS = (  # Qwen2Config fields that take our config's values
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
 )  # fmt: skip
-MODEL_SIZES = {  # flag -> default (the model of issue 5)
-    "hidden": 1024, "intermediate": 2816, "layers": 8, "heads": 16, "kv_heads": 4, "vocab": 152064,
-}  # fmt: skip
 
 
 # -- model and memory -----------------------------------------------------------------------
@@ -509,8 +514,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--budget-gib", type=float, default=8.0)
     parser.add_argument("--cp", type=int, nargs="*", default=[1, 2], help="empty: skip CP")
     parser.add_argument("--cp-len", type=int, default=32768)
-    for name, default in MODEL_SIZES.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    add_model_flags(parser, LONG_CONTEXT_MODEL)
     parser.add_argument("--prefill-chunk", type=int, default=4096, help="ours (engine default)")
     parser.add_argument("--threads", type=int, default=2, help="cores, shared by the CP ranks")
     parser.add_argument("--device", default="cpu", help="cpu (default) or an accelerator: cuda")

@@ -39,15 +39,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import text_model_config
+from common import LONG_CONTEXT_MODEL, add_model_flags, text_model_config
 
 FIRST = "<video>\nWhat happens in this video?"
 SECOND = "<video>\nWhat colour is the bar at the end?"
 MAX_NEW_TOKENS = 8
 VIDEO_SIZE = (640, 360)
-MODEL_SIZES = {  # flag -> default: long_context.py's model
-    "hidden": 1024, "intermediate": 2816, "layers": 8, "heads": 16, "kv_heads": 4, "vocab": 152064,
-}  # fmt: skip
 
 
 # -- one question, timed ---------------------------------------------------------------------
@@ -193,8 +190,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--cp", type=int, nargs="*", default=[1, 2], help="empty: cp 1 only")
-    for name, default in MODEL_SIZES.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    add_model_flags(parser, LONG_CONTEXT_MODEL)
     parser.add_argument("--threads", type=int, default=2, help="cores, shared by the CP ranks")
     parser.add_argument("--device", default="cpu", help="cpu (default) or an accelerator: cuda")
     parser.add_argument("--checkpoint", help="reuse this checkpoint instead of writing one")

@@ -57,6 +57,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from common import (
+    add_model_flags,
     fit_line,
     peak_since,
     reset_peak,
@@ -559,8 +560,7 @@ def run_all(args: argparse.Namespace) -> dict:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for name, default in MODEL_SIZES.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    add_model_flags(parser, MODEL_SIZES)
     parser.add_argument(
         "--ours-lengths",
         type=int,
