@@ -9,7 +9,8 @@ here, never in the model: PyTorch's fused flash kernel on CPU, its memory-effici
 CUDA, explicit fp32 math anywhere (the kernels themselves are in `attention_kernels`; the
 fp32 definition that tests compare against is `longvita.testing.reference_attention`). K/V
 heads are shared by groups of query heads and never repeated, except inside the CUDA kernel
-call, which needs equal head counts. Knows nothing of caches, layers or distributed state.
+call over a causal or masked block (chunk-sized), as that kernel needs equal head counts.
+Knows nothing of caches, layers or distributed state.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from longvita.ops.attention_kernels import KERNELS, causal_mask
+from longvita.ops.attention_kernels import (
+    KERNELS,
+    causal_mask,
+    fold_query_groups,
+    unfold_query_groups,
+)
 from longvita.ops.sequence import check_cu_seqlens
 
 
@@ -64,13 +70,11 @@ def attention(
 
 def _grouped_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale) -> torch.Tensor:
     """Unmasked attention with K/V heads shared by groups of query heads, as plain multi-head
-    attention over the K/V heads: query head h reads K/V head h // group, so the group's heads
-    become extra query rows [b, hkv, group * q_len, d] (rows are independent without a mask)."""
-    batch, num_q_heads, q_len, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    folded = q.reshape(batch, num_kv_heads, (num_q_heads // num_kv_heads) * q_len, head_dim)
+    attention over the K/V heads (`fold_query_groups`: the group's heads become extra query
+    rows [b, hkv, group * q_len, d])."""
+    folded = fold_query_groups(q, k.shape[1])
     out = F.scaled_dot_product_attention(folded, k, v, scale=scale)  # [b, hkv, g * q_len, d]
-    return out.reshape(batch, num_q_heads, q_len, head_dim)
+    return unfold_query_groups(out, q.shape[1])
 
 
 # --- attention with log-sum-exp: the building block of packed and ring attention ---------------

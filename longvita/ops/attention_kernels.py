@@ -27,6 +27,20 @@ def causal_mask(q_len: int, kv_len: int, q_offset: int, device: torch.device) ->
     return k_pos <= q_pos
 
 
+def fold_query_groups(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Queries [b, hq, sq, d] (or their lse [b, hq, sq]) -> [b, hkv, group * sq, ...]: the query
+    heads that share a K/V head (query head h reads K/V head h // group) as extra query rows of
+    that head. Only where every query sees every key (no mask, not causal): rows are
+    independent there, and a kernel that needs equal head counts then runs without repeating
+    K/V."""
+    return x.reshape(x.shape[0], num_kv_heads, -1, *x.shape[3:])
+
+
+def unfold_query_groups(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+    """The inverse of `fold_query_groups`: [b, hkv, group * sq, ...] -> [b, hq, sq, ...]."""
+    return x.reshape(x.shape[0], num_q_heads, -1, *x.shape[3:])
+
+
 def _math_scores(q, k, visible, causal, scale):
     """fp32 scores [batch, kv_heads, group, q_len, kv_len], -inf where not visible."""
     batch, num_q_heads, q_len, head_dim = q.shape
@@ -111,11 +125,37 @@ def _cuda_mask_type(visible, causal) -> int:
     return 1 if causal and visible is None else 0  # 1 = causal from the top-left corner
 
 
+def _repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
+    """K or V [b, hkv, sk, d] -> [b, hkv * group, sk, d] (as given when group is 1: no copy)."""
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def _sum_groups(grad: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """The gradient of a repeated K or V [b, hq, sk, d] -> [b, hkv, sk, d]."""
+    if grad.shape[1] == num_kv_heads:
+        return grad
+    return grad.unflatten(1, (num_kv_heads, grad.shape[1] // num_kv_heads)).sum(2)
+
+
+def _every_key_seen(visible, causal, group: int) -> bool:
+    """Grouped heads over a block that every query sees whole (a block of the KV cache, another
+    rank's keys): the query groups fold into rows, K/V stay as they are."""
+    return visible is None and not causal and group > 1
+
+
 def cuda_efficient_forward(q, k, v, visible, causal, scale):
-    """PyTorch's memory-efficient CUDA kernel. It needs as many K/V heads as query heads, so
-    K/V are repeated here, for the compute only (never stored or sent repeated)."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [b, hq, sk, d]
+    """PyTorch's memory-efficient CUDA kernel. It needs as many K/V heads as query heads: over a
+    block every query sees whole, the query heads of a group become rows of their K/V head
+    (`fold_query_groups`); over a causal or masked block (chunk-sized), K/V are repeated for
+    the compute only (never stored or sent repeated)."""
+    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
+    group = num_q_heads // num_kv_heads
+    if _every_key_seen(visible, causal, group):
+        out, lse = cuda_efficient_forward(
+            fold_query_groups(q, num_kv_heads), k, v, None, False, scale
+        )
+        return unfold_query_groups(out, num_q_heads), unfold_query_groups(lse, num_q_heads)
+    k, v = _repeat_kv(k, group), _repeat_kv(v, group)  # [b, hq, sk, d]
     bias = None if visible is None else _cuda_bias(visible, q)
     out, lse, *_ = torch.ops.aten._efficient_attention_forward(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [b, s, h, d]
@@ -126,9 +166,17 @@ def cuda_efficient_forward(q, k, v, visible, causal, scale):
 
 
 def cuda_efficient_backward(grad_out, q, k, v, out, lse, visible, causal, scale):
-    num_kv_heads, q_len, kv_len = k.shape[1], q.shape[2], k.shape[2]
-    group = q.shape[1] // num_kv_heads
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [b, hq, sk, d]
+    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
+    group = num_q_heads // num_kv_heads
+    if _every_key_seen(visible, causal, group):
+        folded = (fold_query_groups(t, num_kv_heads) for t in (grad_out, q, out, lse))
+        grad_out, q, out, lse = folded
+        grad_q, grad_k, grad_v = cuda_efficient_backward(
+            grad_out, q, k, v, out, lse, None, False, scale
+        )
+        return unfold_query_groups(grad_q, num_q_heads), grad_k, grad_v
+    q_len, kv_len = q.shape[2], k.shape[2]
+    k, v = _repeat_kv(k, group), _repeat_kv(v, group)  # [b, hq, sk, d]
     bias = None if visible is None else _cuda_bias(visible, q)
     lse_pad = -(-q_len // _CUDA_LSE_ALIGN) * _CUDA_LSE_ALIGN - q_len
     lse = F.pad(lse, (0, lse_pad), value=float("inf")).contiguous()  # [b, hq, sq padded]
@@ -138,9 +186,8 @@ def cuda_efficient_backward(grad_out, q, k, v, out, lse, visible, causal, scale)
         bshd[0], bshd[1], bshd[2], bshd[3], bias, bshd[4], None, None, q_len, kv_len, lse,
         0.0, unused_rng, unused_rng, _cuda_mask_type(visible, causal), False, scale=scale,
     )  # fmt: skip
-    grad_k = grad_k.transpose(1, 2).unflatten(1, (num_kv_heads, group)).sum(2)  # [b, hkv, sk, d]
-    grad_v = grad_v.transpose(1, 2).unflatten(1, (num_kv_heads, group)).sum(2)
-    return grad_q.transpose(1, 2), grad_k, grad_v
+    grad_k, grad_v = (_sum_groups(g.transpose(1, 2), num_kv_heads) for g in (grad_k, grad_v))
+    return grad_q.transpose(1, 2), grad_k, grad_v  # grads of K/V: [b, hkv, sk, d]
 
 
 KERNELS = {

@@ -19,7 +19,7 @@ import torch
 
 import longvita
 from longvita.data.packed import PackedSequence
-from longvita.ops.attention import attention
+from longvita.ops.attention import attention, block_attention
 from longvita.ops.loss import IGNORE_INDEX, shift_labels
 from longvita.parallel.context_parallel import sequence_loss
 from longvita.parallel.state import ParallelState
@@ -152,6 +152,32 @@ def test_decode_over_a_long_cache_never_repeats_kv_heads(dtype):
     expected = scores.softmax(-1) @ v.float().repeat_interleave(5, 1)
     tol = {"atol": 2e-3, "rtol": 2e-3} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
     torch.testing.assert_close(out.float(), expected, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_prefill_chunk_over_a_cache_block_never_repeats_kv_heads(dtype):
+    """A 1,024-token chunk of 40 query heads over 64K cached tokens of 8 K/V heads (what
+    `KVCache.attend_cached_` runs for every chunk after the first): the CUDA kernel may not
+    repeat the block's K/V (5x its size); the query groups fold into rows instead."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    k, v = (torch.randn(1, 8, 65_536, 128, device="cuda", dtype=dtype, generator=gen)
+            for _ in range(2))  # fmt: skip
+    q = torch.randn(1, 40, 1024, 128, device="cuda", dtype=dtype, generator=gen)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out, lse = block_attention(q, k, v, causal=False)
+    torch.cuda.synchronize()
+    added = torch.cuda.max_memory_allocated() - before
+    block = k.numel() * k.element_size()
+    assert added < 3 * block, added  # repeated K and V would add 10 blocks; out is 0.16 of one
+    rows = slice(0, 64)  # the fp32 reference for a slice of the queries
+    scores = q[:, :, rows].float() @ k.float().repeat_interleave(5, 1).transpose(-1, -2)
+    scores = scores / 128**0.5
+    expected = scores.softmax(-1) @ v.float().repeat_interleave(5, 1)
+    tol = {"atol": 2e-3, "rtol": 2e-3} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+    torch.testing.assert_close(out[:, :, rows].float(), expected, **tol)
+    torch.testing.assert_close(lse[:, :, rows], scores.logsumexp(-1), **tol)
 
 
 def _packed_sequence(config) -> PackedSequence:

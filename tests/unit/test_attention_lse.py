@@ -21,6 +21,12 @@ from longvita.ops.attention import (
     packed_attention_fn,
     packed_causal_attention,
 )
+from longvita.ops.attention_kernels import (
+    fold_query_groups,
+    math_backward,
+    math_forward,
+    unfold_query_groups,
+)
 from longvita.testing import LargestOutput, reference_attention, segment_ids
 
 CPU_BACKENDS = ["math", "cpu_flash"]
@@ -275,6 +281,35 @@ def test_bad_inputs_raise_value_error():
         packed_causal_attention(q, k, v, [0, 3, 7])
     with pytest.raises(ValueError, match="non-decreasing"):
         packed_causal_attention(q, k, v, [0, 5, 3, 8])
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 2), (6, 2), (4, 1)])
+def test_query_groups_folded_into_rows_give_the_same_attention_and_gradients(
+    num_q_heads, num_kv_heads
+):
+    """Over a block every query sees whole, the query heads of a group as extra rows of their
+    K/V head (what the CUDA kernel runs there instead of repeating K/V) give the same output,
+    log-sum-exp and gradients."""
+    q, k, v = _qkv(5, 11, num_q_heads, num_kv_heads)
+    scale = HEAD_DIM**-0.5
+
+    def fold(x):
+        return fold_query_groups(x, num_kv_heads)
+
+    def unfold(x):
+        return unfold_query_groups(x, num_q_heads)
+
+    assert fold(q).shape == (2, num_kv_heads, 5 * num_q_heads // num_kv_heads, HEAD_DIM)
+    out, lse = math_forward(q, k, v, None, False, scale)
+    folded_out, folded_lse = math_forward(fold(q), k, v, None, False, scale)
+    torch.testing.assert_close(unfold(folded_out), out)
+    torch.testing.assert_close(unfold(folded_lse), lse)
+    grad_out = torch.randn_like(q)
+    grads = math_backward(grad_out, q, k, v, out, lse, None, False, scale)
+    folded = math_backward(fold(grad_out), fold(q), k, v, fold(out), fold(lse), None, False, scale)
+    torch.testing.assert_close(unfold(folded[0]), grads[0])
+    torch.testing.assert_close(folded[1], grads[1])
+    torch.testing.assert_close(folded[2], grads[2])
 
 
 @pytest.mark.gpu
