@@ -8,8 +8,10 @@ each segment of the row attends to its own cache only (`PackedCaches`), so seque
 lengths share the linear layers' work without padding and without seeing each other. Once its
 prompt is read, a sequence's cache moves into a slot of the engine's `DecodePool` when it fits
 (`infer.decode_pool`), and the decode tokens of the pooled sequences attend in one call per
-layer. A sequence joins between steps, leaves when finished, cancelled or past its deadline,
-and a long prompt is prefilled a chunk per step while the others keep getting tokens.
+layer. The tiles that the step's prompt chunks need go through the ViT together, whichever
+prompts they belong to. A sequence joins between steps, leaves when finished, cancelled or past
+its deadline, and a long prompt is prefilled a chunk per step while the others keep getting
+tokens.
 
 Per-sequence decisions (sampling with its own seed, stop tokens, stop sequences through its
 `Detokenizer`, the length limit) are `decode.Continuation`'s, as in the one-sequence loop, so a
@@ -236,29 +238,77 @@ class BatchEngine:
 
     @torch.inference_mode()
     def _with_inputs(self, segments: list[Segment]) -> list[Segment]:
-        """Each segment's token ids, visual mask and visual features; a sequence whose media
-        fail to decode (a corrupt frame) ends with the error, alone, and the offsets of the
-        others close up."""
+        """Each segment's token ids, visual mask and visual features (the new tiles of every
+        prompt chunk in one ViT call, `_encode_tiles`); a sequence whose media fail to decode
+        (a corrupt frame) ends with the error, alone, and the offsets of the others close up."""
+        encoded, failed = self._encode_tiles(segments)
         kept, offset = [], 0
         for segment in segments:
+            sequence = segment.sequence
+            if id(sequence) in failed:
+                continue
             try:
-                self._inputs(segment)
+                self._inputs(segment, encoded.get(id(sequence)))
             except Exception as err:  # noqa: BLE001 - that request fails, not the step
-                self._end(segment.sequence, "error", err)
+                self._end(sequence, "error", err)
                 continue
             segment.offset = offset
             offset += segment.length
             kept.append(segment)
         return kept
 
-    def _inputs(self, segment: Segment) -> None:
+    def _encode_tiles(self, segments: list[Segment]) -> tuple[dict, set[int]]:
+        """The tiles the step's prompt chunks need, through the ViT together when two or more
+        prompts have some (one prompt encodes its own, as alone): ({id(sequence): {tile id:
+        features}}, ids of the sequences ended here because their media failed to load). The
+        ViT runs on at most the smallest `vision_batch` of those prompts at a time."""
+        pending = []  # (sequence, its stream, the tile ids it needs)
+        for segment in segments:
+            sequence, stream = segment.sequence, segment.sequence.runner.stream
+            if not sequence.prefilling or stream is None or not stream.encodes_pixels:
+                continue
+            if tile_ids := stream.tiles_to_encode(segment.positions):
+                pending.append((sequence, stream, tile_ids))
+        if len(pending) < 2:
+            return {}, set()
+        loaded, failed = [], set()
+        for sequence, stream, tile_ids in pending:
+            try:
+                loaded.append((sequence, tile_ids, stream.tiles.get(tile_ids)))
+            except Exception as err:  # noqa: BLE001 - that request fails, not the step
+                self._end(sequence, "error", err)
+                failed.add(id(sequence))
+        if not loaded:
+            return {}, failed
+        pixels = torch.cat([tiles for _, _, tiles in loaded]).to(self.device)  # [n, 3, S, S]
+        batch = min(stream.vision_batch for _, stream, _ in pending)
+        try:
+            features = torch.cat(
+                [
+                    self.model.model.encode_tiles(pixels[start : start + batch])
+                    for start in range(0, len(pixels), batch)
+                ]
+            )  # [n, tokens_per_tile, hidden]
+        except Exception as err:  # noqa: BLE001 - those requests fail, not the step
+            for sequence, _, _ in loaded:
+                self._end(sequence, "error", err)
+                failed.add(id(sequence))
+            return {}, failed
+        encoded, start = {}, 0
+        for sequence, tile_ids, _ in loaded:
+            stop = start + len(tile_ids)
+            encoded[id(sequence)] = dict(zip(tile_ids, features[start:stop], strict=True))
+            start = stop
+        return encoded, failed
+
+    def _inputs(self, segment: Segment, encoded: dict | None) -> None:
         sequence, runner = segment.sequence, segment.sequence.runner
         if not sequence.prefilling:
             segment.input_ids = torch.tensor([sequence.next_token])
             return
         segment.input_ids = runner.input_ids[segment.positions]
         if runner.stream is not None:
-            segment.features = runner.stream.features(segment.positions)
+            segment.features = runner.stream.features(segment.positions, encoded)
             if segment.features is not None:
                 segment.visual_mask = runner.visual_mask[segment.positions]
 

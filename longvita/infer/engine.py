@@ -78,8 +78,11 @@ class VisualFeatureStream:
         tokens_per_tile: int,
         vision_batch: int,
         device: torch.device,
+        encodes_pixels: bool = True,
     ) -> None:
         self.encode = encode  # [n, 3, S, S] pixels -> [n, tokens_per_tile, hidden]
+        self.encodes_pixels = encodes_pixels
+        """Whether `encode` is the model's ViT on pixels (False: tiles already encoded)."""
         self.tiles = tiles
         self.slots = SlotIndex(visual_mask.cpu(), tokens_per_tile)
         self.tokens_per_tile = tokens_per_tile
@@ -88,14 +91,29 @@ class VisualFeatureStream:
         self.num_encoded_tiles = 0
         self._kept: dict[int, torch.Tensor] = {}  # tile id -> [tokens_per_tile, hidden]
 
-    def features(self, positions: torch.Tensor) -> torch.Tensor | None:
-        """[num_visual_slots_at_positions, hidden] in the order of `positions`; None if none."""
+    def tiles_to_encode(self, positions: torch.Tensor) -> list[int]:
+        """The tiles `features(positions)` would encode: those at `positions` not kept from the
+        call before (a caller may encode them with other prompts' tiles and pass them in)."""
+        tile_ids, _ = self.slots.tiles_at(positions.cpu())
+        return [t for t in tile_ids.tolist() if t not in self._kept]
+
+    def features(
+        self, positions: torch.Tensor, encoded: dict[int, torch.Tensor] | None = None
+    ) -> torch.Tensor | None:
+        """[num_visual_slots_at_positions, hidden] in the order of `positions`; None if none.
+        encoded: the features of `tiles_to_encode(positions)`, {tile id: [tokens_per_tile,
+        hidden]}, encoded by the caller; None: encoded here."""
         positions = positions.cpu()
         tile_ids, feature_index = self.slots.tiles_at(positions)  # [T], [num_slots]
         if len(tile_ids) == 0:
             return None
         ids = tile_ids.tolist()
-        fresh = self._encode([t for t in ids if t not in self._kept])
+        missing = [t for t in ids if t not in self._kept]
+        if encoded is None:
+            fresh = self._encode(missing)
+        else:
+            fresh = {t: encoded[t] for t in missing}
+            self.num_encoded_tiles += len(missing)
         rows = torch.stack([self._kept[t] if t in self._kept else fresh[t] for t in ids])
         rows = rows.reshape(-1, rows.shape[-1])  # [T * tokens_per_tile, hidden]
         out = rows.index_select(0, feature_index.to(rows.device))  # [num_slots, hidden]
@@ -157,6 +175,7 @@ def feature_stream(
         tokens_per_tile=model.config.vision.tokens_per_tile,
         vision_batch=vision_batch,
         device=model.lm_head.weight.device,
+        encodes_pixels=not encoded,
     )
 
 

@@ -170,7 +170,7 @@ def test_media_failing_mid_prompt_ends_that_sequence_only(pipe, media):
         broken,
     )
 
-    def corrupt(positions):
+    def corrupt(positions, encoded=None):
         raise OSError("frame 3 is corrupt")
 
     bad.runner.stream.features = corrupt
@@ -179,6 +179,70 @@ def test_media_failing_mid_prompt_ends_that_sequence_only(pipe, media):
         engine.step()
     assert broken.reason == "error: frame 3 is corrupt" and not broken.token_ids
     assert healthy.reason == "length" and len(healthy.token_ids) == 6
+
+
+def image_requests(media) -> list[GenerationRequest]:
+    create = GenerationRequest.create
+    return [
+        create("<image>\nWhat is in this image?", [media["wide"]], max_new_tokens=5),
+        create("<image>\nDescribe it.", [media["image"]], max_new_tokens=4),
+        create("<image> and <image>?", [media["image"], media["wide"]], max_new_tokens=6),
+    ]
+
+
+def count_vit_calls(pipe, monkeypatch) -> list[int]:
+    """The number of tiles of each call of the model's ViT, from now on."""
+    calls = []
+    encode = pipe.model.model.encode_tiles
+    monkeypatch.setattr(
+        pipe.model.model, "encode_tiles", lambda pixels: calls.append(len(pixels)) or encode(pixels)
+    )
+    return calls
+
+
+def test_prompts_that_start_together_share_one_vit_call(pipe, media, monkeypatch):
+    """Three image prompts in one step: their tiles go through the ViT together, a full
+    `vision_batch` at a time, and each sequence gets the tokens it gets alone."""
+    batch = image_requests(media)
+    alone = [pipe.run(request) for request in batch]
+    prompts = [pipe.prepare(request)[0] for request in batch]
+    calls = count_vit_calls(pipe, monkeypatch)
+    engine = BatchEngine(pipe.model, max_batch=4)
+    clients = [Client() for _ in batch]
+    for request, client in zip(batch, clients, strict=True):
+        engine.add(sequence(pipe, request, client))
+    while not engine.idle:
+        engine.step()
+    tiles = sum(prompt.num_tiles for prompt in prompts)  # 30: more than one vision_batch
+    batch_size = batch[0].vision_batch
+    assert tiles > batch_size and sum(calls) == tiles  # each tile once
+    assert calls == [batch_size] * (tiles // batch_size) + [tiles % batch_size]  # full batches
+    for client, output in zip(clients, alone, strict=True):
+        assert client.token_ids == output.token_ids and client.reason == output.stop_reason
+
+
+def test_an_image_that_fails_to_load_in_a_shared_vit_call_ends_that_sequence_only(
+    pipe, media, monkeypatch
+):
+    batch = image_requests(media)
+    clients = [Client() for _ in batch]
+    added = [sequence(pipe, r, c) for r, c in zip(batch, clients, strict=True)]
+
+    def unreadable(tile_ids):
+        raise OSError("truncated PNG")
+
+    added[1].runner.stream.tiles.get = unreadable
+    calls = count_vit_calls(pipe, monkeypatch)
+    engine = BatchEngine(pipe.model, max_batch=4)
+    for added_sequence in added:
+        engine.add(added_sequence)
+    while not engine.idle:
+        engine.step()
+    assert clients[1].reason == "error: truncated PNG" and not clients[1].token_ids
+    assert [c.reason for c in (clients[0], clients[2])] == ["length", "length"]
+    tiles = sum(pipe.prepare(batch[i])[0].num_tiles for i in (0, 2))
+    size = batch[0].vision_batch
+    assert calls == [size] * (tiles // size) + [tiles % size]  # the other two still share
 
 
 @pytest.mark.parametrize("pool_tokens", [48, DEFAULT_POOL_TOKENS])
