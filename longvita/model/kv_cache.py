@@ -126,29 +126,40 @@ class KVCache:
             self.values[where] = v
         return end
 
+    takes_query_suffix = True
+    """q may hold only the last new token's queries, or none (`qwen2.SUFFIX_QUERIES`)."""
+
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int
     ) -> torch.Tensor:
         """Attention strategy: store k/v of the new tokens, attend over cache + new tokens.
 
-        q: [batch, heads, new, head_dim]; k, v: [batch, kv_heads, new, head_dim].
+        q: [batch, heads, rows, head_dim] for the new tokens' last `rows`: all of them, the
+        last only (a prompt's last chunk in the model's last layer) or none (the chunks before
+        it there: only k/v are stored); k, v: [batch, kv_heads, new, head_dim].
         """
+        rows, new = q.shape[-2], k.shape[-2]
+        if rows not in (new, 1, 0):
+            raise ValueError(f"q must hold all {new} new tokens, the last or none; got {rows}")
         cached = self.length
         end = self.write(layer_idx, k, v)
-        if self.keys.dtype == q.dtype and (cached == 0 or q.shape[-2] == 1):
-            # first chunk (causal) or one token (sees all): one kernel call over the cache
+        if rows == 0:
+            return q
+        if self.keys.dtype == q.dtype and (cached == 0 or rows == 1):
+            # first chunk (causal) or one query (sees all): one kernel call over the cache
             keys, values = self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
-            return attention(q, keys, values, causal=True, q_offset=cached)
+            return attention(q, keys, values, causal=True, q_offset=end - rows)
         if cached == 0:  # the first chunk, the cache in another dtype: over itself, as given
-            return attention(q, k, v, causal=True)
-        if q.shape[-2] == 1:  # a decode step over the cache in another dtype, itself included
+            return attention(q, k, v, causal=True, q_offset=new - rows)
+        if new == 1:  # a decode step over the cache in another dtype, itself included
             out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
             lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)
             self.attend_cached_(q, layer_idx, end, out, lse)
             return out.to(q.dtype)
-        out, lse = block_attention(q, k, v, causal=True)  # the chunk over itself
+        # the chunk over itself as given (its last query sees all of it), then over the cache
+        out, lse = block_attention(q, k, v, causal=rows == new)
         out, lse = out.float(), lse.float()  # the accumulator, merged in place block by block
-        self.attend_cached_(q, layer_idx, cached, out, lse)  # the chunk over the cache
+        self.attend_cached_(q, layer_idx, cached, out, lse)
         return out.to(q.dtype)
 
     def attend_cached_(

@@ -15,7 +15,7 @@ from torch import nn
 
 from longvita.config import LongVITAConfig
 from longvita.model.projector import VisionProjector
-from longvita.model.qwen2 import AttentionFn, Qwen2Model
+from longvita.model.qwen2 import SUFFIX_QUERIES, AttentionFn, Qwen2Model
 from longvita.model.vision import InternVisionModel
 from longvita.ops.embedding import embed
 from longvita.ops.linear import decode_linear
@@ -96,6 +96,17 @@ class LongVITAModel(Qwen2Model):
         return 0.0 * self.encode_tiles(zeros).sum().to(embeds.dtype)
 
 
+def rows_wanted(logit_positions: torch.Tensor | None, attention_fn) -> int | None:
+    """How many last rows a forward needs the hidden states of, when its attention strategy
+    can skip the others in the last layer (`qwen2.SUFFIX_QUERIES`): 1 for the last position
+    (`logit_positions` None), 0 for none (empty); None (every row) otherwise."""
+    if not getattr(attention_fn, SUFFIX_QUERIES, False):
+        return None
+    if logit_positions is None:
+        return 1
+    return 0 if logit_positions.numel() == 0 else None
+
+
 class LongVITAForCausalLM(nn.Module):
     """The full model. `forward` returns logits only at the positions asked for."""
 
@@ -129,7 +140,8 @@ class LongVITAForCausalLM(nn.Module):
         placeholders' content (see `LongVITAModel.embed_multimodal`). attention_fn: the attention
         strategy (a KVCache when generating). logit_positions: [num_positions] indices into seq;
         pass `torch.arange(seq)` to get every position (a [seq, vocab] tensor: only when
-        needed), an empty tensor for none (a prefill chunk that is not the last).
+        needed), an empty tensor for none (a prefill chunk that is not the last). With the last
+        position or none and a KV cache, the last layer skips the other rows (`rows_wanted`).
         """
         batch, seq = input_ids.shape
         if position_ids is None:
@@ -137,8 +149,11 @@ class LongVITAForCausalLM(nn.Module):
         embeds = self.model.embed_multimodal(
             input_ids, pixel_values, visual_mask, visual_features=visual_features
         )
-        hidden = self.model(embeds, position_ids, attention_fn=attention_fn)  # [b, seq, hidden]
-        return self.logits_at(hidden, logit_positions)
+        keep_last = rows_wanted(logit_positions, attention_fn)
+        hidden = self.model(embeds, position_ids, attention_fn=attention_fn, keep_last=keep_last)
+        if keep_last is not None:  # [b, keep_last, hidden]: the last row, or none
+            return self.lm_head(hidden)
+        return self.logits_at(hidden, logit_positions)  # hidden [b, seq, hidden]
 
     def loss(
         self,

@@ -36,6 +36,11 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Te
 [B, Hq, S, D]. Plain causal attention by default; packed samples (`ops.attention`), a KV cache
 (`model.kv_cache`), ring attention over context-parallel shards (`parallel`) are others. The
 model hands every layer's q/k/v (RoPE applied) to it and knows nothing else of the layout."""
+SUFFIX_QUERIES = "takes_query_suffix"
+"""An attention strategy with this attribute true also takes q of only the last row of the
+new tokens, or of none (q [B, Hq, 1 or 0, D], k and v of every new token): keys and values are
+stored for all, the rows given attend as they would among all (`Qwen2Model.forward`'s
+keep_last)."""
 
 
 def causal_attention(
@@ -86,17 +91,26 @@ class Qwen2Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attention_fn: AttentionFn = causal_attention,
+        keep_last: int | None = None,
     ) -> torch.Tensor:
-        """x [batch, seq, hidden], cos/sin [batch, seq, head_dim] -> [batch, seq, hidden]."""
+        """x [batch, seq, hidden], cos/sin [batch, seq, head_dim] -> [batch, seq, hidden].
+
+        keep_last: only the last `keep_last` rows' outputs are wanted (1 or 0; None: all): the
+        keys and values are computed for every row, the queries only for those rows, and
+        `attention_fn` takes such a suffix of queries (`SUFFIX_QUERIES`). Returns
+        [batch, keep_last, hidden] then."""
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        rows = seq if keep_last is None else keep_last
+        queries = x[:, seq - rows :]
+        q = self.q_proj(queries).view(batch, rows, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        # q: [batch, heads, seq, head_dim]; k, v: [batch, kv_heads, seq, head_dim]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attention_fn(q, k, v, self.layer_idx)  # [batch, heads, seq, head_dim]
-        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
-        return self.o_proj(out)  # [batch, seq, hidden]
+        # q: [batch, heads, rows, head_dim]; k, v: [batch, kv_heads, seq, head_dim]
+        q = apply_rope(q, cos[:, seq - rows :], sin[:, seq - rows :])
+        k = apply_rope(k, cos, sin)
+        out = attention_fn(q, k, v, self.layer_idx)  # [batch, heads, rows, head_dim]
+        out = out.transpose(1, 2).reshape(batch, rows, self.num_heads * self.head_dim)
+        return self.o_proj(out)  # [batch, rows, hidden]
 
 
 class Qwen2MLP(nn.Module):
@@ -126,7 +140,7 @@ class Qwen2MLP(nn.Module):
             block = rows[start : start + MLP_ROW_BLOCK]
             inner = F.silu(self.gate_proj(block), inplace=True).mul_(self.up_proj(block))
             out[start : start + MLP_ROW_BLOCK] = self.down_proj(inner)
-        return out.view(*x.shape[:-1], -1)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class Qwen2DecoderLayer(nn.Module):
@@ -145,9 +159,13 @@ class Qwen2DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attention_fn: AttentionFn = causal_attention,
+        keep_last: int | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention_fn)  # [b, seq, h]
-        return x + self.mlp(self.post_attention_layernorm(x))  # [batch, seq, hidden]
+        """[batch, seq, hidden] -> the same, or its last `keep_last` rows only (see
+        `Qwen2Attention.forward`)."""
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, attention_fn, keep_last)
+        x = x[:, x.shape[1] - attended.shape[1] :] + attended  # [b, rows, h]
+        return x + self.mlp(self.post_attention_layernorm(x))  # [batch, rows, hidden]
 
 
 class Qwen2Model(nn.Module):
@@ -167,6 +185,7 @@ class Qwen2Model(nn.Module):
         inputs_embeds: torch.Tensor,
         position_ids: torch.Tensor,
         attention_fn: AttentionFn | None = None,
+        keep_last: int | None = None,
     ) -> torch.Tensor:
         """Decode `inputs_embeds` [batch, seq, hidden] at absolute `position_ids` [batch, seq].
 
@@ -174,7 +193,14 @@ class Qwen2Model(nn.Module):
         `KVCache` the new tokens attend to the cached ones and are written into it (the caller
         advances the cache after the forward). Returns the final-norm hidden states
         [batch, seq, hidden].
+
+        keep_last (1 or 0, with an `attention_fn` that takes `SUFFIX_QUERIES`): only the last
+        `keep_last` rows are wanted (a prompt chunk's last token, or none); the last layer then
+        computes its keys and values for every row and nothing else for the others, 1 /
+        num_layers of the work. Returns [batch, keep_last, hidden].
         """
+        if keep_last is not None and not getattr(attention_fn, SUFFIX_QUERIES, False):
+            raise ValueError(f"keep_last needs an attention_fn with {SUFFIX_QUERIES}")
         attention_fn = attention_fn or causal_attention
         if position_ids.shape != inputs_embeds.shape[:2]:
             raise ValueError(
@@ -185,9 +211,10 @@ class Qwen2Model(nn.Module):
             position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype
         )  # [batch, seq, head_dim] each
         x = inputs_embeds
-        for layer in self.layers:
-            x = layer(x, cos, sin, attention_fn)  # [batch, seq, hidden]
-        return self.norm(x)  # [batch, seq, hidden]
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, attention_fn, keep_last if index == last else None)
+        return self.norm(x)  # [batch, seq or keep_last, hidden]
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
