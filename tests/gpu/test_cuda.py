@@ -133,25 +133,44 @@ def _ignore(reason, error) -> None:
     pass
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_over_a_long_cache_never_repeats_kv_heads(dtype):
-    """40 query heads on 8 K/V heads over 256K cached tokens (the 14B model's heads): a
-    repeated K/V would add 4x the cache; the step may add only a sliver."""
+def _grouped_qkv(q_len: int, kv_len: int, dtype: torch.dtype):
+    """q [1, 40, q_len, 128] and k, v [1, 8, kv_len, 128] on CUDA (the 14B model's heads)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
-    k, v = (torch.randn(1, 8, 262_144, 128, device="cuda", dtype=dtype, generator=gen)
-            for _ in range(2))  # fmt: skip
-    q = torch.randn(1, 40, 1, 128, device="cuda", dtype=dtype, generator=gen)
+
+    def randn(heads, length):
+        return torch.randn(1, heads, length, 128, device="cuda", dtype=dtype, generator=gen)
+
+    return randn(40, q_len), randn(8, kv_len), randn(8, kv_len)
+
+
+def _peak_added(call):
+    """call()'s result and the CUDA memory its peak held above what was allocated before."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    out = attention(q, k, v, causal=True, q_offset=k.shape[2] - 1)
+    result = call()
     torch.cuda.synchronize()
-    added = torch.cuda.max_memory_allocated() - before
+    return result, torch.cuda.max_memory_allocated() - before
+
+
+def _reference(q, k, v):
+    """fp32 attention of q over k, v with each K/V head read by 5 query heads: (out, lse)."""
+    scores = q.float() @ k.float().repeat_interleave(5, 1).transpose(-1, -2) / 128**0.5
+    return scores.softmax(-1) @ v.float().repeat_interleave(5, 1), scores.logsumexp(-1)
+
+
+def _tolerance(dtype: torch.dtype) -> dict:
+    return {"atol": 2e-3, "rtol": 2e-3} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_over_a_long_cache_never_repeats_kv_heads(dtype):
+    """40 query heads on 8 K/V heads over 256K cached tokens: a repeated K/V would add 4x the
+    cache; the step may add only a sliver."""
+    q, k, v = _grouped_qkv(1, 262_144, dtype)
+    out, added = _peak_added(lambda: attention(q, k, v, causal=True, q_offset=k.shape[2] - 1))
     assert added < 0.05 * k.numel() * k.element_size(), added
-    scores = (q.float() @ k.float().repeat_interleave(5, 1).transpose(-1, -2)) / 128**0.5
-    expected = scores.softmax(-1) @ v.float().repeat_interleave(5, 1)
-    tol = {"atol": 2e-3, "rtol": 2e-3} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
-    torch.testing.assert_close(out.float(), expected, **tol)
+    torch.testing.assert_close(out.float(), _reference(q, k, v)[0], **_tolerance(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -159,25 +178,14 @@ def test_a_prefill_chunk_over_a_cache_block_never_repeats_kv_heads(dtype):
     """A 1,024-token chunk of 40 query heads over 64K cached tokens of 8 K/V heads (what
     `KVCache.attend_cached_` runs for every chunk after the first): the CUDA kernel may not
     repeat the block's K/V (5x its size); the query groups fold into rows instead."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    k, v = (torch.randn(1, 8, 65_536, 128, device="cuda", dtype=dtype, generator=gen)
-            for _ in range(2))  # fmt: skip
-    q = torch.randn(1, 40, 1024, 128, device="cuda", dtype=dtype, generator=gen)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    out, lse = block_attention(q, k, v, causal=False)
-    torch.cuda.synchronize()
-    added = torch.cuda.max_memory_allocated() - before
+    q, k, v = _grouped_qkv(1024, 65_536, dtype)
+    (out, lse), added = _peak_added(lambda: block_attention(q, k, v, causal=False))
     block = k.numel() * k.element_size()
     assert added < 3 * block, added  # repeated K and V would add 10 blocks; out is 0.16 of one
     rows = slice(0, 64)  # the fp32 reference for a slice of the queries
-    scores = q[:, :, rows].float() @ k.float().repeat_interleave(5, 1).transpose(-1, -2)
-    scores = scores / 128**0.5
-    expected = scores.softmax(-1) @ v.float().repeat_interleave(5, 1)
-    tol = {"atol": 2e-3, "rtol": 2e-3} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
-    torch.testing.assert_close(out[:, :, rows].float(), expected, **tol)
-    torch.testing.assert_close(lse[:, :, rows], scores.logsumexp(-1), **tol)
+    expected_out, expected_lse = _reference(q[:, :, rows], k, v)
+    torch.testing.assert_close(out[:, :, rows].float(), expected_out, **_tolerance(dtype))
+    torch.testing.assert_close(lse[:, :, rows], expected_lse, **_tolerance(dtype))
 
 
 def _packed_sequence(config) -> PackedSequence:
