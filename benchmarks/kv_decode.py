@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 
 import torch
@@ -158,7 +157,6 @@ def main() -> None:
     }
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=2))
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

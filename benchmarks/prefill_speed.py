@@ -49,7 +49,7 @@ def measure_length(args: argparse.Namespace, checkpoint: str, length: int) -> di
             }
             label = f"{side} N={length} round {round_idx + 1}"
             result = run_in_fresh_process(WORKER, options, label, fixed_mmap_threshold=False)
-            runs[side].append({"prefill_seconds": result["prefill_seconds"], **result})
+            runs[side].append(result)
     rates = {
         side: statistics.median(length / run["prefill_seconds"] for run in runs[side])
         for side in SIDES
