@@ -24,14 +24,9 @@ forward, each decode step one single-token forward (median reported).
 - `--cp` sizes at `--cp-len` (`longvita.parallel.launch` + `generate_sharded` on token ids):
   time to first token, per-rank KV cache bytes and peak; `--threads` cores shared by the ranks.
 
-With `--cache-dtypes int8 bfloat16` only the KV cache dtype comparison runs (issue 14): ours
-with each of `--memory-dtypes` (int8) at the `--lengths` of at least one chunk, the baseline
-with its default cache and with its own 8-bit cache (transformers' `QuantizedCache(backend=
-"fp8")`, per-tensor float8 e4m3, built in: nothing to install) at the `--lengths` up to
-`--baseline-max-len`; the longest prompt within `--budget-gib` for each; then at
-`--accuracy-len` the greedy tokens of `--accuracy-steps` steps and their logits against ours
-with the model-dtype cache (max relative error, first differing step) and the decode rate of
-each, in fresh processes that alternate the dtypes.
+Its worker (`--worker`) also serves `kv_cache_dtype.py` and `prefill_speed.py`: hidden flags
+pick the KV cache dtype (`--kv-cache-dtype`: ours' `auto|bfloat16|int8`, the baseline's
+`auto|fp8`), the number of new tokens and a file for their logits (`--scores-out`).
 
 On an accelerator (`--device cuda --dtype bfloat16`) both sides run there and "peak" is the
 allocator's peak above what the loaded model holds (`torch.accelerator.max_memory_allocated`);
@@ -40,7 +35,6 @@ the CP runs need one device per rank.
     python benchmarks/long_context.py            # issue 5's numbers, ~17 min on 2 cores
     python benchmarks/long_context.py --quick    # small model and prompts, under a minute
     python benchmarks/long_context.py --device cuda --dtype bfloat16 --cp   # on a GPU
-    python benchmarks/long_context.py --cache-dtypes int8 bfloat16     # issue 14, ~20 min
 
 Prints one JSON object to stdout; progress goes to stderr.
 """
@@ -399,94 +393,6 @@ def cp_summary(runs: list[dict]) -> dict:
     return {"seq_len": runs[0]["seq_len"], "runs": rows}
 
 
-# -- the KV cache's dtype (issue 14) ---------------------------------------------------------
-
-
-def run_cache_dtypes(args: argparse.Namespace, checkpoint: str) -> dict:
-    """Memory lines and longest prompts per cache dtype, then accuracy and decode at
-    --accuracy-len (the --parts asked for); ours' float cache is "auto" (the model's dtype)."""
-    report: dict = {}
-    if "accuracy" in args.parts:
-        report["accuracy"] = cache_accuracy(args, checkpoint)
-    if "memory" not in args.parts:
-        return report
-    sides = [("ours", dtype) for dtype in args.memory_dtypes]
-    sides += [("baseline", "auto"), ("baseline", "fp8")]
-    peaks: dict[str, dict[int, int]] = {f"{path} {dtype}": {} for path, dtype in sides}
-    for seq_len in sorted(args.lengths):
-        for path, dtype in sides:
-            if path == "ours" and seq_len <= args.prefill_chunk:
-                continue  # ours' line: once a chunk reads the cache, only the cache grows
-            if path == "baseline" and seq_len > args.baseline_max_len:
-                continue
-            run = spawn(args, checkpoint, path, seq_len, kv_cache_dtype=dtype)
-            peaks[f"{path} {dtype}"][seq_len] = run["peak_bytes"]
-    budget = int(args.budget_gib * 2**30)
-    longest = {}
-    for side, points in peaks.items():
-        intercept, slope = fit_line(points)
-        longest[side] = {
-            "peaks_bytes": points,
-            "intercept_bytes": round(intercept),
-            "bytes_per_token": round(slope, 1),
-            "longest_tokens_extrapolated": int((budget - intercept) / slope),
-        }
-    ratios = {
-        f"{ours} / {base}": round(
-            longest[ours]["longest_tokens_extrapolated"]
-            / longest[base]["longest_tokens_extrapolated"],
-            2,
-        )
-        for ours in peaks
-        if ours.startswith("ours")
-        for base in peaks
-        if base.startswith("baseline")
-    }
-    return {**report, "budget_bytes": budget, "memory": longest, "longest_prompt_ratios": ratios}
-
-
-def cache_accuracy(args: argparse.Namespace, checkpoint: str) -> dict:
-    """Greedy tokens and logits of --accuracy-steps steps at --accuracy-len per cache dtype
-    against the model-dtype cache, and decode rates (--accuracy-repeats rounds, dtypes
-    alternating)."""
-    dtypes = ["auto", *[d for d in args.cache_dtypes if d != "auto"]]
-    runs: dict[str, list[dict]] = {dtype: [] for dtype in dtypes}
-    scores: dict[str, torch.Tensor] = {}
-    with tempfile.TemporaryDirectory(prefix="longvita-bench-scores-") as tmp:
-        for round_idx in range(args.accuracy_repeats):
-            for dtype in dtypes if round_idx % 2 == 0 else dtypes[::-1]:
-                out = Path(tmp, f"{dtype}.pt")
-                extra = {"kv_cache_dtype": dtype, "max_new_tokens": args.accuracy_steps}
-                runs[dtype].append(
-                    spawn(args, checkpoint, "ours", args.accuracy_len, **extra, scores_out=out)
-                )
-                scores.setdefault(dtype, torch.load(out))
-    reference, result = runs["auto"][0], {}
-    for dtype in dtypes:
-        tokens = runs[dtype][0]["tokens"]
-        differ = [a != b for a, b in zip(tokens, reference["tokens"], strict=True)]
-        first = differ.index(True) if any(differ) else None
-        steps = len(tokens) if first is None else first + 1  # the same context up to there
-        error = (scores[dtype][:steps] - scores["auto"][:steps]).abs().max()
-        decode = [statistics.median(r["decode_step_seconds"]) for r in runs[dtype]]
-        result[dtype] = {
-            "tokens_equal_to_auto": first is None,
-            "first_differing_step": first,
-            "max_relative_logit_error": float(error / scores["auto"][:steps].abs().max()),
-            "prefill_seconds": [r["prefill_seconds"] for r in runs[dtype]],
-            "decode_tokens_per_s": [round(1 / step, 3) for step in decode],
-            "median_decode_tokens_per_s": round(1 / statistics.median(decode), 3),
-            "peak_bytes": [r["peak_bytes"] for r in runs[dtype]],
-        }
-    for dtype in dtypes:
-        ratio = (
-            result[dtype]["median_decode_tokens_per_s"]
-            / result["auto"]["median_decode_tokens_per_s"]
-        )
-        result[dtype]["decode_ratio_vs_auto"] = round(ratio, 3)
-    return {"seq_len": args.accuracy_len, "steps": args.accuracy_steps, "dtypes": result}
-
-
 def targets(rows: dict[int, dict], budget: dict, args: argparse.Namespace) -> dict:
     """Issue 5's targets: each measured value, its ratio and whether it holds."""
     peak_row = rows[args.peak_len]
@@ -520,33 +426,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu (default) or an accelerator: cuda")
     parser.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     parser.add_argument("--checkpoint", help="reuse this checkpoint instead of writing one")
-    parser.add_argument(
-        "--cache-dtypes",
-        nargs="+",
-        default=None,
-        help="run only the KV cache dtype comparison, for these dtypes of ours (int8 ...)",
-    )
-    parser.add_argument(
-        "--memory-dtypes",
-        nargs="+",
-        default=["int8"],
-        help="--cache-dtypes: ours' cache dtypes whose memory line is measured (int8)",
-    )
-    parser.add_argument(
-        "--parts",
-        nargs="+",
-        choices=["memory", "accuracy"],
-        default=["memory", "accuracy"],
-        help="--cache-dtypes: which comparisons to run (both)",
-    )
-    parser.add_argument("--accuracy-len", type=int, default=32768, help="--cache-dtypes")
-    parser.add_argument("--accuracy-steps", type=int, default=32, help="--cache-dtypes")
-    parser.add_argument(
-        "--accuracy-repeats", type=int, default=1, help="--cache-dtypes: decode-rate rounds"
-    )
-    parser.add_argument(
-        "--baseline-max-len", type=int, default=16384, help="--cache-dtypes: longest baseline"
-    )
     parser.add_argument("--kv-cache-dtype", default="auto", help=argparse.SUPPRESS)
     parser.add_argument(
         "--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help=argparse.SUPPRESS
@@ -563,8 +442,7 @@ def parse_args() -> argparse.Namespace:
         args.peak_len = args.prefill_len = args.decode_len = args.cp_len = 1024
         args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads = 128, 352, 2, 4, 2
         args.vocab = 8192
-        args.accuracy_len, args.accuracy_steps, args.baseline_max_len = 1024, 8, 1024
-    if args.peak_len not in args.lengths and args.cache_dtypes is None:
+    if args.peak_len not in args.lengths and not args.worker:
         parser.error(f"--peak-len {args.peak_len} must be one of --lengths {args.lengths}")
     return args
 
@@ -607,16 +485,7 @@ def main() -> None:
         if checkpoint is None:
             print("writing the random checkpoint", file=sys.stderr, flush=True)
             checkpoint = str(make_tiny_checkpoint(tmp, config=text_model_config(args)))
-        if args.cache_dtypes is not None:
-            hidden = ("worker", "path", "seq_len", "cp_size", "kv_cache_dtype", "scores_out")
-            config = {k: v for k, v in vars(args).items() if k not in hidden}
-            report = {
-                "benchmark": "long_context --cache-dtypes",
-                "config": {**config, "torch": torch.__version__},
-                **run_cache_dtypes(args, checkpoint),
-            }
-        else:
-            report = run_all(args, checkpoint)
+        report = run_all(args, checkpoint)
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=2))
 
