@@ -123,13 +123,18 @@ def _orientation(opened: Image.Image) -> int:
 
 
 def image_size(
-    image: str | os.PathLike | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    image: str | os.PathLike | Image.Image,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    decode: bool = False,
 ) -> tuple[int, int]:
     """(width, height) of an image as `load_image` returns it (EXIF orientation applied), read
-    from the file header without decoding the pixels.
+    from the file header without decoding the pixels; with `decode`, after decoding them all
+    (once the size is checked), so a file whose header reads but whose data is truncated or
+    corrupt fails here (a server checks this before it answers).
 
     Raises PixelLimitError (a MediaError) when width * height > max_pixels, MediaError naming
-    the path when the file is missing or not an image.
+    the path when the file is missing or not an image (or, with `decode`, not decodable).
     """
     if isinstance(image, Image.Image):
         check_pixels("image (PIL)", *image.size, max_pixels)
@@ -139,6 +144,8 @@ def image_size(
         width, height = opened.size
         try:
             orientation = _orientation(opened)
+            if decode:
+                opened.load()
         except (OSError, SyntaxError) as e:
             raise MediaError(f"cannot read image {path!r}: {e}") from e
     return (height, width) if orientation >= 5 else (width, height)

@@ -1,13 +1,16 @@
 """The HTTP API of `longvita serve`: OpenAI's chat completions over the model worker.
 
-Routes: `POST /v1/chat/completions` (streamed as server-sent events or whole), `GET /v1/models`,
-`GET /health`, `GET /metrics` (Prometheus text) and `GET /` (the chat page). A request goes:
+Routes: `POST /v1/chat/completions` (streamed as server-sent events or whole), `GET /v1/models`
+and `GET /v1/models/{id}`, `GET /health`, `GET /metrics` (Prometheus text) and `GET /` (the chat
+page). A request goes:
 body read under a size limit -> `protocol.parse_chat_request` (400 on anything malformed) ->
 a slot reserved in the worker (503 with Retry-After when full) -> its media fetched under the
 `MediaPolicy` into a per-request directory and the prompt planned and checked by
 `Pipeline.prepare`, in a thread (4xx on bad media or a prompt too long) -> the worker -> tokens
 out as they come. A client that disconnects has its sequence cancelled at the next step.
-Every error is OpenAI's error JSON; after a stream has started, an error is sent as an event.
+Every error is OpenAI's error JSON (unknown routes, wrong methods and unexpected failures
+included); after a stream has started, an error is sent as an event. Messages name a media part
+by its place in the request (`messages[0].content[1]`), never by the file it was fetched to.
 Owns the HTTP side only: parsing and formatting are `protocol`'s, fetching `media`'s, running
 the model `worker`'s.
 """
@@ -27,6 +30,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from longvita.errors import MediaError, PromptError
 from longvita.infer.request import GenerationRequest
@@ -92,6 +96,22 @@ def create_app(pipeline, worker, settings: ServerSettings) -> FastAPI:
         headers = {"Retry-After": str(settings.retry_after_s)} if err.status == 503 else None
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
+    @app.exception_handler(HTTPException)
+    async def route_error(request: Request, err: HTTPException) -> JSONResponse:
+        """An unknown route (404) or method (405, with its Allow header) as OpenAI's JSON."""
+        metrics.requests.inc(status=err.status_code)
+        message = f"{request.method} {request.url.path}: {err.detail}"
+        body = ApiError(err.status_code, message).body()
+        return JSONResponse(body, status_code=err.status_code, headers=err.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception) -> JSONResponse:
+        """A failure of the server's own (a bug): logged with its traceback, answered 500."""
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=err)
+        metrics.requests.inc(status=500)
+        body = ApiError(500, f"internal server error: {type(err).__name__}").body()
+        return JSONResponse(body, status_code=500)
+
     @app.get("/", response_class=HTMLResponse)
     async def chat_page() -> HTMLResponse:
         return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"))
@@ -120,6 +140,18 @@ def create_app(pipeline, worker, settings: ServerSettings) -> FastAPI:
             settings.model_id, created=created, max_model_len=positions
         )
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> dict:
+        """OpenAI's model retrieval (`client.models.retrieve`): the served model's card."""
+        check_api_key(request, settings)
+        if model_id != settings.model_id:
+            raise unknown_model(model_id, settings)
+        positions = pipeline.config.max_position_embeddings
+        cards = responses.model_list_body(
+            settings.model_id, created=created, max_model_len=positions
+        )
+        return cards["data"][0]
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         arrived = time.monotonic()
@@ -130,20 +162,14 @@ def create_app(pipeline, worker, settings: ServerSettings) -> FastAPI:
             escape=settings.escape_control_tokens,
         )
         if chat.model is not None and chat.model != settings.model_id:
-            raise ApiError(
-                404,
-                f"model {protocol.shown(chat.model)} does not exist; this "
-                f"server serves {settings.model_id!r}",
-                param="model",
-                code="model_not_found",
-            )
+            raise unknown_model(chat.model, settings)
         try:
             worker.reserve()
         except ServerBusy as err:
             raise ApiError(503, str(err)) from None
         job = Job(asyncio.get_running_loop(), Path(tempfile.mkdtemp(prefix="longvita-request-")))
         try:
-            generation, prepared, prefix = await asyncio.to_thread(
+            generation, prepared, prefix, media_names = await asyncio.to_thread(
                 prepare, pipeline, chat, job.workdir, settings, max_prompt
             )
             metrics.prompt_tokens.inc(prepared[0].num_tokens)
@@ -153,6 +179,7 @@ def create_app(pipeline, worker, settings: ServerSettings) -> FastAPI:
             worker.release()
             shutil.rmtree(job.workdir, ignore_errors=True)
             raise
+        job.media_names = media_names
         answer = Answer(job, request, chat, prepared[0].num_tokens, arrived, metrics, settings)
         if chat.stream:
             return StreamingResponse(
@@ -163,6 +190,16 @@ def create_app(pipeline, worker, settings: ServerSettings) -> FastAPI:
         return await answer.whole()
 
     return app
+
+
+def unknown_model(model_id: object, settings: ServerSettings) -> ApiError:
+    return ApiError(
+        404,
+        f"model {protocol.shown(model_id)} does not exist; this server serves "
+        f"{settings.model_id!r}",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def check_api_key(request: Request, settings: ServerSettings) -> None:
@@ -197,16 +234,18 @@ async def read_body(request: Request, limit: int) -> bytes:
 def json_body(raw: bytes) -> object:
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # also: too deep, an int of > 4,300 digits
         raise ApiError(400, f"the request body is not valid JSON: {err}") from None
 
 
 def prepare(pipeline, chat: ChatRequest, workdir: Path, settings: ServerSettings, max_prompt):
     """Fetch the media and plan the prompt (headers only): (GenerationRequest, prepared, its
-    use of the prefix cache: media files hashed here, off the event loop) or an ApiError
-    saying what to fix."""
+    use of the prefix cache: media files hashed here, off the event loop, the media parts'
+    names by file path: `user_error`'s) or an ApiError saying what to fix."""
     images = [_fetch(fetch_image, part, settings.media, workdir) for part in chat.images]
     videos = [_fetch(fetch_video, part, settings.media, workdir) for part in chat.videos]
+    fetched = zip([*images, *videos], [*chat.images, *chat.videos], strict=True)
+    media_names = {str(path): part.param for path, part in fetched}
     options = chat.generation_options(default_max_tokens=settings.default_max_tokens)
     frames = options.setdefault("max_frames", settings.max_frames)
     if frames > settings.max_frames:
@@ -220,16 +259,38 @@ def prepare(pipeline, chat: ChatRequest, workdir: Path, settings: ServerSettings
         request = GenerationRequest.create(chat.messages, images, videos, stop=chat.stop, **options)
         prepared = pipeline.prepare(request)
     except (PromptError, MediaError, ValueError) as err:
-        raise ApiError(400, str(err)) from None
+        raise user_error(err, media_names) from None
     prompt = prepared[0]
+    positions = pipeline.config.max_position_embeddings
     if prompt.num_tokens > max_prompt:
         prompt.tiles.close()
         raise ApiError(
             400,
             f"the prompt has {prompt.num_tokens:,} tokens; this server accepts "
             f"at most {max_prompt:,} (fewer frames or images)",
+            code="context_length_exceeded",
         )
-    return request, prepared, pipeline.prompt_prefix(prompt)
+    if chat.max_tokens is not None and prompt.num_tokens + chat.max_tokens > positions:
+        prompt.tiles.close()  # asked for (a default is trimmed to fit instead)
+        raise ApiError(
+            400,
+            f"max_tokens={chat.max_tokens:,} does not fit: the prompt has "
+            f"{prompt.num_tokens:,} tokens and the model {positions:,} positions (prompt + "
+            f"new tokens); ask at most {positions - prompt.num_tokens:,}",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return request, prepared, pipeline.prompt_prefix(prompt), media_names
+
+
+def user_error(err: Exception, media_names: dict[str, str]) -> ApiError:
+    """The 400 of an error that is the request's fault, the files its media were fetched to
+    named by their parts (`messages[0].content[1]`, also the `param` when one is named)."""
+    message, param = str(err), None
+    for path, name in media_names.items():
+        if path in message:
+            message, param = message.replace(path, name), name
+    return ApiError(400, message, param=param)
 
 
 def _fetch(fetch, part: protocol.MediaPart, policy: MediaPolicy, workdir: Path) -> Path:
@@ -394,7 +455,7 @@ class Answer:
             return ApiError(503, "the request was cancelled (the server is shutting down)")
         if event.finish == "error":
             if isinstance(event.error, USER_ERRORS):
-                return ApiError(400, str(event.error))
+                return user_error(event.error, self.job.media_names)
             logger.error("request %s failed: %r", self.id, event.error)
             return ApiError(500, f"generation failed: {event.error}")
         return None

@@ -14,9 +14,10 @@ reads, under a `MediaPolicy` that is safe by default:
   could rebind) with the Host header and TLS SNI set to the URL's host, redirects are followed
   by hand and each hop is checked again, and the download is capped in bytes and total time;
 - any other scheme: refused.
-An image is checked from its header (`image_size`: readable, at most `max_pixels`) before it is
-handed on, and comes back as a file path, not a decoded image, so that EXIF orientation and
-decoding follow the same code (`load_image`) as every other image. A video is not probed here:
+An image is checked before it is handed on (`image_size`: at most `max_pixels` from its header,
+then every pixel decoded, so a truncated file is refused before any answer starts), and comes
+back as a file path, not a decoded image, so that EXIF orientation and decoding follow the same
+code (`load_image`) as every other image. A video is not probed here:
 the Processor plans it from its header with the same pixel limit.
 
 Every refusal is a `MediaRefused` carrying the HTTP status to answer with and a one-line
@@ -157,7 +158,7 @@ def fetch_image(url: str, policy: MediaPolicy, workdir: Path) -> Path:
     path = _fetch(url, "image", policy, workdir)
     what = _describe(url, "image")
     try:
-        image_size(path, max_pixels=policy.max_pixels)
+        image_size(path, max_pixels=policy.max_pixels, decode=True)
     except PixelLimitError as e:
         raise MediaRefused(
             f"{what} has more than the server's limit of {policy.max_pixels:,} pixels "
@@ -165,7 +166,9 @@ def fetch_image(url: str, policy: MediaPolicy, workdir: Path) -> Path:
             413,
         ) from e
     except MediaError as e:
-        raise MediaRefused(f"{what} is not an image the server can read", 400) from e
+        reason = str(e.__cause__ or "").replace(str(path), "the file")
+        detail = f" ({reason})" if reason else ""
+        raise MediaRefused(f"{what} is not an image the server can read{detail}", 400) from e
     return path
 
 

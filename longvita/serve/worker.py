@@ -75,6 +75,9 @@ class Job:
         self.cancelled = threading.Event()
         self.sequence: BatchSequence | None = None
         self.finished = False
+        self.media_names: dict[str, str] = {}
+        """The request's media parts' names (`messages[0].content[1]`) by the file each was
+        fetched to: error messages name the part, not a server path."""
 
     def emit(self, event: Event) -> None:
         """From any thread: deliver `event` to the handler."""

@@ -114,6 +114,19 @@ def test_data_url_that_is_not_an_image_is_refused(tmp_path):
     assert "not an image" in message and str(tmp_path) not in message
 
 
+@pytest.mark.parametrize("kind", ["PNG", "JPEG"])
+def test_image_whose_data_is_cut_short_is_refused_before_answering(tmp_path, kind):
+    """Its header reads (size, format): only decoding finds the missing pixels."""
+    buffer = io.BytesIO()
+    noise = Image.effect_noise((64, 48), 60).convert("RGB")
+    noise.save(buffer, kind)
+    cut = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+    url = data_url(cut, f"image/{kind.lower()}")
+    message = refused(400, fetch_image, url, MediaPolicy(), tmp_path)
+    assert "not an image the server can read (" in message
+    assert str(tmp_path) not in message
+
+
 def test_data_url_message_does_not_echo_the_payload(tmp_path):
     url = data_url(b"x" * 3000)
     message = refused(413, fetch_image, url, MediaPolicy(max_data_url_bytes=100), tmp_path)

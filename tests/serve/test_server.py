@@ -285,6 +285,13 @@ def image(url: str) -> dict:
         ({"messages": [{"role": "user", "content": "hi"}], "max_frames": 4096}, 400, "max_frames"),
         ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "gpt-4"),
         (b"{not json", 400, "not valid JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "not valid JSON"),  # too deep to parse
+        (b'{"max_tokens": 1' + b"0" * 5000 + b"}", 400, "not valid JSON"),  # > 4,300 digits
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9},
+            400,
+            "max_tokens=1,000,000,000 does not fit",
+        ),
     ],
 )
 def test_refusals_have_status_and_message_and_the_server_keeps_serving(
@@ -299,6 +306,59 @@ def test_refusals_have_status_and_message_and_the_server_keeps_serving(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
     )
     assert ok.choices[0].finish_reason in ("length", "stop")
+
+
+def test_unknown_routes_and_methods_answer_openai_errors(server):
+    for method, route, status in [
+        ("POST", "/v1/completions", 404),
+        ("POST", "/v1/embeddings", 404),
+        ("GET", "/v1/chat/completions", 405),
+    ]:
+        response = httpx.request(method, server.url + route)
+        error = response.json()["error"]
+        assert response.status_code == status and route in error["message"], error
+    assert server.client().models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as info:
+        server.client().models.retrieve("gpt-4")
+    assert info.value.body["code"] == "model_not_found"
+
+
+def test_failures_of_the_server_answer_500_in_openai_json(server, pipe, monkeypatch):
+    def broken(request):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(pipe, "prepare", broken)
+    status, message = status_and_message(server, user(text_part("hi")))
+    assert status == 500 and "RuntimeError" in message
+    monkeypatch.undo()
+    ok = server.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert ok.choices[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_unreadable_media_is_refused_before_answering_and_named_by_its_part(
+    server, media, stream
+):
+    png = Path(media["image"]).read_bytes()
+    cut = "data:image/png;base64," + base64.b64encode(png[: len(png) // 2]).decode()
+    junk = "data:video/mp4;base64," + base64.b64encode(b"not a video" * 50).decode()
+    client = server.client()
+    for part, param in [
+        (image(cut), "messages[0].content[1]"),
+        ({"type": "video_url", "video_url": {"url": junk}}, "messages[0].content[1]"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": [text_part("look"), part]}],
+                max_tokens=2,
+                stream=stream,
+            )
+        error = info.value.body
+        assert error["param"] == param and param in error["message"], error
+        assert "/tmp" not in error["message"] and "longvita-request" not in error["message"]
 
 
 def test_symlink_escape_is_refused(server, allowed, tmp_path):
