@@ -9,8 +9,8 @@ the lengths of `prefix_levels` (every length below `PREFIX_BLOCK` tokens, then e
 
 A medium's identity is a hash of its content and of what turns it into pixel tiles, never its
 path (a server fetches every request's media into a new directory):
-- an image file: its bytes (streamed); a PIL image: its mode, size and pixel bytes; with the
-  tile grid, tile size and tile limit;
+- an image file: its bytes (streamed); a PIL image: its pixels as RGB (`to_rgb`: a palette
+  image's own bytes are indices); with the tile grid, tile size and tile limit;
 - a video file: its bytes; a frame directory: the selected files' bytes, in order; frames in
   memory: the selected frames' pixels; with the selected frame indices (which `max_frames` and
   `fps` decide) and the tile size;
@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from longvita.processing.frame_dirs import list_frame_files
+from longvita.processing.image import to_rgb
 from longvita.processing.tiles import (
     FrameListTiles,
     ImageTiles,
@@ -204,7 +205,11 @@ def _image_digest(image: str | os.PathLike | Image.Image) -> str:
 
 
 def _pil_digest(image: Image.Image) -> str:
-    hasher = hashlib.sha256(f"{image.mode} {image.size}".encode())
+    """sha256 of the RGB pixels the image is tiled from (`to_rgb`): its own bytes are not
+    enough (a palette image's are indices, and a transparent colour changes what is seen)."""
+    if image.mode != "RGB" or image.has_transparency_data:
+        image = to_rgb(image)
+    hasher = hashlib.sha256(f"RGB {image.size}".encode())
     hasher.update(image.tobytes())
     return hasher.hexdigest()
 

@@ -118,8 +118,8 @@ class GenerationRequest:
         sampling = {k: options.pop(k) for k in SAMPLING_OPTIONS if k in options}
         return cls(
             messages=messages,
-            images=tuple(images or ()),
-            videos=tuple(videos or ()),
+            images=() if images is None else images,  # __post_init__ checks, makes tuples
+            videos=() if videos is None else videos,
             sampling=SamplingParams(**sampling),
             **options,
         )

@@ -21,6 +21,8 @@ A PIL image passed in is taken as it is oriented; its mode is converted the same
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,7 +75,8 @@ def check_pixels(name: str, width: int, height: int, max_pixels: int) -> None:
         raise PixelLimitError(
             f"{name} is {width}x{height} = {width * height:,} pixels, more than the limit of "
             f"{max_pixels:,} pixels; refused before decoding (a possible decompression bomb). "
-            "To accept it, raise the max_pixels setting: Processor(..., max_pixels=N)"
+            "To accept it, raise the max_pixels setting: longvita.load(..., max_pixels=N), "
+            "--max-pixels N on the command line, or Processor(..., max_pixels=N)"
         )
 
 
@@ -118,8 +121,23 @@ def _orientation(opened: Image.Image) -> int:
     """
     if opened.format == "PNG" and "exif" not in opened.info:
         return 1
+    if opened.format == "TIFF" and _pillow_orients_tiffs():
+        return 1  # this Pillow has oriented it already: its size, and its pixels on load
     orientation = opened.getexif().get(ExifTags.Base.Orientation, 1)
     return orientation if orientation in _EXIF_TRANSPOSE else 1
+
+
+@functools.cache
+def _pillow_orients_tiffs() -> bool:
+    """Whether the installed Pillow applies a TIFF's Orientation tag itself (Pillow 13 does:
+    the size it opens with is oriented, the pixels are turned on load; older ones do not)."""
+    probe = Image.new("L", (2, 1))
+    exif = probe.getexif()
+    exif[ExifTags.Base.Orientation] = 6  # a quarter turn: the size tells
+    buffer = io.BytesIO()
+    probe.save(buffer, "TIFF", exif=exif)
+    with Image.open(buffer) as reopened:
+        return reopened.size == (1, 2)
 
 
 def image_size(
@@ -181,7 +199,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = _sixteen_to_eight_bits(image)
     if not image.has_transparency_data:
         return image.convert("RGB")
-    if image.mode not in ("RGBA", "LA"):  # P, PA, RGBa, La, or L/RGB with a transparent colour
+    if image.mode in ("La", "RGBa"):  # premultiplied alpha: Pillow converts these to LA/RGBA only
+        image = image.convert(image.mode.upper())
+    if image.mode not in ("RGBA", "LA"):  # P, PA, or L/RGB with a transparent colour
         image = image.convert("RGBA")
     rgb = Image.new("RGB", image.size, ALPHA_BACKGROUND)
     rgb.paste(image, mask=image)  # round(v * a / 255 + background * (1 - a / 255)) per channel
@@ -189,12 +209,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _sixteen_to_eight_bits(image: Image.Image) -> Image.Image:
-    """A 16-bit grey (`I;16*`, or `I` taken as 0..65535) as 8-bit L, round(v * 255 / 65535)."""
-    values = np.asarray(image).astype(np.int32)  # [H, W], native byte order
-    np.clip(values, 0, 65535, out=values)
+    """A 16-bit grey (`I;16*`, or `I` taken as 0..65535) as 8-bit L, round(v * 255 / 65535);
+    with a transparent grey value (a PNG's tRNS), as LA whose alpha is 0 where it was."""
+    raw = np.asarray(image).astype(np.int32)  # [H, W], native byte order
+    values = np.clip(raw, 0, 65535)
     values += 128
     values //= 257  # (v + 128) // 257 == round(v / 257): v / 257 is never a half
-    return Image.fromarray(values.astype(np.uint8))
+    key = image.info.get("transparency")
+    if not isinstance(key, int):
+        return Image.fromarray(values.astype(np.uint8))
+    alpha = np.where(raw == key, 0, 255)
+    # [H, W, 2] -> LA (Image.merge("LA") makes an image that pastes its alpha as green)
+    return Image.fromarray(np.stack([values, alpha], axis=-1).astype(np.uint8))
 
 
 def candidate_grids(max_tiles: int = 12, min_tiles: int = 1) -> list[tuple[int, int]]:

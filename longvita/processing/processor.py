@@ -13,6 +13,7 @@ sample decodes its tiles at once). No model, no torch.distributed.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,23 @@ logger = logging.getLogger(__name__)
 
 ImageInput = str | Path | Image.Image
 VideoInput = str | Path | Sequence[Image.Image]
+
+
+def media_list(name: str, media: Sequence | None) -> list:
+    """`images` or `videos` as a list (None: none); a lone path is refused, not split into
+    characters."""
+    if media is None:
+        return []
+    if isinstance(media, str | os.PathLike | bytes | Image.Image) or not isinstance(
+        media, Sequence
+    ):
+        raise ValueError(
+            f"{name} must be a list with one entry per tag, got {type(media).__name__}: "
+            f"{media!r:.80}"
+        )
+    return list(media)
+
+
 """A video file, a directory of frame files, or the frames themselves (PIL images, taken as
 1 fps like a directory's)."""
 
@@ -227,7 +245,7 @@ class Processor:
         fps: float | None,
     ) -> ProcessedPrompt:
         """Plan the media of the tags in `ids` (headers only) and expand the tags."""
-        images, videos = list(images or []), list(videos or [])
+        images, videos = media_list("images", images), media_list("videos", videos)
         self._check_reserved(ids)
         self._check_media_counts(ids, len(images), len(videos))
         segments: list[ImageTiles | VideoFrameTiles | FrameListTiles] = []  # one per tag
@@ -260,6 +278,11 @@ class Processor:
         )
 
     def _plan_image(self, image: ImageInput) -> ImageTiles:
+        if not isinstance(image, str | os.PathLike | Image.Image):
+            raise MediaError(
+                f"an image must be a file path or a PIL image, got {type(image).__name__} "
+                "(open bytes or arrays with PIL.Image.open or Image.fromarray first)"
+            )
         width, height = image_size(image, max_pixels=self.max_pixels)
         grid = choose_grid(width, height, tile_size=self.tile_size, max_tiles=self.max_tiles)
         return ImageTiles(
@@ -276,7 +299,7 @@ class Processor:
     ) -> VideoFrameTiles | FrameListTiles:
         max_frames = DEFAULT_MAX_FRAMES if max_frames is None else max_frames
         max_fps = DEFAULT_MAX_FPS if fps is None else fps
-        if not isinstance(video, str | Path):
+        if not isinstance(video, str | os.PathLike):
             return self._plan_frame_list(video, max_frames, max_fps)
         plan = plan_video(video, max_frames=max_frames, max_fps=max_fps, max_pixels=self.max_pixels)
         return VideoFrameTiles.from_plan(
@@ -285,11 +308,18 @@ class Processor:
 
     def _plan_frame_list(self, frames, max_frames: int, max_fps: float) -> FrameListTiles:
         """Frames given in memory: checked, then sampled like a frame directory (1 fps)."""
-        frames = list(frames)
-        if not frames or not all(isinstance(frame, Image.Image) for frame in frames):
+        what = type(frames).__name__
+        if isinstance(frames, list | tuple):
+            kinds = sorted({type(frame).__name__ for frame in frames})
+            what = f"{what} of {len(frames)} item(s) ({', '.join(kinds) or 'empty'})"
+        if not (
+            isinstance(frames, list | tuple)
+            and frames
+            and all(isinstance(frame, Image.Image) for frame in frames)
+        ):
             raise MediaError(
                 "a video must be a path (a file or a directory of frames) or a non-empty list "
-                f"of PIL images, got {type(frames).__name__} of {len(frames)} item(s)"
+                f"of PIL images, got {what}"
             )
         for k, frame in enumerate(frames):
             check_pixels(f"video frame {k}", frame.width, frame.height, self.max_pixels)

@@ -35,6 +35,7 @@ from longvita.processing.image import (
     load_image,
     tile_image,
     to_pixel_values,
+    to_rgb,
 )
 from longvita.processing.video import (
     DecodeReport,
@@ -325,7 +326,7 @@ class FrameListTiles:
         self.num_tiles = len(self.frame_indices)
 
     def load(self, local_ids: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
-        chosen = [self.frames[self.frame_indices[i]].convert("RGB") for i in local_ids]
+        chosen = [to_rgb(self.frames[self.frame_indices[i]]) for i in local_ids]
         pixels = to_pixel_values(chosen, tile_size=self.tile_size)  # [n, 3, S, S]
         return pixels if out is None else out.copy_(pixels)
 

@@ -338,9 +338,7 @@ def test_failures_of_the_server_answer_500_in_openai_json(server, pipe, monkeypa
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_unreadable_media_is_refused_before_answering_and_named_by_its_part(
-    server, media, stream
-):
+def test_unreadable_media_is_refused_before_answering_and_named_by_its_part(server, media, stream):
     png = Path(media["image"]).read_bytes()
     cut = "data:image/png;base64," + base64.b64encode(png[: len(png) // 2]).decode()
     junk = "data:video/mp4;base64," + base64.b64encode(b"not a video" * 50).decode()

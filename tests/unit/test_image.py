@@ -210,6 +210,19 @@ def test_exif_orientation_is_applied_and_reported_by_image_size(tmp_path, orient
     assert image.mode == "RGB" and np.array_equal(np.asarray(image), np.asarray(expected))
 
 
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_tiff_orientation_is_applied_once(tmp_path, orientation):
+    """Pillow 13 turns a TIFF upright itself (size on open, pixels on load); older ones do not.
+    Either way the image comes out as a JPEG with the same tag does."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    tiff, png = tmp_path / "photo.tif", tmp_path / "photo.png"
+    _marked().save(tiff, exif=exif)
+    _marked().save(png, exif=exif)
+    assert image_size(tiff) == image_size(png) == ((20, 40) if orientation >= 5 else (40, 20))
+    assert np.array_equal(np.asarray(load_image(tiff)), np.asarray(load_image(png)))
+
+
 def test_rotated_photo_is_tiled_on_the_planned_grid(tmp_path):
     path = tmp_path / "portrait.jpg"
     exif = Image.Exif()
@@ -234,6 +247,21 @@ def test_sixteen_bit_grey_is_scaled_to_eight_bits(tmp_path, dtype):
         assert image.mode == "RGB"
         assert np.asarray(image)[0, :, 0].tolist() == expected
         assert np.array_equal(np.asarray(image)[..., 0], np.asarray(image)[..., 2])
+
+
+def test_sixteen_bit_grey_with_a_transparent_value_is_composited(tmp_path):
+    values = np.array([[0, 1000, 65535]], dtype="<u2")
+    path = tmp_path / "keyed.png"
+    Image.fromarray(values).save(path, transparency=1000)  # a tRNS grey: 1000 is transparent
+    assert Image.open(path).info["transparency"] == 1000
+    assert np.asarray(load_image(path))[0, :, 0].tolist() == [0, 255, 255]
+    assert np.asarray(load_image(path))[0, 2].tolist() == [255, 255, 255]  # opaque white
+
+
+def test_premultiplied_alpha_modes_are_converted():
+    for mode in ("La", "RGBa"):
+        image = Image.new(mode, (2, 1), 0)  # transparent black
+        assert np.asarray(load_image(image)).tolist() == [[[255, 255, 255]] * 2]
 
 
 def _png_rgb16(path, pixels):

@@ -92,6 +92,26 @@ def test_media_identity_is_the_content_not_the_path(processor, tmp_path):
     assert as_pil.shared_prefix(pixels) == base.num_tokens
 
 
+def test_pil_images_are_told_apart_by_what_they_show(processor):
+    """A palette image's bytes are indices: two palettes, same indices, different pictures.
+    Likewise a transparent colour. Frames in memory are hashed the same way."""
+    red, blue = Image.new("P", (64, 48), 0), Image.new("P", (64, 48), 0)
+    red.putpalette([255, 0, 0] * 256)
+    blue.putpalette([0, 0, 255] * 256)
+    grey = Image.new("L", (64, 48), 7)
+    keyed = grey.copy()
+    keyed.info["transparency"] = 7  # every pixel transparent: white
+    for first, second in [(red, blue), (grey, keyed)]:
+        one = prompt_key(processor, "<image>\nWhat?", [first])
+        two = prompt_key(processor, "<image>\nWhat?", [second])
+        assert one.shared_prefix(two) == int(one.media_ids.nonzero()[0])
+        one = prompt_key(processor, "<video>\nWhat?", videos=[[first] * 2])
+        two = prompt_key(processor, "<video>\nWhat?", videos=[[second] * 2])
+        assert one.shared_prefix(two) == int(one.media_ids.nonzero()[0])
+    same = prompt_key(processor, "<image>\nWhat?", [red.convert("RGB")])
+    assert same.shared_prefix(prompt_key(processor, "<image>\nWhat?", [red])) == same.num_tokens
+
+
 def test_a_rewritten_file_and_other_sampling_are_other_media(processor, tmp_path):
     video = make_video(tmp_path / "v.mp4", num_frames=8, fps=2)
     before = prompt_key(processor, "<video>\nWhat?", videos=[video])

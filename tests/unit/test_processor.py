@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from longvita.config import VisionConfig, tiny
-from longvita.errors import PromptError
+from longvita.errors import MediaError, PromptError
 from longvita.processing.chat import build_prompt
 from longvita.processing.processor import Processor, expand_tags
 from longvita.processing.tokens import LONG_VITA_TOKENS, SpecialTokenIds, load_tokenizer
@@ -165,3 +165,36 @@ def test_frame_limits_are_applied(tiny_processor, tmp_path):
     assert tiny_processor("<video>", videos=[video]).video_frames == [5]  # 5 s at 1 fps
     assert tiny_processor("<video>", videos=[video], fps=2).video_frames == [10]
     assert tiny_processor("<video>", videos=[video], max_frames=3).video_frames == [3]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "media", "error", "message"),
+    [
+        ("<image>", {"images": "a.png"}, ValueError, "images must be a list"),
+        ("<video>", {"videos": "v.mp4"}, ValueError, "videos must be a list"),
+        ("<image>", {"images": [b"\x89PNG"]}, MediaError, "got bytes"),
+        ("<image>", {"images": [torch.zeros(3, 8, 8)]}, MediaError, "got Tensor"),
+        ("<video>", {"videos": [b"\x00\x00"]}, MediaError, "got bytes"),
+        ("<video>", {"videos": [[]]}, MediaError, "list of 0 item"),
+        ("<video>", {"videos": [["a.png"]]}, MediaError, "(str)"),
+    ],
+)
+def test_media_of_the_wrong_type_are_named(tiny_processor, prompt, media, error, message):
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tiny_processor(prompt, **media)
+
+
+def test_frames_in_memory_are_converted_like_frame_files(tiny_processor, tmp_path):
+    """Transparency on white, 16-bit greys scaled: the same tiles from memory and from disk."""
+    import numpy as np
+    from PIL import Image
+
+    clear = Image.new("RGBA", (40, 30), (0, 255, 0, 0))
+    deep = Image.fromarray(np.full((30, 40), 32896, dtype="<u2"))
+    frames_dir = tmp_path / "frames"
+    frames_dir.mkdir()
+    clear.save(frames_dir / "0.png")
+    deep.save(frames_dir / "1.png")
+    in_memory = tiny_processor("<video>", videos=[[clear, deep]])
+    on_disk = tiny_processor("<video>", videos=[frames_dir])
+    assert torch.equal(in_memory.tiles.get_all(), on_disk.tiles.get_all())
