@@ -6,6 +6,7 @@ Plain validated settings shared by the loader (`loader.py`) and each worker's st
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from longvita.data.packing import PACKING_MODES
@@ -49,6 +50,10 @@ class DataConfig:
                 f"pose_max_position must be >= seq_len {self.seq_len} (or None), "
                 f"got {self.pose_max_position}"
             )
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1 or None, got {self.max_frames}")
+        if self.fps is not None and not (self.fps > 0 and math.isfinite(self.fps)):
+            raise ValueError(f"fps must be a finite number > 0 or None, got {self.fps}")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError(f"num_epochs must be >= 1 or None, got {self.num_epochs}")
         if self.num_workers < 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from longvita.data.encode import SampleReader
-from longvita.data.mixture import Mixture, MixtureConfig
+from longvita.data.mixture import Mixture, MixtureConfig, data_root_of
 from longvita.data.packing import GreedyPacker
 from longvita.data.stats import SKIP_REASONS, DataStats
 from longvita.data.synth import add_parser as add_synth_parser
@@ -164,7 +165,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--max-samples", type=int, default=None, help="read only the first K samples")
     p.add_argument(
-        "--data-root", default=None, help="base of relative data paths (default: current dir)"
+        "--data-root",
+        default=None,
+        help="base of relative data paths (default: the mixture file's directory, as in train)",
     )
     p.add_argument(
         "--packing",
@@ -209,11 +212,17 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     if args.seq_len < 1:
         raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise ValueError(f"--max-frames must be >= 1, got {args.max_frames}")
+    if args.fps is not None and not (args.fps > 0 and math.isfinite(args.fps)):
+        raise ValueError(f"--fps must be a finite number > 0, got {args.fps}")
     config = MixtureConfig.from_yaml(args.mixture)  # the cheap checks first
     processor = _processor(args)
     mixture = Mixture(
         config,
-        data_root=args.data_root,
+        data_root=data_root_of(args.mixture, args.data_root),
         seed=args.seed,
         allow_missing_files=args.allow_missing_files,
     )

@@ -12,8 +12,10 @@ Semantics, per data file of an active group (the official `dataset_base.load_dat
 from the mixture seed and the file's group and path, and record `perm[k % len(file)]` is taken
 for k < used, so ratio 2 takes every record twice and ratio 0.5 a seeded half. The selection
 is fixed for the run; the selected entries (the "plan") are then shuffled again each epoch with
-(seed, epoch). Relative data paths are resolved against `data_root` (default: the current
-directory, as the official launcher does). Groups with ratio 0 or num 0 are skipped unread.
+(seed, epoch). Relative data paths are resolved against `data_root`: by default the mixture
+file's directory when it is read from a file (`Mixture.from_yaml`, hence `longvita train` and
+`longvita data inspect`: `data_root_of`), the current directory for a `MixtureConfig` built in
+code. Groups with ratio 0 or num 0 are skipped unread.
 
 Owns the plan and its order, and the split of an epoch's order over data-parallel ranks and
 loader workers. Knows nothing of tokens or packing; never imports torch.distributed.
@@ -22,6 +24,7 @@ loader workers. Knows nothing of tokens or packing; never imports torch.distribu
 from __future__ import annotations
 
 import logging
+import math
 import os
 import zlib
 from collections.abc import Mapping
@@ -36,6 +39,10 @@ from longvita.data.samples import SampleFile
 logger = logging.getLogger(__name__)
 
 GROUP_KEYS = ("ratio", "num", "data_paths")
+MAX_SEED = 2**63 - 1
+"""The largest seed (torch's and numpy's generators both take 0..2**63 - 1)."""
+MAX_SELECTED = 2**40
+"""The most samples a mixture may select from one file (ratio x records): more is a typo."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,8 +61,10 @@ class MixtureGroup:
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, int | float):
             raise ValueError(f"group {self.name!r}: ratio must be a number, got {self.ratio!r}")
-        if not self.ratio >= 0:
-            raise ValueError(f"group {self.name!r}: ratio must be >= 0, got {self.ratio}")
+        if not (self.ratio >= 0 and math.isfinite(self.ratio)):
+            raise ValueError(
+                f"group {self.name!r}: ratio must be a finite number >= 0, got {self.ratio}"
+            )
         if self.num is not None and (
             isinstance(self.num, bool) or not isinstance(self.num, int) or self.num < 0
         ):
@@ -105,14 +114,16 @@ class MixtureConfig:
             paths = body.get("data_paths") or []
             if isinstance(paths, str) or not isinstance(paths, list):
                 raise ValueError(f"{source}: group {name!r}: data_paths must be a list")
-            groups.append(
-                MixtureGroup(
+            try:
+                group = MixtureGroup(
                     name=str(name),
                     ratio=body.get("ratio", 1.0),
                     num=body.get("num"),
                     data_paths=tuple(p.strip() if isinstance(p, str) else p for p in paths),
                 )
-            )
+            except ValueError as err:
+                raise ValueError(f"{source}: {err}") from None
+            groups.append(group)
         return cls(groups=tuple(groups))
 
     @classmethod
@@ -156,6 +167,8 @@ class Mixture:
         seed: int = 0,
         allow_missing_files: bool = False,
     ) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"the mixture seed must be an integer in [0, 2**63), got {seed!r}")
         self.config = config
         self.seed = seed
         self.files = _index_files(config, Path(data_root or os.getcwd()), allow_missing_files)
@@ -164,11 +177,23 @@ class Mixture:
         sizes = np.array([len(f.file) for f in self.files], dtype=np.int64)
         self.file_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.plan = np.concatenate([self._select(i) for i in range(len(self.files))])  # [N]
+        if len(self.plan) == 0:
+            taken = "; ".join(
+                f"{f.group}: {f.file.path} ({len(f.file)} records, {f.num_used} taken)"
+                for f in self.files[:5]
+            )
+            raise ValueError(
+                "the mixture selects no sample (ratio x records rounds down to 0, or the files "
+                f"are empty): {taken}"
+            )
         logger.info("mixture: %d samples selected from %d files", len(self.plan), len(sizes))
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike, **kwargs) -> Mixture:
-        return cls(MixtureConfig.from_yaml(path), **kwargs)
+    def from_yaml(
+        cls, path: str | os.PathLike, *, data_root: str | os.PathLike | None = None, **kwargs
+    ) -> Mixture:
+        """The mixture of a YAML file, its relative data paths from `data_root_of`."""
+        return cls(MixtureConfig.from_yaml(path), data_root=data_root_of(path, data_root), **kwargs)
 
     def __len__(self) -> int:
         return self.plan.shape[0]
@@ -205,6 +230,18 @@ class Mixture:
         return out
 
 
+def data_root_of(mixture_path: str | os.PathLike, data_root: str | os.PathLike | None) -> Path:
+    """Where a mixture file's relative data paths are resolved: `data_root` when given, else
+    the mixture file's directory (the rule of `longvita train` and `longvita data inspect`)."""
+    return Path(data_root) if data_root is not None else Path(mixture_path).parent
+
+
+def check_data_files(config: MixtureConfig, root: str | os.PathLike) -> None:
+    """ValueError naming the active groups' data paths that are missing or directories, as
+    `Mixture` would raise it, without reading the files (a launcher's check)."""
+    _resolve_paths(config, Path(root), allow_missing=False)
+
+
 def shard(order: np.ndarray, *, dp_rank: int, dp_size: int, worker: int, num_workers: int):
     """The part of an epoch's order that one loader worker of one data-parallel rank reads.
 
@@ -220,9 +257,29 @@ def shard(order: np.ndarray, *, dp_rank: int, dp_size: int, worker: int, num_wor
 
 
 def _index_files(config: MixtureConfig, root: Path, allow_missing: bool) -> list[MixtureFile]:
-    """Index the files of the active groups. A directory is always an error; a missing file
-    is one unless `allow_missing` (then a warning)."""
-    files, missing, directories = [], [], []
+    """Index the files of the active groups (`_resolve_paths`)."""
+    files = []
+    for group, written, path in _resolve_paths(config, root, allow_missing):
+        sample_file = SampleFile.index(path)
+        num_used = group.num_used(len(sample_file))
+        if num_used > MAX_SELECTED:
+            raise ValueError(
+                f"group {group.name!r}: ratio {group.ratio} takes {num_used:,} samples from "
+                f"{path} ({len(sample_file):,} records), more than {MAX_SELECTED:,}"
+            )
+        logger.info(
+            "group %r: %s: %d records, %d used", group.name, path, len(sample_file), num_used
+        )
+        files.append(MixtureFile(group.name, written, sample_file, num_used))
+    return files
+
+
+def _resolve_paths(
+    config: MixtureConfig, root: Path, allow_missing: bool
+) -> list[tuple[MixtureGroup, str, Path]]:
+    """(group, path as written, path) of the active groups' files. A directory is always an
+    error; a missing file is one unless `allow_missing` (then a warning, and it is left out)."""
+    found, missing, directories = [], [], []
     for group in config.groups:
         if not group.active:
             logger.info("group %r: inactive (ratio %s, num %s)", group.name, group.ratio, group.num)
@@ -231,16 +288,10 @@ def _index_files(config: MixtureConfig, root: Path, allow_missing: bool) -> list
             path = root / os.path.expanduser(written)
             if path.is_dir():
                 directories.append(f"{group.name}: {path}")
-                continue
-            if not path.is_file():
+            elif not path.is_file():
                 missing.append(f"{group.name}: {path}")
-                continue
-            sample_file = SampleFile.index(path)
-            num_used = group.num_used(len(sample_file))
-            logger.info(
-                "group %r: %s: %d records, %d used", group.name, path, len(sample_file), num_used
-            )
-            files.append(MixtureFile(group.name, written, sample_file, num_used))
+            else:
+                found.append((group, written, path))
     if directories:
         raise ValueError(
             f"{len(directories)} data path(s) are directories; data_paths lists JSONL or "
@@ -253,7 +304,7 @@ def _index_files(config: MixtureConfig, root: Path, allow_missing: bool) -> list
         )
     for entry in missing:
         logger.warning("data file not found, skipped: %s", entry)
-    return files
+    return found
 
 
 def _first_five(entries: list[str]) -> str:

@@ -70,7 +70,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 def check_before_launch(args: argparse.Namespace):
     """The stage, validated against the world it will run on; ValueError naming the key."""
     from longvita.runtime import resolve_device
-    from longvita.train.config import StageConfig, StageConfigError
+    from longvita.train.config import StageConfig
     from longvita.train.init import InitSpec
     from longvita.train.run_dir import RunDirectory
 
@@ -82,10 +82,24 @@ def check_before_launch(args: argparse.Namespace):
     resolve_device(args.device)
     if RunDirectory(args.out).latest_checkpoint() is None:  # a new run needs its init weights
         InitSpec.from_dict(stage.init).check_paths()
+    check_mixture(stage)
+    return stage, world_size
+
+
+def check_mixture(stage) -> None:
+    """The stage's mixture file: its values, and that its data files exist where
+    `build_loader` will look (the ranks read them)."""
+    from longvita.data.mixture import MixtureConfig, check_data_files, data_root_of
+    from longvita.train.config import StageConfigError
+
     mixture = stage.resolve(stage.data.mixture)
     if not mixture.is_file():
         raise StageConfigError(f"data.mixture: {mixture} does not exist")
-    return stage, world_size
+    root = stage.resolve(stage.data.data_root) if stage.data.data_root else None
+    try:
+        check_data_files(MixtureConfig.from_yaml(mixture), data_root_of(mixture, root))
+    except ValueError as err:
+        raise StageConfigError(f"data.mixture: {err}") from None
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -167,6 +167,7 @@ class DataSection:
                 f"got {self.pose_max_position}"
             )
         _at_least("data.num_workers", self.num_workers, 0)
+        _seed("data.seed", self.seed)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -240,6 +241,7 @@ class StageConfig:
     """The stage file it was read from (for the record)."""
 
     def __post_init__(self) -> None:
+        _seed("seed", self.seed)
         if not any(dataclasses.astuple(self.trainable)):
             raise StageConfigError("trainable: nothing to train (vision, projector, llm false)")
 
@@ -399,6 +401,11 @@ def _number(value: Any, key: str) -> float:
 def _positive(key: str, value: float) -> None:
     if not value > 0:
         raise StageConfigError(f"{key}: must be > 0, got {value}")
+
+
+def _seed(key: str, value: int) -> None:
+    if not 0 <= value < 2**63:  # what torch's and numpy's generators take
+        raise StageConfigError(f"{key}: must be in [0, 2**63), got {value}")
 
 
 def _at_least(key: str, value: float, minimum: float) -> None:

@@ -27,7 +27,7 @@ import torch
 
 from longvita.data.config import DataConfig
 from longvita.data.loader import PackedLoader
-from longvita.data.mixture import Mixture, MixtureConfig
+from longvita.data.mixture import Mixture
 from longvita.data.packed import PackedSequence
 from longvita.errors import RunError
 from longvita.model.long_vita import LongVITAForCausalLM
@@ -118,9 +118,8 @@ def build_model(
 def build_loader(stage: StageConfig, processor: Processor, state: ParallelState) -> PackedLoader:
     """This data-parallel rank's loader (the cp ranks of a dp group read the same sequences)."""
     data = stage.data
-    mixture_path = stage.resolve(data.mixture)
-    root = stage.resolve(data.data_root) if data.data_root else mixture_path.parent
-    mixture = Mixture(MixtureConfig.from_yaml(mixture_path), data_root=root, seed=data.seed)
+    root = stage.resolve(data.data_root) if data.data_root else None
+    mixture = Mixture.from_yaml(stage.resolve(data.mixture), data_root=root, seed=data.seed)
     config = DataConfig(
         seq_len=data.seq_len,
         packing=data.packing,

@@ -164,6 +164,10 @@ def test_help_explains(capsys):
     [
         (["--tokenizer", "/no/such/dir"], "is not a directory"),
         ([], "exactly one of --tokenizer DIR or --model DIR"),
+        (["--fps", "0"], "--fps must be a finite number > 0, got 0.0"),
+        (["--fps", "nan"], "--fps must be a finite number > 0, got nan"),
+        (["--max-frames", "0"], "--max-frames must be >= 1, got 0"),
+        (["--seed", "-1"], "--seed must be in"),
     ],
 )
 def test_bad_arguments_are_one_line_value_errors(mixture, extra, match):

@@ -63,6 +63,9 @@ BASE = "init: {model: tiny, tokenizer: tok}\ndata: {mixture: m.yaml, seq_len: 64
         ("schedule: {warmup_fraction: 1.5}\n", "schedule.warmup_fraction: must be in [0, 1)"),
         ("data: {mixture: m.yaml, packing: zigzag}\n", "data.packing: per_source or"),
         ("optim: [1, 2]\n", "optim: expected a mapping"),
+        ("seed: -3\n", "seed: must be in [0, 2**63), got -3"),
+        ("seed: 123456789012345678901234567890\n", "seed: must be in [0, 2**63)"),
+        ("data: {mixture: m.yaml, seed: -5}\n", "data.seed: must be in [0, 2**63), got -5"),
         (
             "data: {mixture: m.yaml, seq_len: 64, pose_max_position: 32}\n",
             "data.pose_max_position: must be >= data.seq_len 64, got 32",

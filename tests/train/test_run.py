@@ -21,6 +21,7 @@ import longvita
 from longvita.cli import main
 from longvita.config import LongVITAConfig
 from longvita.model.long_vita import LongVITAForCausalLM
+from longvita.testing import write_mixture
 from longvita.train.init import InitSpec, initialize
 from longvita.train.metrics import read_metrics
 
@@ -170,14 +171,27 @@ def _forbid_launch(monkeypatch):
         (["parallel.cp=2"], 3, "parallel.cp: 2 does not divide the 3 processes"),
         (["init={from: /no/such/run}"], 1, "init.from: /no/such/run does not exist"),
         (["data.mixture=/no/mixture.yaml"], 1, "data.mixture: /no/mixture.yaml does not exist"),
+        (["data.mixture=BAD_RATIO"], 1, "data.mixture: BAD_RATIO: group 'g': ratio must be"),
+        (["data.mixture=MISSING_FILE"], 1, "data.mixture: 1 data file(s) not found"),
     ],
 )
 def test_bad_stage_files_fail_in_one_line_before_any_process(
     train_setup, tmp_path, capsys, monkeypatch, overrides, nproc, message
 ):
     _forbid_launch(monkeypatch)
+    mixtures = {  # mixture files that are wrong inside: found before any process starts
+        "BAD_RATIO": write_mixture(
+            tmp_path / "ratio.yaml", {"g": {"ratio": -1, "data_paths": ["a"]}}
+        ),
+        "MISSING_FILE": write_mixture(
+            tmp_path / "gone.yaml", {"g": {"data_paths": ["gone.jsonl"]}}
+        ),
+    }
     argv = ["train", str(train_setup["stage"]), "--out", str(tmp_path / "r"), "--nproc", str(nproc)]
     for override in overrides:
+        for name, path in mixtures.items():
+            override = override.replace(name, str(path))
+            message = message.replace(name, str(path))
         argv += ["--set", override]
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -132,7 +132,9 @@ def test_a_directory_or_non_utf8_text_as_mixture_file_says_so(tmp_path):
     [
         ({"datasets": {}}, "'dataset'"),
         ({"dataset": {}}, "at least one group"),
-        ({"dataset": {"g": {"ratio": -1, "data_paths": ["a"]}}}, "ratio must be >= 0"),
+        ({"dataset": {"g": {"ratio": -1, "data_paths": ["a"]}}}, "ratio must be a finite number"),
+        ({"dataset": {"g": {"ratio": float("inf"), "data_paths": ["a"]}}}, "got inf"),
+        ({"dataset": {"g": {"ratio": float("nan"), "data_paths": ["a"]}}}, "got nan"),
         ({"dataset": {"g": {"ratio": "x", "data_paths": ["a"]}}}, "ratio must be a number"),
         ({"dataset": {"g": {"num": 1.5, "data_paths": ["a"]}}}, "num must be an integer"),
         ({"dataset": {"g": {"ratio": 1}}}, "no paths"),
@@ -142,6 +144,41 @@ def test_a_directory_or_non_utf8_text_as_mixture_file_says_so(tmp_path):
 def test_bad_mixture_configs_name_the_problem(data, match):
     with pytest.raises(ValueError, match=match):
         MixtureConfig.from_dict(data)
+
+
+def test_group_errors_name_the_mixture_file(tmp_path):
+    path = write_mixture(tmp_path / "m.yaml", {"g": {"ratio": -1, "data_paths": ["a.jsonl"]}})
+    with pytest.raises(ValueError, match=r"m\.yaml: group 'g': ratio"):
+        MixtureConfig.from_yaml(path)
+
+
+def test_a_mixture_that_selects_nothing_or_too_much_says_why(tmp_path):
+    _files(tmp_path, {"a.jsonl": 3})
+    few = write_mixture(tmp_path / "few.yaml", {"g": {"ratio": 0.1, "data_paths": ["a.jsonl"]}})
+    with pytest.raises(ValueError, match=r"selects no sample .*a\.jsonl \(3 records, 0 taken\)"):
+        Mixture.from_yaml(few)
+    huge = write_mixture(tmp_path / "huge.yaml", {"g": {"ratio": 1e300, "data_paths": ["a.jsonl"]}})
+    with pytest.raises(ValueError, match="group 'g': ratio 1e\\+300 takes"):
+        Mixture.from_yaml(huge)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 1.5, True])
+def test_seeds_out_of_range_are_refused(tmp_path, seed):
+    _files(tmp_path, {"a.jsonl": 3})
+    path = write_mixture(tmp_path / "m.yaml", {"g": {"data_paths": ["a.jsonl"]}})
+    with pytest.raises(ValueError, match=r"mixture seed must be an integer in \[0, 2\*\*63\)"):
+        Mixture.from_yaml(path, seed=seed)
+
+
+def test_relative_paths_start_at_the_mixture_file_unless_a_root_is_given(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    _files(data, {"a.jsonl": 3})
+    path = write_mixture(data / "m.yaml", {"g": {"data_paths": ["a.jsonl"]}})
+    monkeypatch.chdir(tmp_path)  # the current directory plays no part
+    assert len(Mixture.from_yaml(path)) == 3
+    with pytest.raises(ValueError, match="resolved against"):
+        Mixture.from_yaml(path, data_root=tmp_path)
 
 
 def test_inactive_group_may_have_no_paths():
