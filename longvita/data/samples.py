@@ -45,6 +45,9 @@ SHAREGPT_KEYS = ("from", "value")
 # A JSON string (escapes included) or a bracket: enough to find the top-level elements.
 _JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
 _SEPARATORS = b" \t\r\n,"
+_GAP_VALUE = re.compile(rb'(?:"(?:[^"\\]|\\.)*"?|[^,"])+', re.DOTALL)
+"""One comma-separated value between a JSON list's objects (commas inside strings kept; an
+unterminated string runs to the end)."""
 
 
 class DataFileError(ValueError):
@@ -171,6 +174,13 @@ def _index_jsonl(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(starts, ends, lines) of the non-blank lines."""
     size = path.stat().st_size
     newlines = _newline_offsets(path)  # [num_newlines]
+    if newlines.size == 0:
+        with open(path, "rb") as f:
+            if b"\r" in f.read(CHUNK_BYTES).strip():
+                raise ValueError(
+                    f"data file {str(path)!r} separates its lines by \\r alone (old Mac line "
+                    "endings): convert them to \\n (or \\r\\n)"
+                )
     starts = np.concatenate([[0], newlines + 1]).astype(np.int64)  # [num_newlines + 1]
     ends = np.concatenate([newlines, [size]]).astype(np.int64)
     lines = np.arange(1, starts.shape[0] + 1, dtype=np.int64)
@@ -241,12 +251,13 @@ def _element_spans(mm: mmap.mmap, path: Path) -> tuple[list[tuple[int, int]], in
 
 
 def _add_gap(mm: mmap.mmap, lo: int, hi: int, starts: list, ends: list) -> None:
-    """Text between two elements other than commas and blanks becomes a (malformed) record."""
-    gap = mm[lo:hi]
-    if gap.strip(_SEPARATORS):
-        offset = len(gap) - len(gap.lstrip(_SEPARATORS))
-        starts.append(lo + offset)
-        ends.append(lo + len(gap.rstrip(_SEPARATORS)))
+    """Each comma-separated value between two elements (a number, a string, garbage) becomes
+    a (malformed) record of its own, so each is counted as one skipped record."""
+    for piece in _GAP_VALUE.finditer(mm, lo, hi):
+        text = piece.group()
+        if text.strip(_SEPARATORS):
+            starts.append(piece.start() + len(text) - len(text.lstrip(_SEPARATORS)))
+            ends.append(piece.start() + len(text.rstrip(_SEPARATORS)))
 
 
 def parse_record(record: object, *, base_dir: str | os.PathLike, location: str) -> RawSample:

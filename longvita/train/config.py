@@ -309,7 +309,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or written as an empty section (`log:`)
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise StageConfigError(f"--set {override!r}: {part} is not a section")
         node = child
@@ -323,6 +325,8 @@ def _build(cls: type, data: Any, prefix: str):
     """An instance of the dataclass `cls` from a mapping, every value checked against its
     field's type; StageConfigError naming `prefix.key` otherwise."""
     where = prefix.rstrip(".") or "the stage file"
+    if data is None and prefix:  # a section left empty (`log:` with its keys commented out)
+        data = {}
     if not isinstance(data, dict):
         raise StageConfigError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)

@@ -32,6 +32,9 @@ def find_checkpoint(path: str | Path) -> tuple[RunDirectory, Path]:
     path = Path(path)
     if path.parent.name == CHECKPOINTS and path.name.startswith("step-"):
         run = RunDirectory(path.parent.parent)
+        if not path.exists() and not path.name.endswith(".partial"):
+            steps = sorted(p.name for p in path.parent.glob("step-*") if "." not in p.name)
+            raise ValueError(f"{path} does not exist; the run's checkpoints: {steps or 'none'}")
         if path.name.endswith(".partial") or not (path / ".metadata").is_file():
             raise ValueError(f"{path} is not a complete checkpoint (a run stopped while writing)")
         return run, path

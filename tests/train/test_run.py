@@ -137,6 +137,20 @@ def test_a_stage_transition_loads_the_weights_only(train_setup, finished_run, tm
         assert torch.equal(a, b), name
 
 
+def test_export_of_a_checkpoint_that_is_not_there_lists_the_run_s(tmp_path):
+    from longvita.train.export import find_checkpoint
+
+    (tmp_path / "run" / "checkpoints" / "step-2").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step-2" / ".metadata").touch()
+    (tmp_path / "run" / "checkpoints" / "step-4.partial").mkdir()
+    with pytest.raises(
+        ValueError, match=r"step-9 does not exist; the run's checkpoints: \['step-2'\]"
+    ):
+        find_checkpoint(tmp_path / "run" / "checkpoints" / "step-9")
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        find_checkpoint(tmp_path / "run" / "checkpoints" / "step-4.partial")
+
+
 def test_export_gives_the_trained_model(finished_run, tmp_path, media):
     out = tmp_path / "export"
     assert main(["export", str(finished_run), "--out", str(out)]) == 0

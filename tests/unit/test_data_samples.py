@@ -67,6 +67,26 @@ def test_json_list_elements_lines_and_garbage(tmp_path):
     assert err.value.reason == "malformed_json"
 
 
+def test_each_value_between_json_list_objects_is_a_record_of_its_own(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text('[{"a": 1}, 5, "s, t",\n null, {"a": 2}, tru]')
+    indexed = SampleFile.index(path)
+    assert len(indexed) == 6  # 5, "s, t", null and tru are skipped one by one
+    assert [int(line) for line in indexed.lines] == [1, 1, 1, 2, 2, 2]
+    assert [indexed.read_record(i) for i in (1, 2, 3)] == [5, "s, t", None]
+    with pytest.raises(SampleError, match="not valid JSON"):
+        indexed.read_record(5)
+
+
+def test_jsonl_with_carriage_returns_alone_is_a_value_error(tmp_path):
+    path = tmp_path / "mac.jsonl"
+    path.write_bytes(b'{"a": 1}\r{"a": 2}\r')
+    with pytest.raises(ValueError, match=r"mac.jsonl' separates its lines by \\r alone"):
+        SampleFile.index(path)
+    path.write_bytes(b'{"a": 1}\r')  # one record and a stray \r is one record
+    assert len(SampleFile.index(path)) == 1
+
+
 def test_broken_json_list_and_missing_file_are_value_errors(tmp_path):
     path = tmp_path / "a.json"
     path.write_text('[{"a": 1}, {"a": ')
