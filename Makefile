@@ -31,9 +31,10 @@ demo: setup
 demo-train: setup
 	$(BIN)/longvita demo train --out runs/demo --install
 
-# On a machine with a GPU (README, "GPU check"): every test marked gpu and the long-context
-# benchmark on CUDA bf16, one JSON summary. It runs that machine's python3 and torch; a wheel
-# that image lacks (PyAV) is carried in .whl/, made here by `make gpu-wheels`.
+# On a machine with a GPU (README, "GPU check"): every test marked gpu, then the GPU figures of
+# issues 10, 12 and 14 (benchmarks/gpu_check.py: parts with time limits, ~9 min in all), one
+# JSON summary. It runs that machine's python3 and torch; wheels that image lacks (PyAV, the
+# server's packages) are carried in .whl/, made here by `make gpu-wheels`.
 GPU_SITE := /tmp/longvita-site
 gpu-check:
 	@if ls .whl/*.whl >/dev/null 2>&1; then \
@@ -41,10 +42,12 @@ gpu-check:
 	PYTHONPATH=$(CURDIR):$(GPU_SITE) PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py \
 		--out "$${OUT:-gpu_check_output}"
 
+# PyAV, and the server's packages with their dependencies (for the serve part and the server
+# tests), for that machine's python 3.12: about 41 MB, under the device tool's 64 MiB carry.
 gpu-wheels: setup
-	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	$(BIN)/python -m pip download -q --only-binary=:all: --python-version 3.12 \
 		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-		-d .whl av==18.1.0
+		--platform manylinux2014_x86_64 -d .whl av==18.1.0 fastapi uvicorn openai
 
 lint: setup
 	$(BIN)/ruff check longvita tests benchmarks
