@@ -1,6 +1,6 @@
 """What the benchmark scripts share: the process memory probe, workers in fresh processes, the
 least-squares line through measured peaks, the median time of repeated calls, and the
-text-only model config with its flags.
+text-only model config with its flags and its random checkpoint.
 
 Imported by the scripts in this folder (run as `python benchmarks/NAME.py`, so this folder is on
 sys.path); not part of the library.
@@ -9,12 +9,15 @@ sys.path); not part of the library.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -151,3 +154,17 @@ def text_model_config(args: argparse.Namespace) -> LongVITAConfig:
         torch_dtype="float32",
         vision=VisionConfig(**STUB_VISION),
     )
+
+
+@contextlib.contextmanager
+def random_checkpoint(args: argparse.Namespace) -> Iterator[str]:
+    """The script's `--checkpoint`, else a random one of `text_model_config(args)` written to a
+    temporary directory that is removed afterwards."""
+    if args.checkpoint is not None:
+        yield args.checkpoint
+        return
+    from longvita.testing import make_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="longvita-bench-ckpt-") as tmp:
+        print("writing the random checkpoint", file=sys.stderr, flush=True)
+        yield str(make_tiny_checkpoint(tmp, config=text_model_config(args)))

@@ -40,8 +40,8 @@ from common import (
     LONG_CONTEXT_MODEL,
     add_model_flags,
     fit_line,
+    random_checkpoint,
     run_in_fresh_process,
-    text_model_config,
 )
 
 WORKER = Path(__file__).with_name("long_context.py")
@@ -186,14 +186,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    from longvita.testing import make_tiny_checkpoint
-
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="longvita-bench-kv-") as tmp:
-        checkpoint = args.checkpoint
-        if checkpoint is None:
-            print("writing the random checkpoint", file=sys.stderr, flush=True)
-            checkpoint = str(make_tiny_checkpoint(tmp, config=text_model_config(args)))
+    with random_checkpoint(args) as checkpoint:
         report = {
             "benchmark": "kv_cache_dtype",
             "config": {**vars(args), "torch": torch.__version__},

@@ -55,9 +55,9 @@ from common import (
     add_model_flags,
     fit_line,
     peak_since,
+    random_checkpoint,
     reset_peak,
     run_in_fresh_process,
-    text_model_config,
 )
 
 from longvita.infer.plan import free_memory_bytes
@@ -477,14 +477,8 @@ def main() -> None:
         result = run_cp_worker(args) if args.path == "cp" else run_worker(args)
         print(json.dumps(result))
         return
-    from longvita.testing import make_tiny_checkpoint
-
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="longvita-bench-ckpt-") as tmp:
-        checkpoint = args.checkpoint
-        if checkpoint is None:
-            print("writing the random checkpoint", file=sys.stderr, flush=True)
-            checkpoint = str(make_tiny_checkpoint(tmp, config=text_model_config(args)))
+    with random_checkpoint(args) as checkpoint:
         report = run_all(args, checkpoint)
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=2))

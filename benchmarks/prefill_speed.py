@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import LONG_CONTEXT_MODEL, add_model_flags, run_in_fresh_process, text_model_config
+from common import LONG_CONTEXT_MODEL, add_model_flags, random_checkpoint, run_in_fresh_process
 
 WORKER = Path(__file__).with_name("long_context.py")
 SIDES = ("ours", "baseline")
@@ -89,13 +88,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    from longvita.testing import make_tiny_checkpoint
-
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="longvita-bench-prefill-") as tmp:
-        checkpoint = args.checkpoint or str(
-            make_tiny_checkpoint(tmp, config=text_model_config(args))
-        )
+    with random_checkpoint(args) as checkpoint:
         report = {
             "benchmark": "prefill_speed",
             "config": {**vars(args), "torch": torch.__version__},

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import LONG_CONTEXT_MODEL, add_model_flags, text_model_config
+from common import LONG_CONTEXT_MODEL, add_model_flags, random_checkpoint
 
 FIRST = "<video>\nWhat happens in this video?"
 SECOND = "<video>\nWhat colour is the bar at the end?"
@@ -237,13 +237,9 @@ def main() -> None:
     if args.worker:
         print(json.dumps(run_worker(args)))
         return
-    from longvita.testing import make_tiny_checkpoint
-
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="longvita-bench-ckpt-") as tmp:
-        if args.checkpoint is None:
-            print("writing the random checkpoint", file=sys.stderr, flush=True)
-            args.checkpoint = str(make_tiny_checkpoint(tmp, config=text_model_config(args)))
+    with random_checkpoint(args) as checkpoint:
+        args.checkpoint = checkpoint
         rows = run_all(args)
     hidden = ("worker", "phase", "video", "cache_dir", "cp_size")
     config = {k: v for k, v in vars(args).items() if k not in hidden}
