@@ -19,7 +19,7 @@ DEMO_NAME = "demo"
 def resolve_model_dir(name: str | Path) -> Path:
     """A checkpoint directory from a `--model` value: `demo` is `DEMO_MODEL`."""
     if str(name) != DEMO_NAME:
-        return Path(name)
+        return Path(name).expanduser()
     if not (DEMO_MODEL / "config.json").is_file():
         raise CheckpointError(
             f"the demo model is not in this installation ({DEMO_MODEL}): train it with "

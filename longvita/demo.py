@@ -13,6 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
+from longvita.checks import check_int
 from longvita.data.synth import DIGITS, LETTERS, NEEDLE_QUESTION, SHAPES, Renderer
 
 DEMO_SEED = 424242
@@ -80,6 +81,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from longvita.assets import resolve_model_dir
     from longvita.data.synth import write_lossless_video
 
+    check_int("--frames", args.frames, minimum=1)  # before the three image questions
     start = time.perf_counter()
     pipe = longvita.load(resolve_model_dir(args.model))
     output = Path(args.output)

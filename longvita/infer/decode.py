@@ -160,9 +160,11 @@ class Continuation:
         return step
 
     def _finish(self, reason: str) -> None:
-        self.stop_reason = reason
         if self.text is not None:
             self.tail = self.text.finish()
+            if self.text.stopped:  # the text held back until now completed a stop sequence
+                reason = "stop_sequence"
+        self.stop_reason = reason
 
 
 class TokenStream:

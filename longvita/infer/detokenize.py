@@ -22,8 +22,10 @@ INCOMPLETE = "\ufffd"
 """What a tokenizer decodes an incomplete UTF-8 byte sequence to."""
 
 
-def check_stop_sequences(stop: Sequence[str]) -> tuple[str, ...]:
-    """A tuple of non-empty strings, or ValueError naming the bad entry."""
+def check_stop_sequences(stop: Sequence[str] | str | None) -> tuple[str, ...]:
+    """A tuple of non-empty strings (None: none), or ValueError naming the bad entry."""
+    if stop is None:
+        return ()
     if isinstance(stop, str):
         stop = (stop,)
     stop = tuple(stop)
@@ -60,13 +62,16 @@ class Detokenizer:
 
     def finish(self) -> str:
         """The answer is over (stop token or length): the text still held back, incomplete
-        characters included (as U+FFFD, like a full decode)."""
+        characters included (as U+FFFD, like a full decode), up to a stop sequence that this
+        last text completes (then `stopped`)."""
         if self.stopped:
             return ""
         self._decode_new(final=True)
-        tail = self.text[self.released :]
+        pending = self.text[self.released :]
+        cut = min((pending.find(s) for s in self.stop if s in pending), default=len(pending))
+        self.stopped = cut < len(pending)
         self.released = len(self.text)
-        return tail
+        return pending[:cut]
 
     def _decode_new(self, *, final: bool) -> None:
         """Extend `text` with what the tokens after the window's start now decode to."""

@@ -47,7 +47,7 @@ from longvita.processing.chat import Messages
 from longvita.processing.image import DEFAULT_MAX_PIXELS
 from longvita.processing.processor import ImageInput, ProcessedPrompt, Processor, VideoInput
 from longvita.processing.tiles import TileSource
-from longvita.processing.tokens import load_tokenizer
+from longvita.processing.tokens import load_tokenizer, save_tokenizer
 from longvita.runtime import resolve_device, resolve_dtype, resolve_kv_cache_dtype
 
 logger = logging.getLogger(__name__)
@@ -332,7 +332,7 @@ class Pipeline:
             self.model,
             directory,
             max_shard_bytes=max_shard_bytes,
-            write_extra=lambda staged: self.tokenizer.save_pretrained(str(staged)),
+            write_extra=lambda staged: save_tokenizer(self.tokenizer, staged),
         )
 
 
@@ -366,7 +366,7 @@ def load(
     dtype = resolve_dtype(dtype, device)
     check_int("max_pixels", max_pixels, minimum=1)
     kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype, dtype)
-    directory = Path(path)
+    directory = Path(path).expanduser()
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a directory: give a checkpoint directory")
     config = LongVITAConfig.from_pretrained(directory)
@@ -381,7 +381,7 @@ def load(
     disk = None
     if prefix_cache_dir is not None:
         disk = DiskPrefixStore(
-            prefix_cache_dir,
+            Path(prefix_cache_dir).expanduser(),
             max_bytes=prefix_cache_dir_bytes,
             model_identity=checkpoint_identity(directory),
             dtype=kv_dtype,

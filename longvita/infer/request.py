@@ -52,6 +52,8 @@ class SamplingParams:
         check_int("top_k", self.top_k, minimum=0)
         if self.seed is not None:
             check_int("seed", self.seed)
+            if not -(2**63) <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
+                raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
 
@@ -115,12 +117,15 @@ class GenerationRequest:
         if unknown:
             allowed = sorted((own - {"sampling"}) | set(SAMPLING_OPTIONS))
             raise TypeError(f"unknown generation option(s) {unknown}; expected some of {allowed}")
-        sampling = {k: options.pop(k) for k in SAMPLING_OPTIONS if k in options}
+        flat = {k: options.pop(k) for k in SAMPLING_OPTIONS if k in options}
+        base = options.pop("sampling", None) or SamplingParams()
+        if not isinstance(base, SamplingParams):
+            raise TypeError(f"sampling must be a SamplingParams, got {type(base).__name__}")
         return cls(
             messages=messages,
             images=() if images is None else images,  # __post_init__ checks, makes tuples
             videos=() if videos is None else videos,
-            sampling=SamplingParams(**sampling),
+            sampling=dataclasses.replace(base, **flat),  # flat options override `sampling`
             **options,
         )
 

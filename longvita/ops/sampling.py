@@ -39,7 +39,10 @@ def sample_next_token(
     """[batch, vocab] logits -> [batch] token ids. temperature 0 is greedy (argmax)."""
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
-    scaled = logits.float() / temperature
+    logits = logits.float()
+    # the best logit becomes 0 first: a tiny temperature then makes the others -inf, not
+    # inf - inf = nan (softmax is the same for any shift)
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     scaled = filter_top_p(filter_top_k(scaled, top_k), top_p)
     probs = scaled.softmax(dim=-1)  # [batch, vocab]
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,8 +1,9 @@
 """The tokenizer and Long-VITA's special tokens.
 
 Owns loading the Qwen2 tokenizer of a checkpoint directory (with transformers), adding any of the
-17 Long-VITA tokens it lacks, in the official order, and resolving the ids the rest of the code
-needs. Every id is read from the tokenizer, never hard-coded, so tiny test tokenizers work too.
+17 Long-VITA tokens it lacks, in the official order, saving it in the official layout, and
+resolving the ids the rest of the code needs. Every id is read from the tokenizer, never
+hard-coded, so tiny test tokenizers work too.
 """
 
 from __future__ import annotations
@@ -124,6 +125,46 @@ def load_tokenizer(directory: str | Path):
         raise CheckpointError(f"cannot load the tokenizer in {directory}: {err}") from err
     add_long_vita_tokens(tokenizer)
     return tokenizer
+
+
+V5_ONLY_CONFIG_KEYS = ("backend", "is_local", "local_files_only")
+"""What transformers 5 writes into tokenizer_config.json that no tokenizer needs to load."""
+
+
+def save_tokenizer(tokenizer, directory: str | Path) -> None:
+    """Write the tokenizer in the official checkpoint's layout, which both transformers 4 (the
+    official code's) and 5 load: tokenizer.json, the slow tokenizer's vocab.json and
+    merges.txt, and a tokenizer_config.json with `additional_special_tokens`,
+    `added_tokens_decoder` and `chat_template` (transformers 5's own save lists the special
+    tokens as `extra_special_tokens`, which version 4 takes for a mapping and fails on)."""
+    directory = Path(directory)
+    tokenizer.save_pretrained(str(directory))
+    path = directory / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    extra = config.pop("extra_special_tokens", None)
+    if isinstance(extra, list):
+        config["additional_special_tokens"] = extra
+    elif extra:
+        config["extra_special_tokens"] = extra  # a mapping: both versions read it
+    for key in V5_ONLY_CONFIG_KEYS:
+        config.pop(key, None)
+    template = directory / "chat_template.jinja"
+    if template.is_file():
+        config["chat_template"] = template.read_text(encoding="utf-8")
+    config["added_tokens_decoder"] = {
+        str(index): {
+            "content": token.content, "lstrip": token.lstrip, "normalized": token.normalized,
+            "rstrip": token.rstrip, "single_word": token.single_word, "special": token.special,
+        }
+        for index, token in sorted(tokenizer.added_tokens_decoder.items())
+    }  # fmt: skip
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    model = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    vocab = json.dumps(model["vocab"], ensure_ascii=False)
+    (directory / "vocab.json").write_text(vocab, encoding="utf-8")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    text = "#version: 0.2\n" + "".join(f"{merge}\n" for merge in merges)
+    (directory / "merges.txt").write_text(text, encoding="utf-8")
 
 
 def special_token_ids(tokenizer) -> SpecialTokenIds:

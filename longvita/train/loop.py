@@ -38,6 +38,7 @@ from longvita.parallel.context_parallel import sequence_loss
 from longvita.parallel.fsdp import clip_gradients, parallelize
 from longvita.parallel.state import ParallelState
 from longvita.processing.processor import Processor
+from longvita.processing.tokens import save_tokenizer
 from longvita.train.config import StageConfig
 from longvita.train.init import InitSpec, initialize
 from longvita.train.metrics import MetricsLog, StepRecord, plot_curves, read_metrics
@@ -103,7 +104,7 @@ def build_model(
     if state.is_main and not resuming:
         run.model_dir.mkdir(parents=True, exist_ok=True)
         model.config.save_pretrained(run.model_dir)
-        tokenizer.save_pretrained(str(run.model_dir))
+        save_tokenizer(tokenizer, run.model_dir)
     counts = freeze(model, stage.trainable)
     logger.info("trainable parameters: %s", counts)
     model.to(state.device).train()

@@ -64,6 +64,32 @@ def test_pipeline_save_round_trip(tiny_checkpoint, tmp_path):
     assert again.tokenizer.get_vocab() == pipe.tokenizer.get_vocab()
 
 
+def test_saved_tokenizer_has_the_official_files_and_ids(qwen2_tokenizer_dir, tmp_path):
+    """vocab.json + merges.txt (the slow tokenizer, which the official code may read) give the
+    fast tokenizer's ids; the special tokens are a list under `additional_special_tokens`
+    (transformers 4 fails on transformers 5's list-valued `extra_special_tokens`), and the chat
+    template is in tokenizer_config.json, where transformers before 4.43 reads it."""
+    from transformers import Qwen2Tokenizer
+
+    from longvita.processing.tokens import load_tokenizer, save_tokenizer
+
+    tokenizer = load_tokenizer(qwen2_tokenizer_dir)
+    save_tokenizer(tokenizer, tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert (
+        "extra_special_tokens" not in config
+        and "<|im_start|>" in config["additional_special_tokens"]
+    )
+    assert "<|im_start|>" in config["chat_template"]
+    added = {t["content"] for t in config["added_tokens_decoder"].values()}
+    assert {"<IMG_CONTEXT>", "<video>", "<|endoftext|>"} <= added
+    (tmp_path / "tokenizer.json").unlink()  # only what the slow tokenizer reads is left
+    slow = Qwen2Tokenizer.from_pretrained(str(tmp_path))
+    text = "<|im_start|>user\nHello wörld 你好 <img><IMG_CONTEXT></img><video> tá»<|im_end|>\n"
+    assert slow.encode(text) == tokenizer.encode(text)
+    assert load_tokenizer(tmp_path).get_vocab() == tokenizer.get_vocab()
+
+
 def test_saving_over_a_sharded_checkpoint_replaces_it_whole(tiny_checkpoint, tmp_path):
     """A smaller checkpoint saved where a sharded one was: no stale shard or index survives,
     the tokenizer and the user's own files stay, and `load` returns the new weights."""

@@ -24,3 +24,12 @@ def test_the_shipped_demo_model_answers_about_unseen_media(tmp_path):
     right = sum(answer == truth for answer, truth in answers)
     assert right == 4, done.stdout
     assert f"{right} of 4 right" in done.stdout, done.stdout
+
+
+def test_a_frame_count_below_one_is_refused_before_any_question(tmp_path, capsys):
+    from longvita.cli import main
+
+    assert main(["demo", "--frames", "0", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--frames must be >= 1, got 0" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # no image rendered, no question asked

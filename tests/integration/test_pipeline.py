@@ -61,6 +61,12 @@ def test_contract_fields_and_plain_string(pipe, media):
     assert again.token_ids == out.token_ids
 
 
+def test_a_checkpoint_path_with_a_tilde_is_the_home_directory(tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("HOME", str(tiny_checkpoint.parent))
+    pipe = longvita.load(f"~/{tiny_checkpoint.name}")
+    assert pipe.config == longvita.load(tiny_checkpoint).config
+
+
 def test_sampling_is_reproducible_with_a_seed(pipe):
     a = pipe.generate("Tell me a story.", max_new_tokens=10, temperature=1.0, top_k=50, seed=7)
     b = pipe.generate("Tell me a story.", max_new_tokens=10, temperature=1.0, top_k=50, seed=7)

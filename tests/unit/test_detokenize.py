@@ -113,3 +113,31 @@ def test_bad_stop_sequences_are_refused(bad):
 
 def test_a_single_string_is_one_stop_sequence():
     assert check_stop_sequences("\n\n") == ("\n\n",)
+
+
+def test_none_is_no_stop_sequence():
+    assert check_stop_sequences(None) == ()
+
+
+@pytest.mark.parametrize("stop", [" ", " t", "lo t"])
+def test_a_stop_sequence_in_the_text_held_at_the_end_still_stops(tokenizer, stop):
+    """The last token leaves an incomplete character (" t" + half of "á»"), so its text is held
+    until the answer ends; what `finish` releases is cut at the stop sequence too."""
+    ids = [*tokenizer.encode("hello", add_special_tokens=False), 46500]
+    assert tokenizer.decode(ids).endswith(INCOMPLETE)
+    detok, deltas = stream(tokenizer, ids, stop=[stop])
+    assert detok.stopped and "".join(deltas) == "hello t"[: "hello t".find(stop)]
+
+
+def test_the_stream_says_stop_sequence_when_the_last_text_completes_one(tokenizer):
+    from longvita.infer.decode import Continuation
+    from longvita.infer.request import SamplingParams
+
+    ids = [*tokenizer.encode("hello", add_special_tokens=False), 46500]
+    params = SamplingParams(max_new_tokens=len(ids))
+    chosen = iter(ids)
+    continuation = Continuation(
+        lambda logits: next(chosen), params, (), text=Detokenizer(tokenizer, [" t"])
+    )
+    text = "".join(continuation.next(None).text for _ in ids) + continuation.tail
+    assert text == "hello" and continuation.stop_reason == "stop_sequence"

@@ -54,9 +54,28 @@ def test_sampling_is_seeded_and_respects_filters():
         {"top_p": float("nan")},
         {"top_k": -2},
         {"seed": "7"},
+        {"seed": 2**64},
+        {"seed": -(2**63) - 1},
     ],
 )
 def test_sampling_params_validate(kwargs):
     ((name, value),) = kwargs.items()
     with pytest.raises(ValueError, match=name):
         SamplingParams(**kwargs)
+
+
+def test_a_tiny_temperature_is_the_argmax_not_nan():
+    logits = torch.tensor([[0.5, 3.0, -1.0], [2.0, 2.0, 1.0]])
+    generator = torch.Generator().manual_seed(0)
+    tokens = sample_next_token(logits, temperature=1e-45, generator=generator)
+    assert tokens[0] == 1 and tokens[1] in (0, 1)
+
+
+def test_a_sampling_params_object_and_flat_options_combine():
+    from longvita.infer.request import GenerationRequest
+
+    base = SamplingParams(max_new_tokens=9, temperature=0.7, seed=3)
+    request = GenerationRequest.create("hi", sampling=base, top_k=5)
+    assert request.sampling == SamplingParams(max_new_tokens=9, temperature=0.7, seed=3, top_k=5)
+    with pytest.raises(TypeError, match="sampling must be a SamplingParams, got dict"):
+        GenerationRequest.create("hi", sampling={"temperature": 1.0})
