@@ -88,21 +88,10 @@ def build_prompt(messages: Messages, *, add_generation_prompt: bool = True) -> s
     return text + GENERATION_PROMPT if add_generation_prompt else text
 
 
-def build_training_text(messages: Messages) -> tuple[str, list[tuple[int, int]]]:
-    """The ChatML text of a whole conversation and the character spans to supervise.
-
-    Every assistant turn is supervised as `{answer}<|im_end|>\n` (the `<|im_start|>assistant\n`
-    header is not); everything else (system, user turns) is context. A conversation without an
-    assistant turn has nothing to learn from and raises ValueError.
-    """
+def training_turns(messages: Messages) -> list[dict[str, str]]:
+    """The turns of a conversation to train on (`normalize_messages`); ValueError when none is
+    an assistant's: there would be nothing to learn from."""
     turns = normalize_messages(messages)
-    text, spans = "", []
-    for turn in turns:
-        rendered = render_turn(turn["role"], turn["content"])
-        if turn["role"] == "assistant":
-            header = len("<|im_start|>assistant\n")
-            spans.append((len(text) + header, len(text) + len(rendered)))
-        text += rendered
-    if not spans:
+    if not any(turn["role"] == "assistant" for turn in turns):
         raise ValueError("the conversation has no assistant turn: nothing to supervise")
-    return text, spans
+    return turns

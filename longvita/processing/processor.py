@@ -24,10 +24,16 @@ from PIL import Image
 from longvita.config import VisionConfig
 from longvita.errors import MediaError, PromptError, ReservedTokenError
 from longvita.ops.loss import IGNORE_INDEX
-from longvita.processing.chat import Messages, build_prompt, build_training_text
+from longvita.processing.chat import Messages, build_prompt, training_turns
 from longvita.processing.image import DEFAULT_MAX_PIXELS, check_pixels, choose_grid, image_size
 from longvita.processing.tiles import FrameListTiles, ImageTiles, TileSource, VideoFrameTiles
-from longvita.processing.tokens import SpecialTokenIds, load_tokenizer, special_token_ids
+from longvita.processing.tokens import (
+    IM_END,
+    IM_START,
+    SpecialTokenIds,
+    load_tokenizer,
+    special_token_ids,
+)
 from longvita.processing.video import (
     DEFAULT_MAX_FPS,
     DEFAULT_MAX_FRAMES,
@@ -220,16 +226,20 @@ class Processor:
     ) -> ProcessedPrompt:
         """A training sample: the whole conversation, labels on every `{answer}<|im_end|>\\n`.
 
-        The text is tokenized once, exactly as at inference, and a token is supervised when its
-        characters lie inside an assistant answer span.
+        Tokenized as the official training code does (`preprocess` in its dataset_qwen2.py),
+        which differs from a prompt's one-call tokenization where a turn's text begins with a
+        newline: `<|im_start|>`, the role, `\\n`, the turn's text, `<|im_end|>` and `\\n` are
+        tokenized each on its own, so a turn's first token never merges with the header's
+        newline; the assistant turns' text, `<|im_end|>` and `\\n` are supervised.
         """
-        text, spans = build_training_text(messages)
-        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = encoding["input_ids"]
-        labels = [
-            token if _inside(offsets, spans) else IGNORE_INDEX
-            for token, offsets in zip(ids, encoding["offset_mapping"], strict=True)
-        ]
+        newline, im_start, im_end = (self.tokenize(t) for t in ("\n", IM_START, IM_END))
+        ids, labels = [], []
+        for turn in training_turns(messages):
+            header = im_start + self.tokenize(turn["role"]) + newline
+            body = self.tokenize(turn["content"]) + im_end + newline
+            supervised = body if turn["role"] == "assistant" else [IGNORE_INDEX] * len(body)
+            ids += header + body
+            labels += [IGNORE_INDEX] * len(header) + supervised
         prompt = self._expand(ids, labels, images, videos, max_frames=max_frames, fps=fps)
         prompt.tiles = prompt.tiles.materialize()  # media errors surface here, not later
         return prompt
@@ -350,9 +360,3 @@ class Processor:
                 f"the prompt has {num_video_tags} <video> tag(s) but {num_videos} video(s) were "
                 "given; put one <video> tag per video, in order"
             )
-
-
-def _inside(offsets: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
-    """Whether the characters [start, end) of a token lie inside one of the spans."""
-    start, end = offsets
-    return any(lo <= start and end <= hi for lo, hi in spans)

@@ -126,6 +126,41 @@ def test_training_labels_supervise_every_answer_with_im_end_and_newline(real_pro
     assert not out.visual_mask[torch.tensor(supervised)].any()
 
 
+def _official_preprocess(tokenizer, messages):
+    """The official training code's text tokenization (its dataset_qwen2.py `preprocess`,
+    before tag expansion): each turn's pieces tokenized on their own."""
+
+    def tok(text):
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    ids, labels = [], []
+    for turn in messages:
+        role = {"human": "user", "gpt": "assistant"}.get(turn["role"], turn["role"])
+        header = tok("<|im_start|>") + tok(role) + tok("\n")
+        body = tok(turn["content"]) + tok("<|im_end|>") + tok("\n")
+        ids += header + body
+        labels += [-100] * len(header) + (body if role == "assistant" else [-100] * len(body))
+    return ids, labels
+
+
+@pytest.mark.parametrize(
+    "answer", ["\nYes", "\n\nTwo blank lines first.", "  spaced", "Plain.", "\r\nCRLF", ""]
+)
+def test_training_tokens_and_labels_are_the_official_ones(real_processor, answer):
+    """A turn whose text starts with a newline would merge it with the header's in one
+    tokenization (271 = "\\n\\n"): the official code tokenizes the turn's text alone."""
+    messages = [
+        {"role": "system", "content": "\nBe brief."},
+        {"role": "user", "content": "\nHi"},
+        {"role": "assistant", "content": answer},
+        {"role": "human", "content": "More?"},
+        {"role": "gpt", "content": answer + " more"},
+    ]
+    out = real_processor.encode_conversation(messages)
+    ids, labels = _official_preprocess(real_processor.tokenizer, messages)
+    assert out.input_ids.tolist() == ids and out.labels.tolist() == labels
+
+
 def test_training_needs_an_assistant_turn(tiny_processor):
     with pytest.raises(ValueError, match="no assistant turn"):
         tiny_processor.encode_conversation([{"role": "user", "content": "hi"}])
