@@ -70,6 +70,7 @@ def run_vniah_command(args: argparse.Namespace) -> int:
     from longvita.parallel.launch import launch
 
     config = vniah_config(args)  # bad values fail here, before any process starts
+    check_out_dir(args.out)
     model_dir = resolve_model_dir(args.model)
     if args.haystack is not None and not Path(args.haystack).exists():
         raise ValueError(f"--haystack {args.haystack} does not exist")
@@ -99,6 +100,7 @@ def _vniah_on_rank(state, model_dir: str, config, out: str, dtype: str | None) -
 
     pipe = longvita.load(model_dir, device=state.device, dtype=dtype)
     answerer = PipelineAnswerer(pipe, state=state if state.cp_size > 1 else None)
+    answerer.check_lengths(config.frames, config.question)  # before a frame is encoded
     if config.haystack is None:
         haystack = rendered_haystack(config.seed)
     else:
@@ -144,6 +146,12 @@ def add_mcq_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_mcq_command)
 
 
+def check_out_dir(out: str) -> None:
+    """ValueError before any work when `--out` cannot be the results' directory."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+
+
 def run_mcq_command(args: argparse.Namespace) -> int:
     from longvita.assets import resolve_model_dir
     from longvita.eval.harness import HarnessModel
@@ -156,6 +164,7 @@ def run_mcq_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--media-root {args.media_root} is not a directory")
     if args.cp > 1 and args.scoring != "letter":
         raise ValueError(f"--cp {args.cp} needs --scoring letter (likelihood runs in one process)")
+    check_out_dir(args.out)
     model_dir = resolve_model_dir(args.model)
     model_id = f"{model_dir.resolve()} max_frames={args.max_frames} fps={args.fps}"
     settings = McqSettings(
@@ -164,6 +173,11 @@ def run_mcq_command(args: argparse.Namespace) -> int:
     questions, skipped = load_questions(path, media_root=args.media_root)
     for line in skipped:
         print(f"{line.where}: skipped: {line.reason}", file=sys.stderr)
+    if not questions:
+        raise ValueError(
+            f"{path}: no well-formed question ({len(skipped)} line(s) skipped); give one JSON "
+            "object per line (JSONL)"
+        )
     model = HarnessModel.load(
         model_dir,
         device=args.device,

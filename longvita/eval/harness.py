@@ -14,7 +14,7 @@ The adapters own only their harness's request formats and defaults.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,16 +62,17 @@ def media_kind(value: object) -> str:
     )
 
 
-def join_parts(parts: Iterable[tuple[str, Any]]) -> UserTurn:
+def join_parts(parts: Iterable[tuple[str, Any]], tags: Mapping[str, str] = MEDIA_TAGS) -> UserTurn:
     """(kind, value) parts in order, kind "text", "image" or "video" -> one user turn: a text
-    part is its text, an image part `<image>\\n`, a video part `<video>\\n`."""
+    part is its text, a media part its tag (`tags`: by default an image `<image>\\n`, a video
+    `<video>\\n`, as `longvita serve` joins content parts)."""
     turn = UserTurn("")
     pieces = []
     for kind, value in parts:
         if kind == "text":
             pieces.append(value)
-        elif kind in MEDIA_TAGS:
-            pieces.append(MEDIA_TAGS[kind])
+        elif kind in tags:
+            pieces.append(tags[kind])
             (turn.images if kind == "image" else turn.videos).append(value)
         else:
             raise ValueError(f"unknown content part type {kind!r}: expected text, image or video")

@@ -230,13 +230,17 @@ def answer_text(continuation: str) -> str:
 
 def sampling_options(gen_kwargs: dict, *, default_max_new_tokens: int) -> dict[str, Any]:
     """lmms-eval's gen_kwargs as `HarnessModel.generate` options: greedy unless do_sample (or,
-    without do_sample, a temperature above 0); `until` as stop strings."""
+    without do_sample, a temperature above 0) and a temperature given is not 0 (greedy, as in
+    vLLM and lmms-eval's own models); `until` as stop strings, empty ones skipped as lmms-eval's
+    models skip them."""
     until = gen_kwargs.get("until") or ()
-    stop: Sequence[str] = (until,) if isinstance(until, str) else tuple(until)
+    stop: Sequence[str] = tuple(s for s in ((until,) if isinstance(until, str) else until) if s)
     temperature = float(gen_kwargs.get("temperature") or 0.0)
     sample = gen_kwargs.get("do_sample")
     if sample is None:
         sample = temperature > 0
+    elif gen_kwargs.get("temperature") is not None and temperature == 0:
+        sample = False
     if int(gen_kwargs.get("num_beams") or 1) > 1:
         logger.warning("num_beams=%s ignored: no beam search", gen_kwargs["num_beams"])
     return {

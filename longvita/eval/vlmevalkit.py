@@ -13,23 +13,27 @@ VIDEO_LLM (VLMEvalKit then hands over video files, not frames), text, image and 
 and its generation settings: greedy, at most 1024 new tokens, `max_num_frame` frames per video
 (4096 by default, the official Long-VITA-16K entry uses 128 and the 128K / 1M ones 256; the
 MAX_NUM_FRAME environment variable overrides it, as there). With `official_prompts` (the
-default) the question text gets the official wrapper's per-dataset instructions
-(`official_prompt`). Content parts are joined as `longvita serve` joins them
-(`eval.harness.join_parts`: an image `<image>\\n`, a video `<video>\\n`, text as is).
+default) the message is what the official wrapper sends: parts joined with its tags (an image
+`<image>\\n`, a video `<video>` without a newline, text as is), the question text with its
+per-dataset instructions (`official_prompt`), and an answer cut after its last "Answer:";
+without, parts are joined as `longvita serve` joins them (`eval.harness.join_parts`: a video
+`<video>\\n`).
 
 VLMEvalKit is not imported to use this module: `LongVITA` subclasses
 `vlmeval.vlm.base.BaseModel` when VLMEvalKit is installed, otherwise `StandaloneBase`, which
-has the same `generate(message, dataset)` entry.
+has the same `generate(message, dataset)` entry; a dataset's type then comes from its name
+(`dataset_type`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import mimetypes
 import os
 import runpy
 import sys
-from functools import partial
 
 from longvita.eval.harness import DEFAULT_MAX_NEW_TOKENS, HarnessModel, join_parts, rank_device
 
@@ -38,11 +42,14 @@ logger = logging.getLogger(__name__)
 DEFAULT_NAME = "longvita"
 """The name `run.py --model` takes after `register`."""
 OFFICIAL_MAX_NUM_FRAME = 4096
+OFFICIAL_TAGS = {"image": "<image>\n", "video": "<video>"}
+"""How the official wrapper (`build_msgs`) joins media parts into the question."""
 
 
 class StandaloneBase:
     """VLMEvalKit's model interface where VLMEvalKit is not installed: `generate(message,
-    dataset)` takes a string, a list of strings or a list of {"type", "value"} dicts and calls
+    dataset)` takes what VLMEvalKit's does (a string, a {"type", "value"} dict, or a list of
+    them; a string naming an existing file is an image or a video by its MIME type) and calls
     `generate_inner` with the list of dicts."""
 
     INTERLEAVE = False
@@ -52,13 +59,23 @@ class StandaloneBase:
         return False
 
     def generate(self, message, dataset: str | None = None) -> str:
-        if isinstance(message, str):
+        if isinstance(message, str | dict):
             message = [message]
-        items = [m if isinstance(m, dict) else {"type": "text", "value": m} for m in message]
+        items = [m if isinstance(m, dict) else _part_of_string(m) for m in message]
         for item in items:
             if item.get("type") not in self.allowed_types or "value" not in item:
                 raise ValueError(f"invalid message part {item!r}: expected {self.allowed_types}")
         return self.generate_inner(items, dataset)
+
+
+def _part_of_string(value: str) -> dict:
+    """A message string as VLMEvalKit reads it: a file path with an image or video MIME type
+    is that medium, anything else text."""
+    if isinstance(value, str) and os.path.isfile(value):
+        kind = (mimetypes.guess_type(value)[0] or "").split("/")[0]
+        if kind in ("image", "video"):
+            return {"type": kind, "value": value}
+    return {"type": "text", "value": value}
 
 
 try:
@@ -103,10 +120,14 @@ class LongVITA(BaseModel):
         )
 
     def generate_inner(self, message: list[dict], dataset: str | None = None) -> str:
-        turn = join_parts((item["type"], item["value"]) for item in message)
-        if self.official_prompts:
-            turn.text = official_prompt(turn.text, dataset)
-        return self.model.generate(turn, max_new_tokens=self.max_new_tokens).text
+        parts = ((item["type"], item["value"]) for item in message)
+        if not self.official_prompts:
+            turn = join_parts(parts)
+            return self.model.generate(turn, max_new_tokens=self.max_new_tokens).text
+        turn = join_parts(parts, OFFICIAL_TAGS)
+        turn.text = official_prompt(turn.text, dataset)
+        answer = self.model.generate(turn, max_new_tokens=self.max_new_tokens).text
+        return answer.split("Answer:")[-1].strip() if "Answer:" in answer else answer
 
 
 def default_device() -> str:
@@ -131,21 +152,23 @@ def official_prompt(text: str, dataset: str | None) -> str:
     """The question text as the official wrapper rewrites it for `dataset` (its `build_msgs`):
     an instruction per dataset or dataset type (VLMEvalKit's DATASET_TYPE, when installed)."""
     text = text.replace("\nAnswer: ", "\n")
-    kind = dataset_type(dataset)
-    if dataset == "OCRBench":
+    if dataset == "OCRBench":  # the named datasets first, then by type: the wrapper's order
         return text + _OCR
     if dataset in ("MMMU_DEV_VAL", "MMMU_TEST", "MMStar"):
         return _replace_strip(text, _SELECT) + _LETTER_DIRECTLY
     if dataset == "MVBench":
         return text.replace(_MVBENCH_TAIL, "") + "Answer with the letter."
-    if dataset == "MMVet" or kind == "VQA":
+    if dataset == "MMVet":
         return text
     if dataset == "MathVista_MINI":
         return text + "\n" + _SINGLE_WORD
+    kind = dataset_type(dataset)
     if kind == "Y/N":
         return _replace_strip(text, "Answer the question with Yes or No.") + "Answer yes or no."
     if kind == "MCQ":
         return _replace_strip(text, _SELECT) + "Answer with the letter."
+    if kind == "VQA":
+        return text
     if kind == "Video-MCQ":
         return text + "Offer a very short reply."
     return _replace_strip(text, _SINGLE_WORD) + _SINGLE_WORD
@@ -155,14 +178,33 @@ def _replace_strip(text: str, phrase: str) -> str:
     return text.replace(phrase, "").strip() + "\n"
 
 
-def dataset_type(dataset: str | None) -> str | None:
-    """VLMEvalKit's type of a dataset ("MCQ", "Y/N", "VQA", "Video-MCQ"...), None without
-    VLMEvalKit or a dataset."""
-    if dataset is None or BaseModel is StandaloneBase:
-        return None
-    from vlmeval.dataset import DATASET_TYPE
+_TYPES_BY_NAME = (  # (type, name fragments), first match wins: VLMEvalKit's own families
+    ("Video-MCQ", ("video-mme", "videomme", "mvbench", "mlvu", "longvideobench", "tempcompass")),
+    ("MCQ", ("mme-realworld", "mmbench", "seedbench", "ccbench", "mmmu", "scienceqa", "ai2d")),
+    ("Y/N", ("mme", "hallusion", "pope", "amber")),
+    ("VQA", ("ocrvqa", "textvqa", "chartqa", "mathvista", "docvqa", "infovqa", "llavabench",
+             "mmvet", "ocrbench", "openended")),
+)  # fmt: skip
 
+
+def dataset_type(dataset: str | None) -> str | None:
+    """VLMEvalKit's type of a dataset ("MCQ", "Y/N", "VQA", "Video-MCQ"...), None without a
+    dataset. Without VLMEvalKit, from the name (`_TYPES_BY_NAME`; else "MCQ", VLMEvalKit's
+    default for a dataset it does not know)."""
+    if dataset is None:
+        return None
+    try:
+        from vlmeval.dataset import DATASET_TYPE
+    except ImportError:
+        _warn_types_from_names()
+        name = dataset.lower()
+        return next((t for t, parts in _TYPES_BY_NAME if any(p in name for p in parts)), "MCQ")
     return DATASET_TYPE(dataset)
+
+
+@functools.cache
+def _warn_types_from_names() -> None:
+    logger.warning("VLMEvalKit is not installed: dataset types are guessed from their names")
 
 
 # -- registering and running ----------------------------------------------------------------
@@ -172,7 +214,7 @@ def register(name: str = DEFAULT_NAME, **model_kwargs) -> None:
     """Make `run.py --model NAME` build `LongVITA(**model_kwargs)`."""
     from vlmeval.config import supported_VLM
 
-    supported_VLM[name] = partial(LongVITA, **model_kwargs)
+    supported_VLM[name] = functools.partial(LongVITA, **model_kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -62,6 +62,8 @@ class VniahConfig:
     def __post_init__(self) -> None:
         if not self.frames or not self.depths:
             raise ValueError("give at least one --frames and one --depths value")
+        for name in ("frames", "depths"):  # a value given twice is one row, one column
+            object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))
         for count in self.frames:
             check_int("frames", count, minimum=2)
         for depth in self.depths:
@@ -170,10 +172,16 @@ def rendered_haystack(seed: int) -> Callable[[int, int], list[Image.Image]]:
 
 
 def video_haystack(path: str, *, max_pixels: int) -> Callable[[int, int], list[Image.Image]]:
-    """`count` frames sampled evenly over a video file or frame directory."""
+    """`count` frames sampled evenly over all the frames of a video file or frame directory."""
+    from longvita.processing.frame_dirs import list_frame_files
     from longvita.processing.video import iter_video_frames, plan_video
 
-    plan = plan_video(path, max_frames=1 << 30, max_fps=1e9, max_pixels=max_pixels)
+    probe = plan_video(path, max_frames=1, max_fps=1.0, max_pixels=max_pixels)  # headers only
+    if probe.source.is_directory:
+        total, fps = len(list_frame_files(path)), 1.0  # a directory is taken as 1 fps
+    else:
+        total, fps = probe.source.num_frames, probe.source.fps
+    plan = plan_video(path, max_frames=total, max_fps=fps, max_pixels=max_pixels)  # every frame
     total = len(plan.indices)
 
     def haystack(count: int, which: int = 0) -> list[Image.Image]:  # one video: one haystack
@@ -203,14 +211,23 @@ class PipelineAnswerer:
             out.append(model.encode_tiles(pixels.to(self.pipe.device)))
         return torch.cat(out)  # [n, tpt, hidden]
 
+    def check_lengths(self, frame_counts: Iterable[int], question: str) -> None:
+        """PromptError naming the first video length whose prompt does not fit in the model's
+        positions (before any frame is encoded)."""
+        for num_frames in frame_counts:
+            self._prompt(num_frames, question)
+
     def _prompt(self, num_frames: int, question: str):
-        """The token ids of a question about a video of `num_frames` frames (built once)."""
+        """The token ids of a question about a video of `num_frames` frames (built once);
+        PromptError when they and the answer do not fit in the model's positions."""
         key = (num_frames, question)
         if key not in self._prompts:
             placeholder = [Image.new("RGB", (1, 1))] * num_frames
-            self._prompts[key] = self.pipe.process(
+            prompt = self.pipe.process(
                 f"<video>\n{question}", videos=[placeholder], max_frames=num_frames
             )
+            self.pipe.fit_to_positions(prompt.num_tokens, self.max_new_tokens)
+            self._prompts[key] = prompt
         return self._prompts[key]
 
     def _generate(self, features: torch.Tensor, question: str, *, new_tokens: int, scores: bool):

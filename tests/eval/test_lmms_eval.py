@@ -288,6 +288,10 @@ def test_gen_kwargs(adapter):
     sampled = options({"temperature": 0.5, "top_p": 0.9, "max_new_tokens": 3},
                       default_max_new_tokens=9)  # fmt: skip
     assert sampled == {"max_new_tokens": 3, "temperature": 0.5, "top_p": 0.9, "stop": ()}
+    zero = options({"do_sample": True, "temperature": 0, "until": ["", "\n\n"]},
+                   default_max_new_tokens=9)  # fmt: skip
+    assert zero == {"max_new_tokens": 9, "temperature": 0.0, "top_p": 1.0, "stop": ("\n\n",)}
+    assert options({"do_sample": True}, default_max_new_tokens=9)["temperature"] == 1.0
 
 
 def test_model_args_and_manifest(adapter):

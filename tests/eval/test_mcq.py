@@ -273,3 +273,19 @@ def test_harness_model_refuses_bad_settings():
 def test_command_refuses_a_missing_file(tmp_path, capsys):
     code = main(["eval", "mcq", str(tmp_path / "none.jsonl"), "--model", "demo", "--out", "x"])
     assert code != 0 and "is not a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", b'[{"question": "Q?"}]\n', b"\x00\x01binary"])
+def test_a_file_without_a_question_is_an_error(tmp_path, capsys, content):
+    path = tmp_path / "questions.jsonl"
+    path.write_bytes(content)
+    code = main(["eval", "mcq", str(path), "--model", "demo", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no well-formed question" in err and not (tmp_path / "o").exists()
+
+
+def test_an_out_path_that_is_a_file_is_refused_before_the_work(tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    for argv in (["mcq", str(tmp_path / "taken")], ["vniah", "--frames", "4"]):
+        code = main(["eval", *argv, "--model", "demo", "--out", str(tmp_path / "taken")])
+        assert code == 2 and "exists and is not a directory" in capsys.readouterr().err

@@ -122,6 +122,47 @@ def test_official_prompt_rules(monkeypatch):
     assert official_prompt("Q?", "Video-MME") == "Q?Offer a very short reply."
 
 
+def test_the_wrappers_order_puts_named_datasets_before_types(monkeypatch):
+    monkeypatch.setattr(vlmevalkit, "dataset_type", lambda dataset: "VQA")  # VLMEvalKit's type
+    assert official_prompt("Q?", "MathVista_MINI") == f"Q?\n{SINGLE_WORD}"
+    assert official_prompt("Q?", "TextVQA_VAL") == "Q?"
+
+
+@pytest.mark.parametrize(
+    ("dataset", "kind"),
+    [("MMBench_DEV_EN", "MCQ"), ("SEEDBench_IMG", "MCQ"), ("MME-RealWorld", "MCQ"),
+     ("MME", "Y/N"), ("HallusionBench", "Y/N"), ("Video-MME", "Video-MCQ"), ("MLVU", "Video-MCQ"),
+     ("TextVQA_VAL", "VQA"), ("MyData_OpenEnded", "VQA"), ("my_custom_set", "MCQ"), (None, None)],
+)  # fmt: skip
+def test_dataset_types_from_names_without_vlmevalkit(dataset, kind):
+    assert vlmevalkit.dataset_type(dataset) == kind
+
+
+def test_messages_reach_the_model_as_the_official_wrapper_sends_them(model, monkeypatch, media):
+    """Its tags (a video `<video>` without a newline), VLMEvalKit's message forms (a string
+    naming a file is that medium, a lone dict one part) and its answer cut after "Answer:"."""
+    sent = []
+
+    def generate(turn, max_new_tokens):
+        sent.append(turn)
+        return types.SimpleNamespace(text="Let me see. Answer: B ")
+
+    monkeypatch.setattr(model.model, "generate", generate)
+    video = [{"type": "video", "value": media["video"]}, {"type": "text", "value": "Q?"}]
+    assert model.generate(video, dataset="MMVet") == "B"
+    assert sent[-1].text == "<video>Q?" and sent[-1].videos == [media["video"]]
+    model.generate([media["3"], "What digit is this?"], dataset="MMVet")
+    assert sent[-1].text == "<image>\nWhat digit is this?" and sent[-1].images == [media["3"]]
+    model.generate({"type": "text", "value": "Hi"}, dataset="MMVet")
+    assert sent[-1].text == "Hi"
+    model.official_prompts = False
+    try:
+        assert model.generate(video, dataset="MMVet") == "Let me see. Answer: B "
+        assert sent[-1].text == "<video>\nQ?"  # as `longvita serve` joins parts
+    finally:
+        model.official_prompts = True
+
+
 def test_max_num_frame_environment_overrides(monkeypatch):
     monkeypatch.setenv("MAX_NUM_FRAME", "5")
     assert LongVITA("demo", max_num_frame=64, device="cpu").model.max_frames == 5

@@ -125,6 +125,11 @@ def test_report_files(tmp_path):
         assert heatmap.format == "PNG"
 
 
+def test_a_length_or_depth_given_twice_is_one_row_or_column():
+    config = VniahConfig(frames=(4, 8, 4), depths=(0.0, 1.0, 0.0))
+    assert config.frames == (4, 8) and config.depths == (0.0, 1.0)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"frames": (1,)}, "frames must be >= 2"), ({"depths": (1.5,)}, "depths must be <= 1.0"),
@@ -148,3 +153,35 @@ def test_the_command_on_a_tiny_model(tiny_checkpoint, tmp_path, capsys):
     assert 0.0 <= printed["accuracy"] <= 1.0
     assert len(json.loads((out / "results.json").read_text())["grid"]) == 4
     assert main([*argv, "--teacher-forced", "--out", str(tmp_path / "tf")]) == 0  # digits: 1 token
+
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_a_video_haystack_takes_frames_evenly_from_all_of_the_video(tmp_path, kind):
+    from longvita.eval.vniah import video_haystack
+    from longvita.testing import make_video
+
+    if kind == "file":
+        source = make_video(tmp_path / "hay.mp4", num_frames=10, fps=5, size=(32, 24))
+    else:
+        source = tmp_path / "frames"
+        source.mkdir()
+        for i in range(10):
+            Image.new("RGB", (32, 24), (25 * i, 0, 0)).save(source / f"{i}.png")
+    haystack = video_haystack(str(source), max_pixels=10**6)  # planned from headers, at once
+    frames = haystack(4)
+    assert len(frames) == 4 and all(frame.size == (32, 24) for frame in frames)
+    if kind == "directory":  # linspace(0, 9, 4) rounded: frames 0, 3, 6, 9
+        assert [frame.getpixel((0, 0))[0] for frame in frames] == [0, 75, 150, 225]
+
+
+def test_lengths_past_the_model_s_positions_are_refused_before_any_encoding(tiny_checkpoint):
+    import longvita
+    from longvita.errors import PromptError
+    from longvita.eval.vniah import PipelineAnswerer
+
+    pipe = longvita.load(tiny_checkpoint)
+    answerer = PipelineAnswerer(pipe)
+    answerer.check_lengths([4], "Which digit?")
+    too_many = pipe.config.max_position_embeddings // pipe.processor.tokens_per_tile + 1
+    with pytest.raises(PromptError, match="positions"):
+        answerer.check_lengths([4, too_many], "Which digit?")
