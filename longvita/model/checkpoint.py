@@ -71,6 +71,11 @@ def _key_report(kind: str, keys: set[str]) -> str:
     return f"{len(names)} {kind} key(s): {listed}{more}"
 
 
+RECOMPUTED_SUFFIX = ".rotary_emb.inv_freq"
+"""A buffer older transformers exports stored with the weights (as transformers does, it is
+skipped: the rotary frequencies come from the config's rope_theta)."""
+
+
 def check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Size]) -> None:
     """Raise CheckpointError listing missing, unexpected and mis-shaped keys."""
     problems = []
@@ -110,11 +115,18 @@ def load_model(
         model = LongVITAForCausalLM(config)
     expected = expected_shapes(model)
     state: dict[str, torch.Tensor] = {}
+    recomputed = 0
     for key, tensor in iter_tensors(files):
         if config.tie_word_embeddings and key == "lm_head.weight":
             continue  # tied: the embedding matrix is the head
+        if key.endswith(RECOMPUTED_SUFFIX) and key not in expected:
+            recomputed += 1
+            continue
         state[key] = tensor.to(device=device, dtype=dtype)
         del tensor
+    if recomputed:
+        logger.info("skipped %d stored *%s buffer(s): computed from rope_theta", recomputed,
+                    RECOMPUTED_SUFFIX)  # fmt: skip
     check_keys(expected, {k: v.shape for k, v in state.items()})
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     model.tie_weights()

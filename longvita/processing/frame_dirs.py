@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,11 @@ FRAME_FILE_SUFFIXES = (".png", ".jpeg", ".jpg")
 
 
 def _natural_key(text: str) -> tuple[tuple[object, ...], str]:
-    """Sort key comparing digit runs as integers: 'frame2' < 'frame10'. Ties fall back to text."""
-    parts = re.split(r"(\d+)", text)
+    """Sort key comparing digit runs as integers: 'frame2' < 'frame10', on the NFD form of the
+    text as the official code's `natsort.natsorted` does ('Élan' sorts with 'E'). Ties ('f1',
+    'f01') fall back to the text, where natsort keeps the directory listing's order, which
+    differs from one file system to another."""
+    parts = re.split(r"(\d+)", unicodedata.normalize("NFD", text))
     return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), text
 
 

@@ -188,3 +188,15 @@ def test_broken_directories_raise_checkpoint_error(tiny_checkpoint, tmp_path, br
         (ckpt / INDEX_FILE).write_text(json.dumps({"weight_map": {"a": "model-1.safetensors"}}))
     with pytest.raises(CheckpointError, match=message):
         longvita.load(ckpt)
+
+
+def test_stored_rotary_frequencies_of_older_exports_are_skipped(tiny_checkpoint, tmp_path):
+    shutil.copytree(tiny_checkpoint, tmp_path / "old")
+    weights = load_file(str(tmp_path / "old" / SINGLE_FILE))
+    weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    save_file(weights, str(tmp_path / "old" / SINGLE_FILE))
+    _assert_same_state(load_model(tmp_path / "old"), load_model(tiny_checkpoint))
+    weights["model.layers.0.self_attn.bogus"] = torch.ones(4)  # anything else still refused
+    save_file(weights, str(tmp_path / "old" / SINGLE_FILE))
+    with pytest.raises(CheckpointError, match="unexpected"):
+        load_model(tmp_path / "old")

@@ -66,6 +66,15 @@ def test_frame_files_in_natural_order_recursively(tmp_path):
     assert names == ["frame1.png", "frame2.jpg", "frame3.JPG", "frame10.jpg", "sub/frame0.jpeg"]
 
 
+def test_accented_names_sort_as_natsort_does(tmp_path):
+    """natsort (the official code's) compares the NFD form: 'É' sorts with 'E', before 'Z'."""
+    for folder in ["Zeta", "Élan", "Eagle"]:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "f1.jpg").write_bytes(b"")
+    names = [p.parent.name for p in list_frame_files(tmp_path)]
+    assert names == ["Eagle", "Élan", "Zeta"]
+
+
 def test_planned_frames_from_directory(tmp_path):
     _frames(tmp_path / "clip", 10)
     indices = plan_video(tmp_path / "clip", max_frames=4).indices
