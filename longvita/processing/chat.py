@@ -42,8 +42,6 @@ def normalize_messages(messages: Messages) -> list[dict[str, str]]:
                 f"message {i} has role {_short(message.get('role'))}; "
                 f"expected one of {sorted(ROLE_ALIASES)}"
             )
-        if role == "system" and i != 0:
-            raise ValueError(f"message {i}: a system turn may only come first")
         if not isinstance(message["content"], str):
             content = _short(message["content"])
             raise ValueError(f"message {i}: content must be a string, got {content}")

@@ -289,7 +289,7 @@ def _parse_messages(
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise _bad(where, f"{where} must be an object with role and content: {shown(message)}")
-        role = _role(message.get("role"), where, first=i == 0)
+        role = _role(message.get("role"), where)
         for key in ("tool_calls", "function_call"):
             if not _empty(message.get(key)):
                 raise _bad(f"{where}.{key}", f"{where}.{key}: tool calls are not supported")
@@ -299,7 +299,7 @@ def _parse_messages(
     return messages, media
 
 
-def _role(value: object, where: str, *, first: bool) -> str:
+def _role(value: object, where: str) -> str:
     if value in ("tool", "function"):
         raise _bad(f"{where}.role", f"{where}.role {value!r}: tool messages are not supported")
     role = ROLES.get(value) if isinstance(value, str) else None
@@ -307,8 +307,6 @@ def _role(value: object, where: str, *, first: bool) -> str:
         raise _bad(
             f"{where}.role", f"{where}.role must be one of {list(ROLES)}, got {shown(value)}"
         )
-    if role == "system" and not first:
-        raise _bad(f"{where}.role", f"{where}.role {value!r}: a system message only comes first")
     return role
 
 

@@ -233,3 +233,18 @@ def test_frames_in_memory_are_converted_like_frame_files(tiny_processor, tmp_pat
     in_memory = tiny_processor("<video>", videos=[[clear, deep]])
     on_disk = tiny_processor("<video>", videos=[frames_dir])
     assert torch.equal(in_memory.tiles.get_all(), on_disk.tiles.get_all())
+
+
+def test_a_system_turn_anywhere_renders_as_qwen_s_chat_template_does(qwen2_tokenizer_dir):
+    from transformers import Qwen2TokenizerFast
+
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "system", "content": "Now answer in French."},
+        {"role": "user", "content": "Bye"},
+    ]
+    qwen = Qwen2TokenizerFast.from_pretrained(str(qwen2_tokenizer_dir))
+    expected = qwen.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert build_prompt(messages) == expected
