@@ -461,3 +461,22 @@ def test_a_client_that_disconnects_frees_its_slot(pipe, monkeypatch):
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
         )
         assert answer.choices[0].finish_reason in ("length", "stop")
+
+
+def test_an_api_key_guards_the_api_and_leaves_health_open(pipe):
+    settings = ServerSettings(model_id=MODEL, api_key="sekret")
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with Server(pipe, settings, max_batch=1, max_queue=0) as guarded:
+        url = guarded.url + "/v1/chat/completions"
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+            response = httpx.post(url, json=body, headers=headers)
+            assert response.status_code == 401, headers
+            assert response.json()["error"]["code"] == "invalid_api_key"
+        for scheme in ("Bearer", "bearer"):  # the scheme is case-insensitive
+            response = httpx.post(url, json=body, headers={"Authorization": f"{scheme} sekret"})
+            assert response.status_code == 200
+        client = openai.OpenAI(base_url=guarded.url + "/v1", api_key="sekret", max_retries=0)
+        assert client.models.list().data[0].id == MODEL
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=guarded.url + "/v1", api_key="no", max_retries=0).models.list()
+        assert httpx.get(guarded.url + "/health").status_code == 200
