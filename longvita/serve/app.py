@@ -205,9 +205,9 @@ def unknown_model(model_id: object, settings: ServerSettings) -> ApiError:
 def check_api_key(request: Request, settings: ServerSettings) -> None:
     if settings.api_key is None:
         return
-    scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
-    right = scheme.lower() == "bearer"  # the scheme is case-insensitive (RFC 7235)
-    if not hmac.compare_digest(given.strip().encode(), settings.api_key.encode()) or not right:
+    scheme, _, key = request.headers.get("authorization", "").strip().partition(" ")
+    is_bearer = scheme.lower() == "bearer"  # the scheme is case-insensitive (RFC 7235)
+    if not (is_bearer and hmac.compare_digest(key.strip().encode(), settings.api_key.encode())):
         raise ApiError(
             401,
             "a valid API key is needed: send Authorization: Bearer <key>",
