@@ -117,7 +117,7 @@ class MixtureConfig:
             try:
                 group = MixtureGroup(
                     name=str(name),
-                    ratio=body.get("ratio", 1.0),
+                    ratio=_number(body.get("ratio", 1.0)),
                     num=body.get("num"),
                     data_paths=tuple(p.strip() if isinstance(p, str) else p for p in paths),
                 )
@@ -305,6 +305,17 @@ def _resolve_paths(
     for entry in missing:
         logger.warning("data file not found, skipped: %s", entry)
     return found
+
+
+def _number(value: object) -> object:
+    """A number written as YAML 1.1 reads it as a string (`1e-1`, `.5e1`) as a float; anything
+    else as it is (MixtureGroup says what is wrong with it)."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _first_five(entries: list[str]) -> str:

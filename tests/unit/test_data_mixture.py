@@ -181,6 +181,12 @@ def test_relative_paths_start_at_the_mixture_file_unless_a_root_is_given(tmp_pat
         Mixture.from_yaml(path, data_root=tmp_path)
 
 
+def test_a_ratio_in_exponent_form_is_a_number():
+    """PyYAML reads `1e-1` (no dot) as a string; the stage files take such numbers too."""
+    config = MixtureConfig.from_dict({"dataset": {"g": {"ratio": "1e-1", "data_paths": ["a"]}}})
+    assert config.groups[0].ratio == 0.1
+
+
 def test_inactive_group_may_have_no_paths():
     config = MixtureConfig.from_dict({"dataset": {"g": {"ratio": 0, "data_paths": None}}})
     assert config.groups == (MixtureGroup(name="g", ratio=0),)
