@@ -33,6 +33,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
+from longvita.errors import CheckpointError
 from longvita.parallel.state import ParallelState
 
 PARTIAL_SUFFIX = ".partial"
@@ -140,8 +141,12 @@ def load(directory: Path, states: dict[str, Stateful], state: ParallelState) -> 
 
 def load_model_weights(directory: Path, model: nn.Module) -> None:
     """Only the model's entries of a training checkpoint, into a plain module, in this process
-    (no process group: `longvita export`)."""
+    (no process group: `longvita export`). CheckpointError naming the weights the checkpoint
+    lacks or holds in another shape (a model built from another config.json): a partial load
+    would leave them as they were, uninitialised memory after `to_empty`."""
     wanted = {TRAINING_KEY: {"model": model.state_dict()}}
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    check_stored_weights(directory, wanted[TRAINING_KEY]["model"], tied=tied)
     with _single_process_is_intended(None):
         dcp.load(
             wanted,
@@ -150,6 +155,32 @@ def load_model_weights(directory: Path, model: nn.Module) -> None:
             no_dist=True,
         )
     model.load_state_dict(wanted[TRAINING_KEY]["model"])
+
+
+def check_stored_weights(
+    directory: Path, weights: dict[str, torch.Tensor], *, tied: bool = False
+) -> None:
+    """CheckpointError unless the checkpoint `directory` holds every one of the model's
+    `weights` in its shape (from the checkpoint's metadata, nothing else read); with `tied`
+    embeddings the LM head may be absent (it is the embedding)."""
+    try:
+        stored = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    except Exception as err:  # a missing or cut .metadata: pickle, OS and assertion errors
+        raise CheckpointError(f"{directory}: cannot read its .metadata ({err!r})") from None
+    missing, other_shape = [], []
+    for name, tensor in weights.items():
+        entry = stored.get(f"{TRAINING_KEY}.model.{name}")
+        if entry is None:
+            if not (tied and name == "lm_head.weight"):
+                missing.append(name)
+        elif tuple(getattr(entry, "size", ())) != tuple(tensor.shape):
+            other_shape.append(f"{name} {tuple(entry.size)} vs {tuple(tensor.shape)}")
+    if missing or other_shape:
+        raise CheckpointError(
+            f"{directory} does not hold the weights of the model its run's config.json describes: "
+            f"{len(missing)} missing {missing[:3]}, {len(other_shape)} of another shape "
+            f"{other_shape[:3]}"
+        )
 
 
 @contextlib.contextmanager

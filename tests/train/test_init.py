@@ -416,3 +416,33 @@ def test_qwen2_configs_in_both_transformers_spellings():
         qwen2_config_fields({**v4, "use_sliding_window": True})
     with pytest.raises(ValueError, match=r"missing field\(s\) \['vocab_size'\]"):
         qwen2_config_fields({k: v for k, v in v4.items() if k != "vocab_size"})
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_checkpoint_weights_that_do_not_fit_the_config_are_named(tmp_path, tie):
+    """A checkpoint of a model with fewer layers (or other shapes) than its run's config.json:
+    loading must refuse, not leave the missing weights as the empty model's memory."""
+    import dataclasses
+
+    import torch.distributed.checkpoint as dcp
+
+    from longvita.model.long_vita import LongVITAForCausalLM
+    from longvita.parallel.dcp import TRAINING_KEY, load_model_weights
+    from longvita.testing import random_model
+
+    config = dataclasses.replace(tiny(), tie_word_embeddings=tie)
+    trained = random_model(config, seed=3)
+    weights = trained.state_dict()
+    if tie:
+        weights.pop("lm_head.weight")  # a tied head need not be stored
+    dcp.save({TRAINING_KEY: {"model": weights}}, checkpoint_id=str(tmp_path), no_dist=True)
+    same = LongVITAForCausalLM(config)
+    load_model_weights(tmp_path, same)
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(same.state_dict()[name], tensor), name
+    deeper = dataclasses.replace(config, num_hidden_layers=config.num_hidden_layers + 1)
+    with pytest.raises(CheckpointError, match=r"missing \['model.layers.2"):
+        load_model_weights(tmp_path, LongVITAForCausalLM(deeper))
+    wider = dataclasses.replace(config, intermediate_size=config.intermediate_size * 2)
+    with pytest.raises(CheckpointError, match="of another shape"):
+        load_model_weights(tmp_path, LongVITAForCausalLM(wider))
