@@ -157,6 +157,22 @@ def load_model_weights(directory: Path, model: nn.Module) -> None:
     model.load_state_dict(wanted[TRAINING_KEY]["model"])
 
 
+def checkpoint_damage(directory: Path) -> str | None:
+    """What is wrong with the saved checkpoint `directory`, None when its .metadata reads and
+    every byte range it lists is in its file (a shard deleted or cut short, a cut .metadata)."""
+    try:
+        metadata = dcp.FileSystemReader(str(directory)).read_metadata()
+    except Exception as err:  # pickle, OS and assertion errors of a cut or missing file
+        return f"its .metadata cannot be read: {type(err).__name__}"
+    for info in (metadata.storage_data or {}).values():
+        file = Path(directory, info.relative_path)
+        if not file.is_file():
+            return f"{info.relative_path} is missing"
+        if file.stat().st_size < info.offset + info.length:
+            return f"{info.relative_path} is cut short"
+    return None
+
+
 def check_stored_weights(
     directory: Path, weights: dict[str, torch.Tensor], *, tied: bool = False
 ) -> None:

@@ -18,7 +18,7 @@ import torch
 from longvita.config import LongVITAConfig
 from longvita.infer.pipeline import Pipeline
 from longvita.model.long_vita import LongVITAForCausalLM
-from longvita.parallel.dcp import load_model_weights
+from longvita.parallel.dcp import checkpoint_damage, load_model_weights
 from longvita.processing.processor import Processor
 from longvita.processing.tokens import load_tokenizer
 from longvita.runtime import dtype_name, resolve_dtype
@@ -37,6 +37,8 @@ def find_checkpoint(path: str | Path) -> tuple[RunDirectory, Path]:
             raise ValueError(f"{path} does not exist; the run's checkpoints: {steps or 'none'}")
         if path.name.endswith(".partial") or not (path / ".metadata").is_file():
             raise ValueError(f"{path} is not a complete checkpoint (a run stopped while writing)")
+        if (damage := checkpoint_damage(path)) is not None:
+            raise ValueError(f"{path} is damaged: {damage}")
         return run, path
     if not path.is_dir():
         raise ValueError(f"{path} is neither a run directory nor a checkpoint directory")

@@ -45,7 +45,12 @@ class StepRecord:
 
 
 class MetricsLog:
-    """metrics.jsonl + TensorBoard + progress, for global rank 0."""
+    """metrics.jsonl + TensorBoard + progress, for global rank 0.
+
+    A run resumed at `start_step` redoes the steps after its checkpoint: their records from
+    the run that was stopped (and a line a kill cut short) are dropped first, so the file
+    holds one record per step, and TensorBoard purges its events after that step.
+    """
 
     def __init__(
         self, path: Path, *, total_steps: int, start_step: int, interval: int, tensorboard: bool
@@ -53,13 +58,16 @@ class MetricsLog:
         self.path = path
         self.interval = interval
         self.total_steps = total_steps
+        _keep_records_up_to(path, start_step)
         self._file = open(path, "a")  # noqa: SIM115 (closed by close())
         self._bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr)
-        self._writer = _tensorboard_writer(path.parent / "tensorboard") if tensorboard else None
+        self._writer = None
+        if tensorboard:
+            self._writer = _tensorboard_writer(path.parent / "tensorboard", start_step)
 
     def record(self, entry: StepRecord) -> None:
         self._file.write(json.dumps(asdict(entry)) + "\n")
@@ -92,25 +100,52 @@ class MetricsLog:
             self._writer.close()
 
 
-def _tensorboard_writer(directory: Path):
-    """A SummaryWriter when the tensorboard package is installed, else None (said once)."""
+def _keep_records_up_to(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl with only its whole records of steps <= `step` (atomically)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if _step_of(line) is not None]
+    kept = [line for line in kept if _step_of(line) <= step]
+    staged = path.with_name(path.name + ".tmp")
+    staged.write_text("".join(line + "\n" for line in kept))
+    staged.replace(path)
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line, None for one that is not a whole record."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def _tensorboard_writer(directory: Path, start_step: int):
+    """A SummaryWriter when the tensorboard package is installed (events after `start_step`,
+    which the resumed run writes again, purged), else None (said once)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         logger.info("tensorboard is not installed: no TensorBoard events (metrics.jsonl has all)")
         return None
-    return SummaryWriter(str(directory))
+    return SummaryWriter(str(directory), purge_step=start_step + 1)
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl (a resumed run appends: the last record of a step wins)."""
+    """The records of a metrics.jsonl (the last record of a step wins); a line that is not a
+    whole record (cut by a kill) is skipped with a warning."""
     if not path.is_file():
         return []
     by_step: dict[tuple[int, bool], dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            by_step[record["step"], record.get("skipped", False)] = record
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        if _step_of(line) is None:
+            logger.warning("%s:%d: not a whole record (cut by a kill?), skipped", path, number)
+            continue
+        record = json.loads(line)
+        by_step[record["step"], record.get("skipped", False)] = record
     return [by_step[key] for key in sorted(by_step)]
 
 

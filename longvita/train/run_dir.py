@@ -9,15 +9,16 @@
       metrics.jsonl            one JSON object per optimizer step
       loss.png, tensorboard/   written by `train.metrics`
 
-Owns the layout, the manifest, finding the latest complete checkpoint, deleting all but the
-latest `keep_latest`, and refusing to resume a run with a stage or world that does not match
+Owns the layout, the manifest, finding the latest complete and intact checkpoint, deleting all
+but the latest `keep_latest`, and refusing to resume a run with a stage or world that does not match
 (naming the keys that differ). File writes happen on global rank 0 only; the caller passes
-whether it is that rank. No torch.distributed.
+whether it is that rank. No process group: checkpoints are only looked at (`parallel.dcp`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import time
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from longvita.train.config import StageConfig
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "run.json"
 MODEL_DIR = "model"
@@ -72,8 +75,16 @@ class RunDirectory:
         return sorted(found)
 
     def latest_checkpoint(self) -> Path | None:
-        complete = self.complete_checkpoints()
-        return complete[-1][1] if complete else None
+        """The newest complete checkpoint that is intact (`parallel.dcp.checkpoint_damage`);
+        a damaged newer one is skipped with a warning, so the run resumes from the one before."""
+        from longvita.parallel.dcp import checkpoint_damage
+
+        for _, directory in reversed(self.complete_checkpoints()):
+            damage = checkpoint_damage(directory)
+            if damage is None:
+                return directory
+            logger.warning("%s is damaged (%s): skipped, an older one is used", directory, damage)
+        return None
 
     def manifest(self) -> dict[str, Any] | None:
         path = self.path / MANIFEST

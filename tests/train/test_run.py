@@ -96,6 +96,8 @@ def test_a_killed_run_resumes_with_bitwise_the_same_losses(
     assert done.returncode == 0, done.stderr[-3000:]
     assert _losses(run) == _losses(reference)  # bitwise: float equality of every step
     assert not list((run / "checkpoints").glob("*.partial"))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 7))  # each step once
 
 
 def test_sigterm_writes_a_checkpoint_then_stops(train_setup, tmp_path):
@@ -135,6 +137,20 @@ def test_a_stage_transition_loads_the_weights_only(train_setup, finished_run, tm
     for (name, a), b in zip(previous.state_dict().items(), started.state_dict().values(),
                             strict=True):  # fmt: skip
         assert torch.equal(a, b), name
+
+
+def test_a_resumed_run_s_metrics_keep_one_record_per_step(tmp_path, caplog):
+    """Records after the checkpoint (redone) and a line a kill cut short are dropped."""
+    from longvita.train.metrics import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    records = [json.dumps({"step": step, "loss": 1.0 / step, "lr": 0.1}) for step in (1, 2, 3, 4)]
+    path.write_text("\n".join(records) + '\n{"step": 5, "lo')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4]
+    assert "not a whole record" in caplog.text
+    log = MetricsLog(path, total_steps=6, start_step=2, interval=1, tensorboard=False)
+    log.close()
+    assert path.read_text().splitlines() == records[:2]
 
 
 def test_export_of_a_checkpoint_that_is_not_there_lists_the_run_s(tmp_path):
@@ -223,3 +239,25 @@ def test_a_run_that_diverges_stops_with_an_error(train_setup, tmp_path):
     assert "Traceback" not in done.stderr
     skipped = [r for r in read_metrics(tmp_path / "diverged" / "metrics.jsonl") if r["skipped"]]
     assert len(skipped) >= 1
+
+
+@pytest.mark.parametrize("damage", ["shard deleted", "shard cut", "metadata cut"])
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, caplog, damage):
+    import torch.distributed.checkpoint as dcp
+
+    from longvita.train.run_dir import RunDirectory
+
+    run = RunDirectory(tmp_path)
+    for step in (2, 4):
+        state = {"app": {"w": torch.full((1000,), float(step)), "step": step}}
+        dcp.save(state, checkpoint_id=str(run.step_dir(step)), no_dist=True)
+    newest = run.step_dir(4)
+    shard = next(p for p in newest.iterdir() if p.suffix == ".distcp")
+    if damage == "shard deleted":
+        shard.unlink()
+    elif damage == "shard cut":
+        shard.write_bytes(shard.read_bytes()[:100])
+    else:
+        (newest / ".metadata").write_bytes((newest / ".metadata").read_bytes()[:50])
+    assert run.latest_checkpoint() == run.step_dir(2)
+    assert "step-4 is damaged" in caplog.text
