@@ -30,6 +30,7 @@ process as it would have without ranks.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import pickle
@@ -52,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 600.0
 """How long a rank waits in a collective for its peers before it raises."""
+PR_SET_PDEATHSIG = 1
+"""prctl(2)'s option: the signal a process gets when its parent ends."""
 
 
 class RankFailedError(RunError):
@@ -230,6 +233,7 @@ def _terminate(processes, grace_s: float) -> None:
 
 def _rank_main(rank, world_size, cp, workdir, device_type, timeout_s, fn, args) -> None:
     """Body of a spawned rank: join the group, run `fn`, leave rank 0's result or the error."""
+    _terminate_with_parent()
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -252,6 +256,17 @@ def _rank_main(rank, world_size, cp, workdir, device_type, timeout_s, fn, args) 
     state.destroy()
     if rank == 0:
         torch.save(result, Path(workdir) / "result.pt")
+
+
+def _terminate_with_parent() -> None:
+    """Ask Linux to send this rank SIGTERM when the launcher dies (killed with SIGKILL, it
+    cannot stop its ranks): a trainer then checkpoints and ends instead of running on
+    unwatched. Elsewhere nothing is done."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def _save_user_error(path: Path, err: Exception) -> None:

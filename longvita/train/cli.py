@@ -10,6 +10,7 @@ key, before any process starts (StageConfigError, a ValueError).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -80,7 +81,9 @@ def check_before_launch(args: argparse.Namespace):
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     stage.check_world(world_size)
     resolve_device(args.device)
-    if RunDirectory(args.out).latest_checkpoint() is None:  # a new run needs its init weights
+    run = RunDirectory(args.out)
+    run.check_usable()
+    if run.latest_checkpoint() is None:  # a new run needs its init weights
         InitSpec.from_dict(stage.init).check_paths()
     check_mixture(stage)
     return stage, world_size
@@ -105,17 +108,20 @@ def check_mixture(stage) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from longvita.parallel.launch import launch
     from longvita.train.loop import run_training
+    from longvita.train.run_dir import RunDirectory
 
     stage, world_size = check_before_launch(args)
-    result = launch(
-        run_training,
-        cp=stage.parallel.cp,
-        world_size=world_size,
-        args=(stage, str(Path(args.out).resolve())),
-        device=args.device,
-        timeout_s=args.timeout,
-        grace_s=SHUTDOWN_GRACE_S,
-    )
+    first = int(os.environ.get("RANK", "0")) == 0  # the job's first process (torchrun too)
+    with RunDirectory(args.out).locked() if first else contextlib.nullcontext():
+        result = launch(  # one job per run directory
+            run_training,
+            cp=stage.parallel.cp,
+            world_size=world_size,
+            args=(stage, str(Path(args.out).resolve())),
+            device=args.device,
+            timeout_s=args.timeout,
+            grace_s=SHUTDOWN_GRACE_S,
+        )
     if result is None:  # a non-main rank of a torchrun job
         return 0
     print(json.dumps(vars(result)), file=sys.stdout)

@@ -8,6 +8,7 @@
                                incomplete ones, never read
       metrics.jsonl            one JSON object per optimizer step
       loss.png, tensorboard/   written by `train.metrics`
+      .lock                    held by the job using the directory (its pid inside)
 
 Owns the layout, the manifest, finding the latest complete and intact checkpoint, deleting all
 but the latest `keep_latest`, and refusing to resume a run with a stage or world that does not match
@@ -17,11 +18,15 @@ whether it is that rank. No process group: checkpoints are only looked at (`para
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,7 @@ MANIFEST = "run.json"
 MODEL_DIR = "model"
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
+LOCK = ".lock"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 RESUMABLE_CHANGES = ("checkpoint", "log", "description", "source", "schedule.steps")
 """Stage keys that may change between the run that wrote a checkpoint and the one resuming it."""
@@ -59,6 +65,43 @@ class RunDirectory:
     @property
     def metrics_file(self) -> Path:
         return self.path / METRICS
+
+    def check_usable(self) -> None:
+        """RunDirError for an existing directory that is neither empty nor a run directory:
+        a run would mix its files with the user's."""
+        if self.path.is_dir() and self.manifest() is None:
+            others = sorted(p.name for p in self.path.iterdir() if p.name != LOCK)
+            if others:
+                raise RunDirError(
+                    f"--out {self.path} is not empty and not a run directory (no {MANIFEST}; "
+                    f"it holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}): "
+                    "give a new or empty directory"
+                )
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold RUN_DIR/.lock while in the block (the system releases it when the process
+        ends, however it ends); RunDirError naming the holder when another job holds it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / LOCK, "a+")  # noqa: SIM115 (closed when the block ends)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise RunDirError(
+                f"{self.path} is in use by another longvita train (pid {holder}): wait for it "
+                "to end, or use another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.close()
 
     def step_dir(self, step: int) -> Path:
         return self.checkpoints / f"step-{step}"

@@ -261,3 +261,21 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, cap
         (newest / ".metadata").write_bytes((newest / ".metadata").read_bytes()[:50])
     assert run.latest_checkpoint() == run.step_dir(2)
     assert "step-4 is damaged" in caplog.text
+
+
+def test_a_run_directory_in_use_or_foreign_is_refused_before_any_process(
+    train_setup, tmp_path, capsys, monkeypatch
+):
+    from longvita.train.run_dir import RunDirectory
+
+    _forbid_launch(monkeypatch)
+    out = tmp_path / "run"
+    with RunDirectory(out).locked():  # another job holds it
+        assert main(["train", str(train_setup["stage"]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"is in use by another longvita train (pid {os.getpid()})" in err
+    assert err.count("\n") == 1
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert main(["train", str(train_setup["stage"]), "--out", str(tmp_path / "mine")]) == 2
+    assert "is not empty and not a run directory" in capsys.readouterr().err
