@@ -43,7 +43,7 @@ from longvita.train.config import StageConfig
 from longvita.train.init import InitSpec, initialize
 from longvita.train.metrics import MetricsLog, StepRecord, plot_curves, read_metrics
 from longvita.train.optim import build_optimizer, build_scheduler, freeze, param_groups
-from longvita.train.run_dir import RunDirectory
+from longvita.train.run_dir import RunDirectory, RunDirError
 
 logger = logging.getLogger(__name__)
 
@@ -218,8 +218,16 @@ def run_training(state: ParallelState, stage: StageConfig, run_dir: str) -> Trai
     )
     if resume is not None:
         dcp.load(resume, states, state)
+        if counters["step"] > stage.schedule.steps:
+            raise RunDirError(
+                f"{run.path} is at step {counters['step']}, past schedule.steps="
+                f"{stage.schedule.steps}: give at least {counters['step']}, or a new --out"
+            )
+        if counters["step"] == stage.schedule.steps:
+            logger.warning("%s already reached schedule.steps=%d: nothing to train", run.path,
+                           stage.schedule.steps)  # fmt: skip
     loop = _Loop(stage, run, state, model, loader, optimizer, scheduler, counters, states)
-    return loop.run(pad_id=processor.tokens.pad)
+    return loop.run(pad_id=processor.tokens.pad, resumed_from=resume)
 
 
 class _Loop:
@@ -232,7 +240,7 @@ class _Loop:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.accumulation = stage.accumulation_steps(state.dp_size)
 
-    def run(self, *, pad_id: int) -> TrainResult | None:
+    def run(self, *, pad_id: int, resumed_from: Path | None) -> TrainResult | None:
         self.pad_id = pad_id
         stage, state, counters = self.stage, self.state, self.counters
         metrics = None
@@ -245,7 +253,7 @@ class _Loop:
                 tensorboard=stage.log.tensorboard,
             )
         sequences = iter(self.loader)
-        in_a_row, stopped, checkpoint, last_loss = 0, False, None, None
+        in_a_row, stopped, checkpoint, last_loss = 0, False, resumed_from, None
         try:
             with StopRequest() as stop:
                 while counters["step"] < stage.schedule.steps:
@@ -319,6 +327,9 @@ class _Loop:
         if not self.state.is_main:
             return None
         records = read_metrics(self.run_dir.metrics_file)
+        applied = [r["loss"] for r in records if not r.get("skipped")]
+        if loss is None and applied:  # no step ran here (resumed at the end): the run's last
+            loss = applied[-1]
         title = f"stage {self.stage.stage or ''} {self.run_dir.path.name}".strip()
         plot_curves(records, self.run_dir.path / "loss.png", title=title)
         return TrainResult(

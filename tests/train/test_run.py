@@ -279,3 +279,18 @@ def test_a_run_directory_in_use_or_foreign_is_refused_before_any_process(
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     assert main(["train", str(train_setup["stage"]), "--out", str(tmp_path / "mine")]) == 2
     assert "is not empty and not a run directory" in capsys.readouterr().err
+
+
+def test_a_run_resumed_at_or_past_its_steps(train_setup, finished_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "again"
+    shutil.copytree(finished_run, run)
+    done = _run(_train_command(train_setup["stage"], run))  # at its 6 steps: nothing to do
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary["step"] == 6 and summary["checkpoint"].endswith("step-6")
+    assert summary["final_loss"] == _losses(finished_run)[6]
+    assert "nothing to train" in done.stderr
+    done = _run(_train_command(train_setup["stage"], run, "--set", "schedule.steps=4"))
+    assert done.returncode == 2 and "past schedule.steps=4: give at least 6" in done.stderr
