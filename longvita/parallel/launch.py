@@ -145,12 +145,14 @@ def _spawn(fn, world_size, cp, args, device: torch.device, timeout_s: float, gra
             while not context.join():
                 pass
         except _Terminated:
-            _terminate(context.processes, grace_s)
-            _restore_sigterm(previous_sigterm)
-            signal.raise_signal(signal.SIGTERM)  # as this process would have without the ranks
-            raise RankFailedError(  # the handler before ours returned: the job still ended
-                f"SIGTERM: the {world_size} ranks were stopped"
-            ) from None
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # another SIGTERM: still stopping
+            _terminate(context.processes, grace_s)  # a trainer checkpoints after its step
+            if not all(process.exitcode == 0 for process in context.processes):
+                _restore_sigterm(previous_sigterm)  # the ranks did not end on their own: end
+                signal.raise_signal(signal.SIGTERM)  # as this process would have without them
+                raise RankFailedError(  # the handler before ours returned: the job still ended
+                    f"SIGTERM: the {world_size} ranks were stopped"
+                ) from None
         except mp.ProcessRaisedException as err:
             raise _job_error(workdir, world_size, err.error_index, str(err)) from None
         except mp.ProcessExitedException as err:

@@ -100,13 +100,20 @@ def test_a_killed_run_resumes_with_bitwise_the_same_losses(
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 7))  # each step once
 
 
-def test_sigterm_writes_a_checkpoint_then_stops(train_setup, tmp_path):
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.distributed)])
+def test_sigterm_writes_a_checkpoint_then_stops(train_setup, tmp_path, nproc):
+    """With spawned ranks the launcher passes SIGTERM on and waits for their checkpoint; a
+    second SIGTERM while they write it changes nothing."""
     run = tmp_path / "terminated"
-    command = _train_command(train_setup["stage"], run, "--set", "schedule.steps=200")
+    command = _train_command(
+        train_setup["stage"], run, "--set", "schedule.steps=200", "--nproc", str(nproc)
+    )
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not (run / "metrics.jsonl").is_file() and process.poll() is None:
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    for _ in range(nproc):
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-2000:]
     result = json.loads(out)
