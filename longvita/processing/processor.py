@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 ImageInput = str | Path | Image.Image
 VideoInput = str | Path | Sequence[Image.Image]
+"""A video file, a directory of frame files, or the frames themselves (PIL images, taken as
+1 fps like a directory's)."""
 
 
 def media_list(name: str, media: Sequence | None) -> list:
@@ -61,9 +63,6 @@ def media_list(name: str, media: Sequence | None) -> list:
         )
     return list(media)
 
-
-"""A video file, a directory of frame files, or the frames themselves (PIL images, taken as
-1 fps like a directory's)."""
 
 MAX_TILES = 12
 
