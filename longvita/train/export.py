@@ -26,6 +26,9 @@ from longvita.train.run_dir import CHECKPOINTS, RunDirectory
 
 logger = logging.getLogger(__name__)
 
+READ_ATTEMPTS = 3
+"""Checkpoints tried when the one being read is deleted by the running job."""
+
 
 def find_checkpoint(path: str | Path) -> tuple[RunDirectory, Path]:
     """(run, checkpoint directory) of a run directory or one of its `checkpoints/step-N`."""
@@ -51,17 +54,36 @@ def find_checkpoint(path: str | Path) -> tuple[RunDirectory, Path]:
 
 def load_checkpoint_model(path: str | Path) -> tuple[LongVITAForCausalLM, object, Path]:
     """(model, tokenizer, checkpoint) of a run directory or one of its checkpoints: the model
-    rebuilt from the run's config.json with only its weights read (as trained, on the CPU)."""
-    run, checkpoint = find_checkpoint(path)
-    if not (run.model_dir / "config.json").is_file():
-        raise ValueError(f"{run.path} has no {run.model_dir.name}/config.json: not a run directory")
-    config = LongVITAConfig.from_pretrained(run.model_dir)
-    with torch.device("meta"):
-        model = LongVITAForCausalLM(config)
-    model.to_empty(device="cpu")
-    model.tie_weights()
-    load_model_weights(checkpoint, model)
-    return model, load_tokenizer(run.model_dir), checkpoint
+    rebuilt from the run's config.json with only its weights read (as trained, on the CPU).
+
+    A run still training deletes all but its latest checkpoints (`checkpoint.keep_latest`):
+    one deleted while being read is replaced by the newest of a run directory (a few times),
+    and named when it was asked for by its path."""
+    attempt = 1
+    while True:
+        run, checkpoint = find_checkpoint(path)
+        if not (run.model_dir / "config.json").is_file():
+            raise ValueError(
+                f"{run.path} has no {run.model_dir.name}/config.json: not a run directory"
+            )
+        config = LongVITAConfig.from_pretrained(run.model_dir)
+        with torch.device("meta"):
+            model = LongVITAForCausalLM(config)
+        model.to_empty(device="cpu")
+        model.tie_weights()
+        try:
+            load_model_weights(checkpoint, model)
+            return model, load_tokenizer(run.model_dir), checkpoint
+        except Exception:
+            if checkpoint.is_dir():
+                raise  # not a deletion: the error says what is wrong
+            if Path(path).resolve() == checkpoint.resolve() or attempt == READ_ATTEMPTS:
+                raise ValueError(
+                    f"{checkpoint} was deleted while being read (the run is still training "
+                    "and keeps only its latest checkpoints): export the run directory"
+                ) from None
+            logger.info("%s was deleted while being read: taking the newest", checkpoint)
+            attempt += 1
 
 
 def export_checkpoint(

@@ -176,10 +176,12 @@ def train_step(
 
 class StopRequest:
     """SIGTERM (preemption) or SIGINT asks the loop to checkpoint and stop after the step in
-    progress; a second SIGINT stops at once (KeyboardInterrupt)."""
+    progress; a second SIGINT stops at once (KeyboardInterrupt), except while a checkpoint is
+    being written (`saving`): that one finishes first, as a half-written one is never used."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.saving = False
         self._previous = {}
 
     def __enter__(self) -> StopRequest:
@@ -191,6 +193,9 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
+            if self.saving:
+                logger.warning("SIGINT: the checkpoint being written finishes first")
+                return
             raise KeyboardInterrupt
         self.requested = True
         logger.warning("%s: checkpointing after this step, then stopping",
@@ -274,7 +279,9 @@ class _Loop:
                     if record.skipped and not stopped:
                         continue
                     if stopped or done or counters["step"] % stage.checkpoint.interval == 0:
+                        stop.saving = True
                         checkpoint = self._checkpoint()
+                        stop.saving = False
                     if stopped:
                         break
         finally:

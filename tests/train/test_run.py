@@ -301,3 +301,42 @@ def test_a_run_resumed_at_or_past_its_steps(train_setup, finished_run, tmp_path)
     assert "nothing to train" in done.stderr
     done = _run(_train_command(train_setup["stage"], run, "--set", "schedule.steps=4"))
     assert done.returncode == 2 and "past schedule.steps=4: give at least 6" in done.stderr
+
+
+def test_a_second_ctrl_c_waits_for_a_checkpoint_being_written():
+    from longvita.train.loop import StopRequest
+
+    with StopRequest() as stop:
+        signal.raise_signal(signal.SIGINT)  # the first: checkpoint after the step, then stop
+        assert stop.requested
+        stop.saving = True
+        signal.raise_signal(signal.SIGINT)  # while writing: the checkpoint finishes first
+        stop.saving = False
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # otherwise: at once
+
+
+def test_export_of_a_running_run_takes_the_newest_checkpoint_left(
+    finished_run, tmp_path, monkeypatch
+):
+    """keep_latest of a run still training may delete the checkpoint an export is reading."""
+    import shutil
+
+    from longvita.train import export
+
+    run = tmp_path / "running"
+    shutil.copytree(finished_run, run)
+    read = export.load_model_weights
+
+    def deleted_while_read(checkpoint, model):
+        if checkpoint.name == "step-6":
+            shutil.rmtree(checkpoint)
+            raise FileNotFoundError(checkpoint / ".metadata")
+        read(checkpoint, model)
+
+    monkeypatch.setattr(export, "load_model_weights", deleted_while_read)
+    _, _, checkpoint = export.load_checkpoint_model(run)
+    assert checkpoint.name == "step-4"
+    shutil.copytree(finished_run / "checkpoints" / "step-6", run / "checkpoints" / "step-6")
+    with pytest.raises(ValueError, match="step-6 was deleted while being read"):
+        export.load_checkpoint_model(run / "checkpoints" / "step-6")
