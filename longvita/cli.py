@@ -287,6 +287,8 @@ def configure_logging(verbose: bool, *, route_transformers: bool) -> None:
     logging.captureWarnings(True)
     if not verbose:  # third-party warnings are for -v
         logging.getLogger("py.warnings").setLevel(logging.ERROR)
+        # "Terminating process N via signal SIGTERM" as the other ranks of a failed job stop
+        logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     if route_transformers:
         from transformers.utils import logging as hf_logging
 

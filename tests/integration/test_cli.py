@@ -162,6 +162,28 @@ def test_a_failed_rank_is_one_line_with_its_traceback_on_demand(
     assert ("Traceback" in err) == verbose
 
 
+@pytest.mark.distributed
+def test_a_user_error_under_cp_is_one_line(tiny_checkpoint, tmp_path):
+    """The rank that finds it says it; the others stop without a line of their own."""
+    command = [
+        sys.executable,
+        "-m",
+        "longvita",
+        "generate",
+        "--model",
+        str(tiny_checkpoint),
+        "--prompt",
+        "<image>\nWhat?",
+        "--image",
+        str(tmp_path / "gone.png"),
+        "--cp",
+        "2",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert done.returncode == 2 and "gone.png" in done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+
+
 def _processes_in_group(pgid: int) -> list[int]:
     found = []
     for stat_file in Path("/proc").glob("[0-9]*/stat"):
