@@ -23,8 +23,11 @@ Ctrl-C: the spawned ranks ignore SIGINT (they inherit that from the moment they 
 so a terminal's interrupt reaches only this process, which stops them all and raises
 KeyboardInterrupt once; no rank prints a traceback of its own. The ranks then get SIGTERM and
 `grace_s` seconds to end (a trainer writes its checkpoint on SIGTERM) before they are killed.
-SIGTERM to this process (a scheduler ending the job) is passed on the same way, then ends this
-process as it would have without ranks.
+SIGTERM to this process (a scheduler ending the job) is passed on the same way, and more
+SIGTERMs are ignored meanwhile: ranks that then end on their own (a trainer, after its
+checkpoint) return rank 0's result as usual; otherwise this process ends as it would have
+without ranks. When this process dies without a word (SIGKILL), Linux sends each spawned rank
+SIGTERM (`PR_SET_PDEATHSIG`).
 """
 
 from __future__ import annotations
