@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from longvita.data.encode import SampleReader
-from longvita.data.mixture import Mixture, MixtureConfig, data_root_of
+from longvita.data.mixture import MAX_SEED, Mixture, MixtureConfig, data_root_of
 from longvita.data.packing import GreedyPacker
 from longvita.data.stats import SKIP_REASONS, DataStats
 from longvita.data.synth import add_parser as add_synth_parser
@@ -212,7 +212,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     if args.seq_len < 1:
         raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
-    if not 0 <= args.seed < 2**63:
+    if not 0 <= args.seed <= MAX_SEED:
         raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.max_frames is not None and args.max_frames < 1:
         raise ValueError(f"--max-frames must be >= 1, got {args.max_frames}")

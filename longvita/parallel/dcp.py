@@ -161,9 +161,9 @@ def checkpoint_damage(directory: Path) -> str | None:
     """What is wrong with the saved checkpoint `directory`, None when its .metadata reads and
     every byte range it lists is in its file (a shard deleted or cut short, a cut .metadata)."""
     try:
-        metadata = dcp.FileSystemReader(str(directory)).read_metadata()
-    except Exception as err:  # pickle, OS and assertion errors of a cut or missing file
-        return f"its .metadata cannot be read: {type(err).__name__}"
+        metadata = _read_metadata(directory)
+    except CheckpointError as err:
+        return str(err)
     for info in (metadata.storage_data or {}).values():
         file = Path(directory, info.relative_path)
         if not file.is_file():
@@ -180,9 +180,9 @@ def check_stored_weights(
     `weights` in its shape (from the checkpoint's metadata, nothing else read); with `tied`
     embeddings the LM head may be absent (it is the embedding)."""
     try:
-        stored = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
-    except Exception as err:  # a missing or cut .metadata: pickle, OS and assertion errors
-        raise CheckpointError(f"{directory}: cannot read its .metadata ({err!r})") from None
+        stored = _read_metadata(directory).state_dict_metadata
+    except CheckpointError as err:
+        raise CheckpointError(f"{directory}: {err}") from None
     missing, other_shape = [], []
     for name, tensor in weights.items():
         entry = stored.get(f"{TRAINING_KEY}.model.{name}")
@@ -197,6 +197,14 @@ def check_stored_weights(
             f"{len(missing)} missing {missing[:3]}, {len(other_shape)} of another shape "
             f"{other_shape[:3]}"
         )
+
+
+def _read_metadata(directory: Path):
+    """The checkpoint's DCP metadata; CheckpointError when its .metadata cannot be read."""
+    try:
+        return dcp.FileSystemReader(str(directory)).read_metadata()
+    except Exception as err:  # pickle, OS and assertion errors of a cut or missing file
+        raise CheckpointError(f"its .metadata cannot be read: {type(err).__name__}") from None
 
 
 @contextlib.contextmanager

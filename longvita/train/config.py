@@ -35,6 +35,8 @@ from typing import Any
 
 import yaml
 
+from longvita.data.mixture import MAX_SEED
+
 
 class StageConfigError(ValueError):
     """A stage file (or override) that cannot be run; the message names the key."""
@@ -408,7 +410,7 @@ def _positive(key: str, value: float) -> None:
 
 
 def _seed(key: str, value: int) -> None:
-    if not 0 <= value < 2**63:  # what torch's and numpy's generators take
+    if not 0 <= value <= MAX_SEED:
         raise StageConfigError(f"{key}: must be in [0, 2**63), got {value}")
 
 

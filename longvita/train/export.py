@@ -59,21 +59,18 @@ def load_checkpoint_model(path: str | Path) -> tuple[LongVITAForCausalLM, object
     A run still training deletes all but its latest checkpoints (`checkpoint.keep_latest`):
     one deleted while being read is replaced by the newest of a run directory (a few times),
     and named when it was asked for by its path."""
-    attempt = 1
-    while True:
-        run, checkpoint = find_checkpoint(path)
-        if not (run.model_dir / "config.json").is_file():
-            raise ValueError(
-                f"{run.path} has no {run.model_dir.name}/config.json: not a run directory"
-            )
-        config = LongVITAConfig.from_pretrained(run.model_dir)
-        with torch.device("meta"):
-            model = LongVITAForCausalLM(config)
-        model.to_empty(device="cpu")
-        model.tie_weights()
+    run, checkpoint = find_checkpoint(path)
+    if not (run.model_dir / "config.json").is_file():
+        raise ValueError(f"{run.path} has no {run.model_dir.name}/config.json: not a run directory")
+    config = LongVITAConfig.from_pretrained(run.model_dir)
+    with torch.device("meta"):
+        model = LongVITAForCausalLM(config)
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    for attempt in range(1, READ_ATTEMPTS + 1):
         try:
-            load_model_weights(checkpoint, model)
-            return model, load_tokenizer(run.model_dir), checkpoint
+            load_model_weights(checkpoint, model)  # every weight, or it raises
+            break
         except Exception:
             if checkpoint.is_dir():
                 raise  # not a deletion: the error says what is wrong
@@ -83,7 +80,8 @@ def load_checkpoint_model(path: str | Path) -> tuple[LongVITAForCausalLM, object
                     "and keeps only its latest checkpoints): export the run directory"
                 ) from None
             logger.info("%s was deleted while being read: taking the newest", checkpoint)
-            attempt += 1
+            run, checkpoint = find_checkpoint(path)
+    return model, load_tokenizer(run.model_dir), checkpoint
 
 
 def export_checkpoint(
