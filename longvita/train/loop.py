@@ -210,29 +210,32 @@ def run_training(state: ParallelState, stage: StageConfig, run_dir: str) -> Trai
     """Train `stage` into `run_dir` on every rank of `state`; global rank 0 returns how it
     ended. Resumes from the latest complete checkpoint of `run_dir` when there is one."""
     torch.manual_seed(stage.seed)
-    run = RunDirectory(run_dir)
-    resume = prepare_run(stage, run, state)
-    model, tokenizer = build_model(stage, run, state, resuming=resume is not None)
-    processor = Processor(tokenizer, model.config.vision)
-    loader = build_loader(stage, processor, state)
-    optimizer = build_optimizer(param_groups(model, stage.optim), stage.optim)
-    scheduler = build_scheduler(optimizer, stage.optim, stage.schedule)
-    counters = {"step": 0, "skipped_steps": 0}
-    states = dcp.checkpoint_states(
-        dcp.TrainingState(model, optimizer, scheduler, counters), state, loader
-    )
-    if resume is not None:
-        dcp.load(resume, states, state)
-        if counters["step"] > stage.schedule.steps:
-            raise RunDirError(
-                f"{run.path} is at step {counters['step']}, past schedule.steps="
-                f"{stage.schedule.steps}: give at least {counters['step']}, or a new --out"
-            )
-        if counters["step"] == stage.schedule.steps:
-            logger.warning("%s already reached schedule.steps=%d: nothing to train", run.path,
-                           stage.schedule.steps)  # fmt: skip
-    loop = _Loop(stage, run, state, model, loader, optimizer, scheduler, counters, states)
-    return loop.run(pad_id=processor.tokens.pad, resumed_from=resume)
+    # from the start: a SIGTERM while the ranks set up stops after the first step, where
+    # the ranks agree on it (before, a rank not yet in the loop died of it)
+    with StopRequest() as stop:
+        run = RunDirectory(run_dir)
+        resume = prepare_run(stage, run, state)
+        model, tokenizer = build_model(stage, run, state, resuming=resume is not None)
+        processor = Processor(tokenizer, model.config.vision)
+        loader = build_loader(stage, processor, state)
+        optimizer = build_optimizer(param_groups(model, stage.optim), stage.optim)
+        scheduler = build_scheduler(optimizer, stage.optim, stage.schedule)
+        counters = {"step": 0, "skipped_steps": 0}
+        states = dcp.checkpoint_states(
+            dcp.TrainingState(model, optimizer, scheduler, counters), state, loader
+        )
+        if resume is not None:
+            dcp.load(resume, states, state)
+            if counters["step"] > stage.schedule.steps:
+                raise RunDirError(
+                    f"{run.path} is at step {counters['step']}, past schedule.steps="
+                    f"{stage.schedule.steps}: give at least {counters['step']}, or a new --out"
+                )
+            if counters["step"] == stage.schedule.steps:
+                logger.warning("%s already reached schedule.steps=%d: nothing to train", run.path,
+                               stage.schedule.steps)  # fmt: skip
+        loop = _Loop(stage, run, state, model, loader, optimizer, scheduler, counters, states)
+        return loop.run(pad_id=processor.tokens.pad, resumed_from=resume, stop=stop)
 
 
 class _Loop:
@@ -245,7 +248,9 @@ class _Loop:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.accumulation = stage.accumulation_steps(state.dp_size)
 
-    def run(self, *, pad_id: int, resumed_from: Path | None) -> TrainResult | None:
+    def run(
+        self, *, pad_id: int, resumed_from: Path | None, stop: StopRequest
+    ) -> TrainResult | None:
         self.pad_id = pad_id
         stage, state, counters = self.stage, self.state, self.counters
         metrics = None
@@ -260,30 +265,29 @@ class _Loop:
         sequences = iter(self.loader)
         in_a_row, stopped, checkpoint, last_loss = 0, False, resumed_from, None
         try:
-            with StopRequest() as stop:
-                while counters["step"] < stage.schedule.steps:
-                    record = self._one_step(sequences)
-                    in_a_row = 0 if not record.skipped else in_a_row + 1
-                    last_loss = record.loss if not record.skipped else last_loss
-                    if metrics is not None:
-                        metrics.record(record)
-                    if in_a_row >= stage.optim.max_nonfinite_steps:
-                        raise NonFiniteError(
-                            f"{in_a_row} steps in a row had a loss or gradient that is not "
-                            f"finite (optim.max_nonfinite_steps={stage.optim.max_nonfinite_steps})"
-                            f"; the last complete checkpoint is kept: lower optim.lr or check "
-                            f"the data"
-                        )
-                    done = counters["step"] == stage.schedule.steps
-                    stopped = any_rank(stop.requested, state) and not done
-                    if record.skipped and not stopped:
-                        continue
-                    if stopped or done or counters["step"] % stage.checkpoint.interval == 0:
-                        stop.saving = True
-                        checkpoint = self._checkpoint()
-                        stop.saving = False
-                    if stopped:
-                        break
+            while counters["step"] < stage.schedule.steps:
+                record = self._one_step(sequences)
+                in_a_row = 0 if not record.skipped else in_a_row + 1
+                last_loss = record.loss if not record.skipped else last_loss
+                if metrics is not None:
+                    metrics.record(record)
+                if in_a_row >= stage.optim.max_nonfinite_steps:
+                    raise NonFiniteError(
+                        f"{in_a_row} steps in a row had a loss or gradient that is not "
+                        f"finite (optim.max_nonfinite_steps={stage.optim.max_nonfinite_steps})"
+                        f"; the last complete checkpoint is kept: lower optim.lr or check "
+                        f"the data"
+                    )
+                done = counters["step"] == stage.schedule.steps
+                stopped = any_rank(stop.requested, state) and not done
+                if record.skipped and not stopped:
+                    continue
+                if stopped or done or counters["step"] % stage.checkpoint.interval == 0:
+                    stop.saving = True
+                    checkpoint = self._checkpoint()
+                    stop.saving = False
+                if stopped:
+                    break
         finally:
             if metrics is not None:
                 metrics.close()
