@@ -6,7 +6,8 @@ Generic on purpose (ring attention, the model under CP, the loss all use it):
 
 `my_fn` must be picklable (a module-level function of an importable module). Each rank:
 one CPU thread, `init_process_group("gloo")` over a `file://` rendezvous in a fresh temporary
-directory, with `timeout_s` as the group timeout; its return value is `torch.save`d to that
+directory, with `timeout_s` as the group timeout, then a barrier so that every rank has joined
+before any runs `my_fn`; its return value is `torch.save`d to that
 directory and loaded by the parent (tensors, dicts, lists...). A rank that raises makes the
 parent raise `RankFailed` with that rank's traceback (the other ranks are terminated); ranks that
 do not finish within `timeout_s` are killed and the parent raises `TimeoutError`.
@@ -90,6 +91,10 @@ def _rank_main(rank, world_size, workdir, group_timeout_s, fn, args) -> None:
         world_size=world_size,
         timeout=timedelta(seconds=group_timeout_s),
     )
+    # Gloo connects the ranks pair by pair and init returns without waiting for the others: a
+    # rank whose fn returns at once (an early ValueError) could tear its group down while a
+    # slower rank is still connecting, which fails there as "Connection closed by peer".
+    dist.barrier()
     try:
         result = fn(rank, world_size, *args)
     finally:
