@@ -42,7 +42,7 @@ import torch
 from longvita.errors import PromptError
 from longvita.infer.decode import RunnerStats, Sampler, run_to_end
 from longvita.infer.engine import EncodedTiles, allocate_cache, feature_stream
-from longvita.infer.layout import PromptLayout, shard_round
+from longvita.infer.layout import PromptLayout, PromptShard, shard_round
 from longvita.infer.prefix_cache import PromptPrefix, longest
 from longvita.infer.request import (
     DEFAULT_PREFILL_CHUNK,
@@ -52,7 +52,7 @@ from longvita.infer.request import (
 )
 from longvita.model.long_vita import LongVITAForCausalLM
 from longvita.model.qwen2 import AttentionFn
-from longvita.parallel.collectives import broadcast, common_options, gather_ints
+from longvita.parallel.collectives import broadcast, common_options, gather_ints, raise_together
 from longvita.parallel.sharded_cache import ShardedKVCache
 from longvita.parallel.state import ParallelState
 from longvita.processing.tiles import TileSource
@@ -135,9 +135,7 @@ class ShardedRunner:
                 round_idx=round_idx,
                 pad_id=self.pad_id,
             )
-            features = None  # [local visual slots, hidden]: this rank's tiles only
-            if self.stream is not None and shard.num_real > 0:
-                features = self.stream.features(shard.position_ids[: shard.num_real])
+            features = self._features(shard, round_idx)  # [local visual slots, hidden] | None
             try:
                 hidden = self._forward(
                     shard.input_ids.to(self.device)[None],  # [1, 2c]
@@ -159,6 +157,24 @@ class ShardedRunner:
             logits = hidden.new_empty(1, self.model.config.vocab_size)
         broadcast(logits, self.state, src_cp_rank=holder, what="broadcasting the prompt's logits")
         return logits
+
+    def _features(self, shard: PromptShard, round_idx: int) -> torch.Tensor | None:
+        """The features of this rank's tiles in a round. Only this rank reads its share of the
+        media, so a frame that cannot be decoded (or a ViT out of memory) fails here alone:
+        the ranks agree first, and every one raises it instead of the others waiting for this
+        one in the round's attention until the group times out."""
+        if self.stream is None:
+            return None
+        features, error = None, None
+        try:
+            if shard.num_real > 0:
+                features = self.stream.features(shard.position_ids[: shard.num_real])
+        except ValueError as err:  # MediaError and the other user errors
+            error = err
+        except torch.OutOfMemoryError:
+            error = PromptError(self._oom_message(round_idx))
+        raise_together(error, self.state, what=f"prefill round {round_idx}: reading media")
+        return features
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         """Cp rank 0 samples; every rank gets its token [1]."""

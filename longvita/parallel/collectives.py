@@ -3,8 +3,9 @@
 
 Owns `peer_errors` (a failed or timed-out collective re-raised with its context), `broadcast`
 from one cp rank (a tensor, or with `broadcast_object` a picklable object), `gather_ints`
-(small per-rank counters, in cp rank order) and `common_options` (what every rank can offer:
-the prefix cache entries all ranks hold). Callers outside `parallel/` use these instead of
+(small per-rank counters, in cp rank order), `common_options` (what every rank can offer:
+the prefix cache entries all ranks hold) and `raise_together` (one rank's user error raised on
+every rank). Callers outside `parallel/` use these instead of
 importing torch.distributed themselves.
 """
 
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from longvita.errors import MediaError, PromptError, ReservedTokenError
 from longvita.parallel.state import ParallelState
 
 
@@ -78,6 +80,33 @@ def sum_over(values: list[float], state: ParallelState, *, group: str = "world")
 def any_rank(flag: bool, state: ParallelState) -> bool:
     """Whether `flag` is true on some rank of the job (every rank gets the same answer)."""
     return sum_over([float(flag)], state)[0] > 0
+
+
+def raise_together(error: ValueError | None, state: ParallelState, *, what: str) -> None:
+    """Raise on every cp rank when some rank has a user error (`error`, None where there is
+    none): that rank raises its own, the others the lowest failing rank's message as a
+    ValueError of the same class (a `longvita.errors` class, else ValueError), so no rank goes
+    on to a collective that its failed peer will never join. A collective: every rank calls it
+    at the same point."""
+    if state.cp_size == 1:
+        if error is not None:
+            raise error
+        return
+    (failed,) = gather_ints([int(error is not None)], state)
+    if not any(failed):
+        return
+    reports: list[tuple[str, str] | None] = [None] * state.cp_size
+    mine = None if error is None else (type(error).__name__, str(error))  # always picklable
+    with peer_errors(what, state.cp_rank, state.cp_size):
+        dist.all_gather_object(reports, mine, group=state.cp_group)
+    if error is not None:
+        raise error
+    first = failed.index(1)
+    name, message = reports[first]
+    raise _USER_ERRORS.get(name, ValueError)(f"{message} (cp rank {first}/{state.cp_size})")
+
+
+_USER_ERRORS = {cls.__name__: cls for cls in (MediaError, PromptError, ReservedTokenError)}
 
 
 def common_options(options: dict[str, int], state: ParallelState, *, what: str) -> dict[str, int]:

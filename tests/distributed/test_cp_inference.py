@@ -12,11 +12,13 @@ import torch
 
 import longvita
 from longvita.config import tiny
+from longvita.errors import MediaError
 from longvita.infer.cp_engine import generate_sharded
 from longvita.infer.layout import PromptLayout, shard_round
 from longvita.infer.request import SamplingParams
 from longvita.model.checkpoint import load_model
 from longvita.parallel.state import ParallelState
+from longvita.processing.tiles import TileSource
 from longvita.testing import random_model
 from tests.distributed.spawn import RankFailed
 
@@ -324,3 +326,44 @@ def test_a_rank_lost_while_decoding_fails_the_others_within_the_timeout(ranks):
     message = str(failure.value)
     assert "context-parallel generation" in message and "decode step 1" in message, message
     assert time.monotonic() - start < 40
+
+
+class _UndecodableTiles(TileSource):
+    """A medium whose frames fail to decode where this rank reads them."""
+
+    def get(self, tile_ids):
+        raise MediaError("frame 7 of clip.mp4 cannot be decoded")
+
+
+def _media_fails_on_rank_1(rank: int, world_size: int) -> tuple[str, str, float]:
+    state = ParallelState.from_group(world_size, timeout_s=60)
+    model = random_model(RAW_CONFIG, seed=1)
+    prompt = _raw_prompt(9, (2,))  # the tile's slots 2-5 fall on both ranks
+    source = _UndecodableTiles if rank == 1 else TileSource
+    prompt["tiles"] = source.from_tensor(prompt["tiles"])
+    start = time.monotonic()
+    try:
+        generate_sharded(
+            model,
+            **prompt,
+            state=state,
+            params=SamplingParams(max_new_tokens=4),
+            stop_ids=(),
+            pad_id=0,
+        )
+    except MediaError as err:
+        return type(err).__name__, str(err), time.monotonic() - start
+    return "no error", "", time.monotonic() - start
+
+
+@pytest.mark.distributed
+def test_media_that_fails_on_one_rank_fails_every_rank_at_once(ranks):
+    """Each rank decodes only its share of the media. The others must not go on to the round's
+    attention without the failed rank (a server's rank then waits for its next request: the
+    group hangs until its timeout), but raise its error too."""
+    (name_0, message_0, seconds_0), (name_1, message_1, _) = ranks(
+        _media_fails_on_rank_1, 2, timeout_s=120
+    )
+    assert name_1 == "MediaError" and message_1 == "frame 7 of clip.mp4 cannot be decoded"
+    assert name_0 == "MediaError" and message_0 == f"{message_1} (cp rank 1/2)"
+    assert seconds_0 < 30
