@@ -97,6 +97,7 @@ class SampleFile:
             )
         if not path.is_file():
             raise ValueError(f"data file {str(path)!r} does not exist or is not a file")
+        _check_utf8_text(path)
         if _first_byte(path) == b"[":
             starts, ends, lines = _index_json_list(path)
         else:
@@ -146,6 +147,18 @@ def _decode_json(data: bytes) -> object:
         raise SampleError("malformed_json", f"not valid JSON: nested too deeply ({err})") from err
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, int digit limit
         raise SampleError("malformed_json", f"not valid JSON: {err}") from err
+
+
+def _check_utf8_text(path: Path) -> None:
+    """Refuse UTF-16 and UTF-32 files: their records would half-parse (json.loads detects the
+    encoding of a line's bytes, and the NUL byte after each newline became a bad record)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if b"\x00" in head:  # never in UTF-8 JSON: a control character must be escaped there
+        raise ValueError(
+            f"data file {str(path)!r} is not UTF-8 text (it holds NUL bytes: UTF-16 or "
+            "UTF-32?); convert it, e.g. `iconv -f UTF-16 -t UTF-8 IN > OUT`"
+        )
 
 
 def _first_byte(path: Path) -> bytes:

@@ -87,6 +87,21 @@ def test_jsonl_with_carriage_returns_alone_is_a_value_error(tmp_path):
     assert len(SampleFile.index(path)) == 1
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+@pytest.mark.parametrize("layout", ["jsonl", "json list"])
+def test_utf16_and_utf32_files_are_a_value_error(tmp_path, encoding, layout):
+    """json.loads reads a UTF-16 line's bytes, so such a file half-parsed: each record, and a
+    bad one for the NUL byte after each newline."""
+    records = [{"messages": [{"role": "user", "content": "hi"}]}] * 2
+    text = "\n".join(map(json.dumps, records)) if layout == "jsonl" else json.dumps(records)
+    path = tmp_path / "wide.jsonl"
+    path.write_bytes(text.encode(encoding))
+    with pytest.raises(ValueError, match=r"wide.jsonl' is not UTF-8 text .*UTF-16 or UTF-32"):
+        SampleFile.index(path)
+    path.write_bytes(text.encode("utf-8-sig"))  # UTF-8, with or without its mark, is read
+    assert len(SampleFile.index(path)) == 2
+
+
 def test_broken_json_list_and_missing_file_are_value_errors(tmp_path):
     path = tmp_path / "a.json"
     path.write_text('[{"a": 1}, {"a": ')
