@@ -13,11 +13,12 @@ context-parallel group) and returns global rank 0's result:
   them and returns rank 0's result; with N = 1 it calls `fn` in this process.
 
 Failures: every collective has the `timeout_s` of `ParallelState`, so a rank whose peer died or
-stalled raises instead of hanging. Here, the first rank to fail ends the job: the others are
-terminated at once and this process raises. A user error (a ValueError such as a missing image)
-is re-raised as itself, so the command line reports it as it would at --cp 1; anything else
-becomes `RankFailedError` naming the rank, with its traceback. Under torchrun the elastic agent
-stops the other ranks when one fails.
+stalled raises instead of hanging. Here, the first rank to fail ends the job: the others get
+`FAILED_JOB_GRACE_S` to end on their own, then SIGTERM, and are killed as long after that (a
+rank stopped or stuck in native code answers nothing else), and this process raises. A user
+error (a ValueError such as a missing image) is re-raised as itself, so the command line
+reports it as it would at --cp 1; anything else becomes `RankFailedError` naming the rank, with
+its traceback. Under torchrun the elastic agent stops the other ranks when one fails.
 
 Ctrl-C: the spawned ranks ignore SIGINT (they inherit that from the moment they are started),
 so a terminal's interrupt reaches only this process, which stops them all and raises
@@ -56,6 +57,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 600.0
 """How long a rank waits in a collective for its peers before it raises."""
+FAILED_JOB_GRACE_S = 3.0
+"""Once a rank has failed, how long the others get to end on their own, then after SIGTERM
+before SIGKILL (torch's default: none, then 30 s)."""
 PR_SET_PDEATHSIG = 1
 """prctl(2)'s option: the signal a process gets when its parent ends."""
 
@@ -145,7 +149,7 @@ def _spawn(fn, world_size, cp, args, device: torch.device, timeout_s: float, gra
         previous_sigterm = _raise_on_sigterm()
         try:
             _release_sigint(held)  # a Ctrl-C during the start arrives now: the ranks are stopped
-            while not context.join():
+            while not context.join(grace_period=FAILED_JOB_GRACE_S):
                 pass
         except _Terminated:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # another SIGTERM: still stopping

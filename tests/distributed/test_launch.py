@@ -54,6 +54,8 @@ def _rank_one_fails(state: ParallelState, how: str) -> None:
             os._exit(0)  # no error code: only its peer's timeout can tell
         if how == "stalls":
             time.sleep(10 * DEADLINE_S)
+        if how == "is_stopped":  # answers no SIGTERM: only SIGKILL ends it
+            os.kill(os.getpid(), signal.SIGSTOP)
     dist.barrier(group=state.cp_group)
 
 
@@ -116,13 +118,15 @@ def test_bad_arguments_fail_before_any_process_starts():
         ("dies", RankFailedError, "rank 1 of 2 exited with code 3"),
         ("vanishes", RankFailedError, "rank 0 of 2 failed"),  # its barrier loses the peer
         ("stalls", RankFailedError, "rank 0 of 2 failed"),  # its barrier times out
+        ("is_stopped", RankFailedError, "rank 0 of 2 failed"),
     ],
 )
 def test_a_failing_rank_ends_the_job_with_an_error(how, error, message):
     start = time.monotonic()
     with pytest.raises(error, match=message) as failure:
         launch(_rank_one_fails, cp=2, args=(how,), timeout_s=TIMEOUT_S)
-    assert time.monotonic() - start < DEADLINE_S
+    # A stopped rank is killed 2 x FAILED_JOB_GRACE_S after rank 0 fails, not torch's 30 s.
+    assert time.monotonic() - start < (DEADLINE_S if how != "is_stopped" else 30)
     if how == "raises":  # one line for the user, the whole traceback kept for -v
         assert "\n" not in str(failure.value) and "Traceback" in failure.value.traceback
 
