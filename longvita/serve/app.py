@@ -53,6 +53,9 @@ class ServerSettings:
 
     model_id: str
     """The name clients use (`GET /v1/models`); requests naming another model get 404."""
+    model_aliases: frozenset[str] = frozenset()
+    """Other names requests may give the model (the `--model` value as typed, as vLLM
+    serves it); answers name it `model_id`."""
     media: MediaPolicy = MediaPolicy()
     max_body_bytes: int = 64 * 2**20
     """Request bodies above this are refused (413) before being parsed."""
@@ -71,6 +74,10 @@ class ServerSettings:
     """When set, /v1 routes need `Authorization: Bearer <api_key>`."""
     retry_after_s: int = 1
     """The Retry-After of a 503."""
+
+    def serves(self, model: object) -> bool:
+        """Whether a request's `model` names this server's model."""
+        return model == self.model_id or model in self.model_aliases
 
 
 def create_app(pipeline, worker, settings: ServerSettings) -> FastAPI:
@@ -144,7 +151,7 @@ def create_app(pipeline, worker, settings: ServerSettings) -> FastAPI:
     async def model(model_id: str, request: Request) -> dict:
         """OpenAI's model retrieval (`client.models.retrieve`): the served model's card."""
         check_api_key(request, settings)
-        if model_id != settings.model_id:
+        if not settings.serves(model_id):
             raise unknown_model(model_id, settings)
         positions = pipeline.config.max_position_embeddings
         cards = responses.model_list_body(
@@ -161,7 +168,7 @@ def create_app(pipeline, worker, settings: ServerSettings) -> FastAPI:
             control_tokens=control_tokens,
             escape=settings.escape_control_tokens,
         )
-        if chat.model is not None and chat.model != settings.model_id:
+        if chat.model is not None and not settings.serves(chat.model):
             raise unknown_model(chat.model, settings)
         try:
             worker.reserve()

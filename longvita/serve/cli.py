@@ -12,7 +12,9 @@ import argparse
 import logging
 import os
 import socket
+from pathlib import Path
 
+from longvita.assets import DEMO_NAME
 from longvita.infer.batch import DEFAULT_STEP_TOKENS
 from longvita.infer.decode_pool import DEFAULT_POOL_TOKENS
 from longvita.runtime import KV_CACHE_DTYPES
@@ -46,7 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--served-model-name",
         default=None,
-        help="the model's name in the API (default: the directory's name)",
+        help="the model's name in the API (default: `demo` for the demo, else the directory's "
+        "name; requests may also name the --model value as typed)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
@@ -154,6 +157,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def served_name(model: str, model_dir: Path) -> str:
+    """The API's name of `--model`: `demo` for the demo, else its directory's name (of the
+    resolved path: `--model .` or `ckpt/` name the directory too)."""
+    return DEMO_NAME if str(model) == DEMO_NAME else Path(model_dir).resolve().name
+
+
 def settings_from_args(args: argparse.Namespace, model_dir):
     """The ServerSettings of the flags (ValueError naming a bad one)."""
     from longvita.processing.image import DEFAULT_MAX_PIXELS
@@ -179,7 +188,8 @@ def settings_from_args(args: argparse.Namespace, model_dir):
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
     )
     return ServerSettings(
-        model_id=args.served_model_name or model_dir.name,
+        model_id=args.served_model_name or served_name(args.model, model_dir),
+        model_aliases=frozenset() if args.served_model_name else frozenset({str(args.model)}),
         media=policy,
         max_body_bytes=int(args.max_body_mb * 2**20),
         default_max_tokens=args.max_tokens,

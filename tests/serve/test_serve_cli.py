@@ -159,3 +159,45 @@ def test_accepted_connections_send_small_writes_at_once():
             server.close()
 
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+def _settings(*flags: str):
+    import argparse
+
+    from longvita.assets import resolve_model_dir
+    from longvita.serve.cli import add_parser, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", *flags])
+    return settings_from_args(args, resolve_model_dir(args.model))
+
+
+def test_the_served_name_is_the_one_users_type(tiny_checkpoint, monkeypatch):
+    """`--model demo` is served as `demo` (the README's client names it so); a directory by its
+    own name, however it was written; the --model value as typed is accepted too (vLLM's
+    name); --served-model-name replaces both."""
+    demo = _settings("--model", "demo")
+    assert demo.model_id == "demo" and demo.serves("demo") and not demo.serves("demo_model")
+    monkeypatch.chdir(tiny_checkpoint)
+    for typed in (".", f"{tiny_checkpoint}/", str(tiny_checkpoint)):
+        settings = _settings("--model", typed)
+        assert settings.model_id == tiny_checkpoint.name, typed
+        assert settings.serves(typed) and settings.serves(tiny_checkpoint.name)
+        assert not settings.serves("demo")
+    named = _settings("--model", str(tiny_checkpoint), "--served-model-name", "tiny")
+    assert named.model_id == "tiny" and not named.serves(str(tiny_checkpoint))
+
+
+def test_the_demo_answers_the_readme_client():
+    process, url = start("--model", "demo")
+    try:
+        got = ask(url, "demo", "What digit is shown?")
+    finally:
+        stop(process)
+    assert (
+        got
+        == longvita.load(longvita.DEMO_MODEL)
+        .generate("What digit is shown?", max_new_tokens=6)
+        .text
+    )
