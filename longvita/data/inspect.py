@@ -154,8 +154,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "Give the tokenizer with --tokenizer (tiles as in the official 448-px model) or a "
             "checkpoint with --model (its tokenizer and vision settings)."
         ),
-        epilog="example: longvita data inspect configs/stage1.yaml --seq-len 32768 "
-        "--model Long-VITA-16K_HF --max-samples 2000",
+        epilog="example: longvita data inspect data/stage1.yaml --seq-len 32768 "
+        "--model Long-VITA-16K_HF --max-samples 2000 (a mixture file: a stage file's "
+        "data.mixture, not the stage file itself)",
     )
     p.add_argument("mixture", metavar="MIXTURE.yaml", help="the mixture file")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per packed sequence")
@@ -175,7 +176,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default="per-source",
         help="bins per data file (stages 1-2, default) or one pool (stages 3-4)",
     )
-    p.add_argument("--num-bins", type=int, default=None, help="open bins per pool (default 1/2)")
+    p.add_argument(
+        "--num-bins",
+        type=int,
+        default=None,
+        help="open bins per pool (default: 1 per file for per_source, 4 for cross_source)",
+    )
     p.add_argument("--seed", type=int, default=0, help="mixture seed (default 0)")
     p.add_argument("--max-frames", type=int, default=None, help="frames per video (default 4096)")
     p.add_argument("--fps", type=float, default=None, help="video sampling rate (default 1)")

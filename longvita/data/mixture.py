@@ -100,6 +100,12 @@ class MixtureConfig:
     def from_dict(cls, data: object, *, source: str = "mixture") -> MixtureConfig:
         """From the parsed YAML: a mapping with a `dataset` mapping of groups."""
         if not isinstance(data, Mapping) or not isinstance(data.get("dataset"), Mapping):
+            stage_mixture = data.get("data") if isinstance(data, Mapping) else None
+            if isinstance(stage_mixture, Mapping) and "mixture" in stage_mixture:
+                raise ValueError(
+                    f"{source} is a stage file, not a mixture: give its data.mixture "
+                    f"({stage_mixture['mixture']!r})"
+                )
             raise ValueError(f"{source}: expected a mapping with a 'dataset' mapping of groups")
         ignored = sorted(k for k in data if k != "dataset")
         if ignored:

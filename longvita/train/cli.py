@@ -35,7 +35,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
             "writes a checkpoint after the step in progress, then stops."
         ),
         epilog="example: longvita train longvita/configs/tiny/stage1.yaml --out runs/s1 "
-        "--set schedule.steps=50 --nproc 2",
+        "--set schedule.steps=50 --nproc 2 (the tiny stages read the data of `longvita data "
+        "synth --out runs/demo/data`, and stages 1-4 start from the run before: `longvita "
+        "demo train` makes both; docs/training.md)",
     )
     p.add_argument("stage", metavar="STAGE.yaml", help="the stage file")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="the run directory")

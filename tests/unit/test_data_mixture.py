@@ -131,6 +131,10 @@ def test_a_directory_or_non_utf8_text_as_mixture_file_says_so(tmp_path):
     ("data", "match"),
     [
         ({"datasets": {}}, "'dataset'"),
+        (  # `data inspect` given the stage file instead of its mixture
+            {"stage": "s1", "data": {"mixture": "data/s1.yaml", "seq_len": 64}},
+            r"is a stage file, not a mixture: give its data.mixture \('data/s1.yaml'\)",
+        ),
         ({"dataset": {}}, "at least one group"),
         ({"dataset": {"g": {"ratio": -1, "data_paths": ["a"]}}}, "ratio must be a finite number"),
         ({"dataset": {"g": {"ratio": float("inf"), "data_paths": ["a"]}}}, "got inf"),
