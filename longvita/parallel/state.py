@@ -169,6 +169,10 @@ class ParallelState:
             device=device,
             mesh=mesh,
         )
+        # Gloo connects each axis's groups pair by pair and returns without waiting for the
+        # other ranks: a rank that failed at once (a bad argument) would close its connections
+        # while a peer is still making them, which that peer reports as its own failure.
+        dist.barrier()
         logger.info("parallel state: %s", state.describe())
         return state
 

@@ -139,6 +139,7 @@ def test_each_mesh_axis_gets_its_own_backend_options(monkeypatch):
     monkeypatch.setattr("longvita.parallel.state.init_device_mesh", fake_init_device_mesh)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "barrier", lambda group=None: None)
     ParallelState._with_mesh(1, "gloo", 5.0, torch.device("cpu"))
     (dp_backend, dp_options), (cp_backend, cp_options) = seen["dp"], seen["cp"]
     assert dp_backend == cp_backend == "gloo"
