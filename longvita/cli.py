@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import re
 import sys
 from collections.abc import Sequence
+
+from longvita.logs import configure_logging
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1
@@ -275,26 +276,6 @@ def _accept_verbose_everywhere(parser: argparse.ArgumentParser) -> None:
                     help="log progress and warnings to stderr",
                 )
                 _accept_verbose_everywhere(subparser)
-
-
-def configure_logging(verbose: bool, *, route_transformers: bool) -> None:
-    """Our logs, Python warnings and (when `route_transformers`: the command loads a
-    tokenizer, so transformers is imported anyway) transformers' logs, all through logging."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    logging.captureWarnings(True)
-    if not verbose:  # third-party warnings are for -v
-        logging.getLogger("py.warnings").setLevel(logging.ERROR)
-        # "Terminating process N via signal SIGTERM" as the other ranks of a failed job stop
-        logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
-    if route_transformers:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_default_handler()
-        hf_logging.enable_propagation()
-        hf_logging.set_verbosity(logging.INFO if verbose else logging.ERROR)
 
 
 _TOKENIZER_COMMANDS = ("generate", "data", "demo", "train", "export", "eval", "serve")

@@ -51,6 +51,7 @@ import torch
 import torch.multiprocessing as mp
 
 from longvita.errors import RunError
+from longvita.logs import LogSettings, configure_logging
 from longvita.parallel.state import ParallelState
 
 logger = logging.getLogger(__name__)
@@ -136,7 +137,16 @@ def _spawn(fn, world_size, cp, args, device: torch.device, timeout_s: float, gra
         try:
             context = mp.start_processes(
                 _rank_main,
-                args=(world_size, cp, str(workdir), device.type, timeout_s, fn, args),
+                args=(
+                    world_size,
+                    cp,
+                    str(workdir),
+                    device.type,
+                    timeout_s,
+                    LogSettings.current(),
+                    fn,
+                    args,
+                ),
                 nprocs=world_size,
                 join=False,
                 start_method="spawn",
@@ -160,16 +170,8 @@ def _spawn(fn, world_size, cp, args, device: torch.device, timeout_s: float, gra
                 raise RankFailedError(  # the handler before ours returned: the job still ended
                     f"SIGTERM: the {world_size} ranks were stopped"
                 ) from None
-        except mp.ProcessRaisedException as err:
-            raise _job_error(workdir, world_size, err.error_index, str(err)) from None
-        except mp.ProcessExitedException as err:
-            how = f"exited with code {err.exit_code}"
-            if err.signal_name:
-                how = f"was killed by {err.signal_name}"
-            raise RankFailedError(
-                f"rank {err.error_index} of {world_size} {how} before finishing (its error, if "
-                "any, is on stderr above); the other ranks were stopped"
-            ) from None
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
+            raise _job_error(workdir, context, _first_cause(context, err.error_index)) from None
         except KeyboardInterrupt:
             _terminate(context.processes, grace_s)
             raise
@@ -240,9 +242,10 @@ def _terminate(processes, grace_s: float) -> None:
             process.join(max(0.0, deadline - time.monotonic()))
 
 
-def _rank_main(rank, world_size, cp, workdir, device_type, timeout_s, fn, args) -> None:
+def _rank_main(rank, world_size, cp, workdir, device_type, timeout_s, logs, fn, args) -> None:
     """Body of a spawned rank: join the group, run `fn`, leave rank 0's result or the error."""
     _terminate_with_parent()
+    configure_logging(logs.verbose, route_transformers=logs.route_transformers)
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -288,16 +291,57 @@ def _save_user_error(path: Path, err: Exception) -> None:
     path.write_bytes(payload)
 
 
-def _job_error(workdir: Path, world_size: int, rank: int, trace: str) -> Exception:
-    """What the parent raises when `rank` raised: an error that explains itself (a user's
-    ValueError, a RunError such as a diverged run) of any rank as itself, the lowest rank's
-    first (the others may only have lost their peer), else RankFailedError with `rank`'s
-    traceback."""
+LOST_PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                   "Timed out", "timed out", "a peer died, stalled")  # fmt: skip
+"""In a rank's traceback: it failed because another rank did (ours, gloo's, NCCL's words)."""
+
+
+def _first_cause(context: mp.ProcessContext, reported: int) -> int:
+    """The rank whose failure the others' follow from, once every rank has ended: the lowest
+    that raised an error other than a lost peer, or exited with an error code of its own (not
+    a signal: the launcher stops the others with SIGTERM); else `reported`, the one torch saw
+    first (with several failed, the lowest: often one that only lost its peer)."""
+    for rank, process in enumerate(context.processes):
+        trace = _trace_of(context, rank)
+        if trace is not None and not any(sign in trace for sign in LOST_PEER_SIGNS):
+            return rank
+        if trace is None and (process.exitcode or 0) > 0:
+            return rank
+    return reported
+
+
+def _trace_of(context: mp.ProcessContext, rank: int) -> str | None:
+    """The traceback a rank left when it raised (torch's error file), None if it did not."""
+    try:
+        with open(context.error_files[rank], "rb") as f:
+            # Written by our own rank: unpickling it is safe.
+            return pickle.load(f)
+    except (OSError, EOFError, pickle.UnpicklingError):
+        return None
+
+
+def _job_error(workdir: Path, context: mp.ProcessContext, rank: int) -> Exception:
+    """What the parent raises for a job whose `rank` failed first: an error that explains itself
+    (a user's ValueError, a RunError such as a diverged run) of any rank as itself, the lowest
+    rank's first (the others may only have lost their peer), else RankFailedError with `rank`'s
+    traceback or exit status."""
+    world_size = len(context.processes)
     for candidate in range(world_size):
         error_file = workdir / f"rank{candidate}.error"
         if error_file.is_file():
             # Written by our own rank moments ago: unpickling it is safe.
             return pickle.loads(error_file.read_bytes())
+    trace = _trace_of(context, rank)
+    if trace is None:
+        code = context.processes[rank].exitcode or 0
+        how = f"exited with code {code}"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                how = f"was killed by {signal.Signals(-code).name}"
+        return RankFailedError(
+            f"rank {rank} of {world_size} {how} before finishing (its error, if any, is on "
+            "stderr above); the other ranks were stopped"
+        )
     lines = [line for line in trace.strip().splitlines() if line.strip()]
     last = lines[-1].strip() if lines else "no error message"
     message = f"rank {rank} of {world_size} failed ({last}); the other ranks were stopped"

@@ -7,12 +7,14 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import pickle
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ import longvita
 from longvita.errors import MediaError, PromptError
 from longvita.infer.cp_launch import generate_cp
 from longvita.infer.request import GenerationRequest
-from longvita.parallel.launch import RankFailedError, launch
+from longvita.parallel.launch import RankFailedError, _first_cause, _job_error, launch
 from longvita.parallel.state import ParallelState
 
 pytestmark = pytest.mark.distributed
@@ -60,7 +62,9 @@ def _rank_one_fails(state: ParallelState, how: str) -> None:
 
 
 def _sleeps(state: ParallelState, marker: str) -> None:
-    Path(f"{marker}.{state.cp_rank}").write_text(str(os.getpid()))
+    staged = Path(f"{marker}.{state.cp_rank}.tmp")
+    staged.write_text(str(os.getpid()))
+    staged.replace(f"{marker}.{state.cp_rank}")  # the reader never sees it half-written
     time.sleep(10 * DEADLINE_S)
 
 
@@ -212,12 +216,9 @@ if output is not None:
 def test_generate_cp_joins_a_torchrun_job(tiny_checkpoint, tmp_path):
     script = tmp_path / "generate.py"
     script.write_text(_TORCHRUN_SCRIPT)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--master-addr", "127.0.0.1", "--master-port", str(port), str(script), str(tiny_checkpoint),
+    command = [  # --standalone: torchrun picks a free port itself (no port to race for)
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(script), str(tiny_checkpoint),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
@@ -263,3 +264,41 @@ def _running(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+class _EndedRank:
+    def __init__(self, exitcode: int) -> None:
+        self.exitcode = exitcode
+
+
+def _ended_job(tmp_path, ranks: list[tuple[int, str | None]]):
+    """A job whose ranks ended with (exit code, traceback or None), as torch leaves it."""
+    processes, error_files = [], []
+    for rank, (exitcode, trace) in enumerate(ranks):
+        processes.append(_EndedRank(exitcode))
+        error_files.append(str(tmp_path / f"torch-error-{rank}"))
+        if trace is not None:
+            Path(error_files[-1]).write_bytes(pickle.dumps(trace))
+    return types.SimpleNamespace(processes=processes, error_files=error_files)
+
+
+LOST = "Traceback (most recent call last):\nRuntimeError: [pair.cc:553] Connection closed by peer"
+
+
+@pytest.mark.parametrize(
+    ("ranks", "reported", "message"),
+    [
+        ([(1, LOST), (3, None)], 0, "rank 1 of 2 exited with code 3"),
+        ([(1, LOST), (1, "Traceback ...\nRuntimeError: out of memory")], 0,
+         r"rank 1 of 2 failed \(RuntimeError: out of memory\)"),
+        ([(1, LOST), (-15, None)], 0, r"rank 0 of 2 failed \(RuntimeError: .*closed by peer\)"),
+        ([(-9, None), (1, LOST)], 0, "rank 0 of 2 was killed by SIGKILL"),
+    ],
+)  # fmt: skip
+def test_the_job_error_names_the_rank_that_failed_first(tmp_path, ranks, reported, message):
+    """torch reports the lowest failed rank when several have ended: one that only lost its
+    peer must not take the blame from the rank that caused it."""
+
+    job = _ended_job(tmp_path, ranks)
+    error = _job_error(tmp_path, job, _first_cause(job, reported))
+    assert isinstance(error, RankFailedError) and re.match(message, str(error)), str(error)

@@ -225,7 +225,7 @@ def test_ctrl_c_ends_every_rank_quietly_with_status_130(tiny_checkpoint):
 def test_library_warnings_go_through_logging(verbose):
     script = (
         "import warnings\n"
-        "from longvita.cli import configure_logging\n"
+        "from longvita.logs import configure_logging\n"
         f"configure_logging({verbose}, route_transformers=True)\n"
         "warnings.warn('py-warning-text')\n"
         "from transformers.utils import logging as hf\n"
