@@ -15,20 +15,20 @@ copies it to `longvita.DEMO_MODEL`. Rerunning resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import logging
 import multiprocessing
 import os
 import shutil
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 from longvita.data.synth import DIGITS, LETTERS, SHAPES, Renderer, synthesize
 from longvita.demo_vision import VisionPretraining
 from longvita.eval.vniah import TEST_SEED
-
-logger = logging.getLogger(__name__)
 
 STAGE_FILES = Path(__file__).resolve().parent / "configs" / "tiny"
 DATA_DONE = ".complete"
@@ -108,6 +108,24 @@ def make_data_and_vision(out: Path, *, scale: float, spec: VisionPretraining) ->
         "data_seconds": round(data_seconds, 1),
         "data_and_vision_seconds": round(time.perf_counter() - start, 1),
     }
+
+
+def _say(message: str) -> None:
+    """Progress of the recipe on stderr, whatever the logging level."""
+    print(f"demo train: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _environment_default(name: str, value: str) -> Iterator[None]:
+    """`name` set to `value` unless the user set it, and unset again afterwards."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 def train_stage(stage: int, out: Path, extra: list[str] = ()) -> dict:
@@ -204,35 +222,37 @@ def run_demo_training(
     extra: `--set` overrides for every stage; stage_extra: more for some stages ({3: [...]});
     vision: the pretrained-ViT stand-in's recipe (default `VisionPretraining()`).
     """
-    out = Path(out).resolve()
     # one compute thread per rank: each stage's data worker takes the other core (a tiny model's
     # steps are many small kernels, which two contended OpenMP threads make several times slower)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    report: dict = {"stages": {}, "evaluations": {}}
-    start = time.perf_counter()
-    logger.warning("demo: rendering the data, pretraining the vision tower (for InternViT)")
-    report.update(make_data_and_vision(out, scale=scale, spec=vision or VisionPretraining()))
-    for stage in STAGES:
-        logger.warning("demo: training stage %d", stage)
-        overrides = [*extra, *(stage_extra or {}).get(stage, [])]
-        report["stages"][stage] = train_stage(stage, out, overrides)
-        if stage in (2, 4):
-            name = "after-stage2" if stage == 2 else "model"
-            model = export(out, stage, name)
-            if evaluate_stages:
-                logger.warning("demo: evaluating %s", name)
-                report["evaluations"][name] = evaluate(
-                    model, out / f"vniah-{name}", frames, needles
-                )
-    report["schema_seconds"] = round(
-        report["data_and_vision_seconds"] + sum(s["seconds"] for s in report["stages"].values()), 1
-    )
-    report["total_seconds"] = round(time.perf_counter() - start, 1)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(report_markdown(report))
-    if install:
-        install_model(out / "model")
-    return report
+    with _environment_default("OMP_NUM_THREADS", "1"):
+        out = Path(out).resolve()
+        report: dict = {"stages": {}, "evaluations": {}}
+        start = time.perf_counter()
+        _say("rendering the data, pretraining the vision tower (for InternViT)")
+        report.update(make_data_and_vision(out, scale=scale, spec=vision or VisionPretraining()))
+        for stage in STAGES:
+            _say(f"training stage {stage}")
+            overrides = [*extra, *(stage_extra or {}).get(stage, [])]
+            report["stages"][stage] = train_stage(stage, out, overrides)
+            if stage in (2, 4):
+                name = "after-stage2" if stage == 2 else "model"
+                model = export(out, stage, name)
+                if evaluate_stages:
+                    _say(f"evaluating {name}")
+                    report["evaluations"][name] = evaluate(
+                        model, out / f"vniah-{name}", frames, needles
+                    )
+        report["schema_seconds"] = round(
+            report["data_and_vision_seconds"]
+            + sum(s["seconds"] for s in report["stages"].values()),
+            1,
+        )
+        report["total_seconds"] = round(time.perf_counter() - start, 1)
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "report.md").write_text(report_markdown(report))
+        if install:
+            install_model(out / "model")
+        return report
 
 
 def install_model(model: Path) -> Path:

@@ -179,9 +179,11 @@ class StopRequest:
     progress; a second SIGINT stops at once (KeyboardInterrupt), except while a checkpoint is
     being written (`saving`): that one finishes first, as a half-written one is never used."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, announce: bool = True) -> None:
         self.requested = False
         self.saving = False
+        self.announce = announce
+        """Whether this process says what a signal does (global rank 0: once for the job)."""
         self._previous = {}
 
     def __enter__(self) -> StopRequest:
@@ -194,12 +196,14 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
             if self.saving:
-                logger.warning("SIGINT: the checkpoint being written finishes first")
+                if self.announce:
+                    logger.warning("Ctrl-C: the checkpoint being written finishes first")
                 return
             raise KeyboardInterrupt
         self.requested = True
-        logger.warning("%s: checkpointing after this step, then stopping",
-                       signal.Signals(signum).name)  # fmt: skip
+        if self.announce:
+            how = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            logger.warning("%s: checkpointing after this step, then stopping", how)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -212,7 +216,7 @@ def run_training(state: ParallelState, stage: StageConfig, run_dir: str) -> Trai
     torch.manual_seed(stage.seed)
     # from the start: a SIGTERM while the ranks set up stops after the first step, where
     # the ranks agree on it (before, a rank not yet in the loop died of it)
-    with StopRequest() as stop:
+    with StopRequest(announce=state.is_main) as stop:
         run = RunDirectory(run_dir)
         resume = prepare_run(stage, run, state)
         model, tokenizer = build_model(stage, run, state, resuming=resume is not None)
@@ -231,7 +235,7 @@ def run_training(state: ParallelState, stage: StageConfig, run_dir: str) -> Trai
                     f"{run.path} is at step {counters['step']}, past schedule.steps="
                     f"{stage.schedule.steps}: give at least {counters['step']}, or a new --out"
                 )
-            if counters["step"] == stage.schedule.steps:
+            if counters["step"] == stage.schedule.steps and state.is_main:
                 logger.warning("%s already reached schedule.steps=%d: nothing to train", run.path,
                                stage.schedule.steps)  # fmt: skip
         loop = _Loop(stage, run, state, model, loader, optimizer, scheduler, counters, states)
@@ -247,6 +251,7 @@ class _Loop:
         self.counters, self.states = counters, states
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.accumulation = stage.accumulation_steps(state.dp_size)
+        self.metrics: MetricsLog | None = None  # global rank 0's, while `run` runs
 
     def run(
         self, *, pad_id: int, resumed_from: Path | None, stop: StopRequest
@@ -262,6 +267,9 @@ class _Loop:
                 interval=stage.log.interval,
                 tensorboard=stage.log.tensorboard,
             )
+            if counters["step"] < stage.schedule.steps:
+                metrics.note(self._plan(resumed_from))
+        self.metrics = metrics
         sequences = iter(self.loader)
         in_a_row, stopped, checkpoint, last_loss = 0, False, resumed_from, None
         try:
@@ -292,6 +300,18 @@ class _Loop:
             if metrics is not None:
                 metrics.close()
         return self._finish(stopped, checkpoint, last_loss)
+
+    def _plan(self, resumed_from: Path | None) -> str:
+        """The run's start, in one line: what it trains, from where, how."""
+        stage, state, step = self.stage, self.state, self.counters["step"]
+        origin = f"resuming from {resumed_from.name}" if resumed_from else "a new run"
+        return (
+            f"{self.run_dir.path}: steps {step + 1}-{stage.schedule.steps} ({origin}); "
+            f"{stage.batch.global_sequences} sequences of {stage.data.seq_len} tokens a step "
+            f"(dp {state.dp_size} x cp {state.cp_size}, {self.accumulation} micro-batches of "
+            f"{stage.batch.micro} per dp rank); a checkpoint every "
+            f"{stage.checkpoint.interval} steps"
+        )
 
     def _one_step(self, sequences) -> StepRecord:
         start = time.perf_counter()
@@ -328,9 +348,9 @@ class _Loop:
 
     def _checkpoint(self) -> Path:
         path = dcp.save(self.run_dir.step_dir(self.counters["step"]), self.states, self.state)
-        if self.state.is_main:
+        if self.metrics is not None:
             self.run_dir.keep_latest(self.stage.checkpoint.keep_latest)
-            logger.info("checkpoint %s", path)
+            self.metrics.note(f"checkpoint {path}")
         return path
 
     def _finish(self, stopped: bool, checkpoint: Path | None, loss: float | None):

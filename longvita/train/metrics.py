@@ -4,7 +4,9 @@ events, and a loss / learning-rate curve at the end.
 Owns the record of each optimizer step (`StepRecord`: the fields DESIGN.md fixes for
 metrics.jsonl), where it goes, and the PNG chart (drawn with Pillow, no plotting library).
 Only global rank 0 makes a `MetricsLog`. A progress bar (step, loss, lr, tokens/s, ETA) shows
-when stderr is a terminal; otherwise a plain log line every `log.interval` steps.
+when stderr is a terminal; otherwise a plain line every `log.interval` steps. Both go to stderr
+whatever the logging level (they are the run's progress, not log records), as do the lines of
+`note` (the run's start, its checkpoints).
 """
 
 from __future__ import annotations
@@ -81,16 +83,18 @@ class MetricsLog:
                 loss=f"{entry.loss:.4f}", lr=f"{entry.lr:.2e}", tok_s=f"{entry.tokens_per_s:.0f}"
             )
         elif entry.skipped or entry.step % self.interval == 0 or entry.step == self.total_steps:
-            logger.info(
-                "step %d/%d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f%s",
-                entry.step,
-                self.total_steps,
-                entry.loss,
-                entry.lr,
-                entry.grad_norm,
-                entry.tokens_per_s,
-                " (skipped: not finite)" if entry.skipped else "",
+            self.note(
+                f"step {entry.step}/{self.total_steps} loss {entry.loss:.4f} lr {entry.lr:.3e} "
+                f"grad_norm {entry.grad_norm:.3f} tokens/s {entry.tokens_per_s:.0f} "
+                f"({entry.seconds:.1f} s)" + (" (skipped: not finite)" if entry.skipped else "")
             )
+
+    def note(self, message: str) -> None:
+        """A line of progress on stderr (above the bar when there is one)."""
+        if self._bar is not None:
+            self._bar.write(f"train: {message}", file=sys.stderr)
+        else:
+            print(f"train: {message}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self._file.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -37,7 +38,8 @@ def losses(run_dir) -> list[float]:
 
 
 @pytest.mark.distributed
-def test_every_stage_learns_a_few_samples(tmp_path):
+def test_every_stage_learns_a_few_samples(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     short = [
         f"schedule.steps={STEPS}",
         "schedule.warmup_fraction=0.1",
@@ -47,7 +49,7 @@ def test_every_stage_learns_a_few_samples(tmp_path):
         "optim.min_lr=1e-3",
     ]
     long_context = ["data.seq_len=1024", "data.max_frames=64"]
-    report = run_demo_training(
+    report = run_demo_training(  # sets OMP_NUM_THREADS=1 for its stages' ranks, then unsets it
         tmp_path,
         scale=0.002,
         extra=short,
@@ -66,6 +68,7 @@ def test_every_stage_learns_a_few_samples(tmp_path):
         evaluate_stages=False,
     )
     # 150 small steps: well above chance (1 in 36, colours 1 in 7), far from the 98.8% of 800
+    assert "OMP_NUM_THREADS" not in os.environ  # later tests' ranks get their usual threads
     assert report["vision"]["test_class_accuracy"] > 0.2, report["vision"]
     assert report["vision"]["test_colour_accuracy"] > 0.5, report["vision"]
     assert report["vision"]["test_digit_accuracy"] > 0.5, report["vision"]
