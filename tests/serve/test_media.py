@@ -538,7 +538,7 @@ def test_download_past_the_time_limit_is_refused(server, routes, tmp_path):
     start = time.monotonic()
     message = refused(400, fetch_video, f"http://{TEST_HOST}:{server}/slow", policy, tmp_path)
     assert "more than 0.5 s" in message
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 4.0  # the whole body takes 5 s
 
 
 def test_http_errors_and_non_images_are_400(server, routes, tmp_path):

@@ -402,29 +402,17 @@ def test_typed_control_tokens_stay_text(server, pipe):
     assert ids.count(tokens.im_start) == 2 and tokens.img_context not in ids  # user + assistant
 
 
-def test_full_queue_answers_503_with_retry_after(pipe):
+def test_full_queue_answers_503_with_retry_after(pipe, monkeypatch):
     settings = ServerSettings(model_id=MODEL)
+    tokens = type(pipe.processor.tokens)
+    monkeypatch.setattr(tokens, "stop", property(lambda self: ()))  # only the client ends it
     with Server(pipe, settings, max_batch=1, max_queue=0) as small:
-        client = openai.OpenAI(base_url=small.url + "/v1", api_key="x", max_retries=0)
-        slow = threading.Thread(
-            target=lambda: list(
-                client.chat.completions.create(
-                    model=MODEL,
-                    messages=[{"role": "user", "content": "hi"}],
-                    max_tokens=200,
-                    stream=True,
-                )
-            )
-        )
-        slow.start()
-        deadline = time.monotonic() + 10
-        while small.worker.slots.held == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        response = httpx.post(
-            small.url + "/v1/chat/completions",
-            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
-        )
-        slow.join()
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}
+        url = small.url + "/v1/chat/completions"
+        with httpx.stream("POST", url, json={**body, "stream": True}) as holder:
+            lines = holder.iter_lines()  # kept: a collected iterator closes the stream
+            assert next(lines).startswith("data: ")  # it holds the only slot
+            response = httpx.post(url, json={**body, "max_tokens": 2})
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert "retry" in response.json()["error"]["message"]
 
