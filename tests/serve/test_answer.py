@@ -1,5 +1,6 @@
 """An answer's server-sent events from its job's queue, without a model or a socket: text events
-queued together go out as one chunk, and the end (finish, usage, [DONE]) in one write."""
+queued together go out as one chunk, and the end (finish, usage, [DONE]) in one write; the
+model thread's events reach the loop a step at a time."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ pytest.importorskip("fastapi")
 from longvita.serve.app import Answer, ServerSettings  # noqa: E402
 from longvita.serve.metrics import ServerMetrics  # noqa: E402
 from longvita.serve.protocol import parse_chat_request  # noqa: E402
-from longvita.serve.worker import Event, Job  # noqa: E402
+from longvita.serve.worker import Event, Job, Outbox  # noqa: E402
 
 
 class ConnectedRequest:
@@ -89,3 +90,39 @@ def test_an_error_ends_the_stream_in_one_write_after_the_text():
     assert error["error"]["type"] == "invalid_request_error"  # a user error: a 400
     assert error["error"]["message"] == "bad frame"
     assert done == "[DONE]"
+
+
+def test_a_step_s_events_reach_the_loop_in_one_wake_up_and_in_order():
+    """The model thread's events of one engine step, for any number of requests, are handed to
+    the event loop by one call (each call wakes the loop), and each job gets its own in order."""
+
+    async def run() -> tuple[int, list[list[str]]]:
+        loop = asyncio.get_running_loop()
+        calls = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *args: (calls.append(args), real(*args))[1]
+        outbox = Outbox()
+        jobs = [Job(loop) for _ in range(3)]
+        for job in jobs:
+            job.outbox = outbox
+        for token in ("a", "b"):
+            for job in jobs:
+                job.emit(Event(text=token, tokens=1))
+        jobs[1].end("length")
+        assert all(job.events.empty() for job in jobs)  # nothing before the step ends
+        outbox.flush()
+        outbox.flush()  # nothing left: no call
+        await asyncio.sleep(0)
+        return len(calls), [_drain(job) for job in jobs]
+
+    calls, texts = asyncio.run(run())
+    assert calls == 1
+    assert texts == [["a", "b"], ["a", "b", "length"], ["a", "b"]]
+
+
+def _drain(job: Job) -> list[str]:
+    out = []
+    while not job.events.empty():
+        event = job.events.get_nowait()
+        out.append(event.finish or event.text)
+    return out
