@@ -84,7 +84,7 @@ def score_continuations(
     if prompt.num_tokens + longest > limit:
         raise PromptError(
             f"the prompt ({prompt.num_tokens} tokens) and the longest continuation ({longest} "
-            f"tokens) exceed the model's {limit} positions; use fewer frames (max_frames)"
+            f"tokens) exceed the model's {limit} positions; use {prompt.how_to_shorten}"
         )
     model = pipe.model
     with torch.inference_mode():

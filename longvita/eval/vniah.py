@@ -226,7 +226,9 @@ class PipelineAnswerer:
             prompt = self.pipe.process(
                 f"<video>\n{question}", videos=[placeholder], max_frames=num_frames
             )
-            self.pipe.fit_to_positions(prompt.num_tokens, self.max_new_tokens)
+            self.pipe.fit_to_positions(
+                prompt, self.max_new_tokens, how_to_shorten="shorter haystacks (--frames)"
+            )
             self._prompts[key] = prompt
         return self._prompts[key]
 

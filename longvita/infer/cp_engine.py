@@ -44,6 +44,7 @@ from longvita.infer.decode import RunnerStats, Sampler, run_to_end
 from longvita.infer.engine import EncodedTiles, allocate_cache, feature_stream
 from longvita.infer.layout import PromptLayout, PromptShard, shard_round
 from longvita.infer.prefix_cache import PromptPrefix, longest
+from longvita.infer.progress import PrefillProgress
 from longvita.infer.request import (
     DEFAULT_PREFILL_CHUNK,
     DEFAULT_VISION_BATCH,
@@ -124,7 +125,9 @@ class ShardedRunner:
         """Run this rank's share of every round, caching its real tokens; -> the logits
         [1, vocab] of the last prompt token, on every rank."""
         self.start()
-        rounds = self.layout.num_rounds
+        layout = self.layout
+        rounds = layout.num_rounds
+        progress = PrefillProgress(layout.end, layout.start, enabled=self.state.cp_rank == 0)
         for round_idx in range(rounds):
             self.cache.phase = f"prefill round {round_idx}/{rounds}"
             shard = shard_round(
@@ -149,6 +152,8 @@ class ShardedRunner:
             except torch.OutOfMemoryError as err:
                 raise PromptError(self._oom_message(round_idx)) from err
             self.cache.advance(shard.num_real)
+            done = min(layout.num_tokens, (round_idx + 1) * layout.segment_len)
+            progress.update(layout.start + done)
         self._prefilled_all()
         holder, index = self.layout.last_token()
         if self.state.cp_rank == holder:

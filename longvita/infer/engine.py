@@ -29,6 +29,7 @@ import torch
 from longvita.errors import PromptError
 from longvita.infer.decode import RunnerStats, Sampler, run_to_end
 from longvita.infer.prefix_cache import PromptPrefix, longest
+from longvita.infer.progress import PrefillProgress
 from longvita.infer.request import (
     DEFAULT_PREFILL_CHUNK,
     DEFAULT_VISION_BATCH,
@@ -196,7 +197,8 @@ def prefill_chunks(
     The prompt's first `cache.length` tokens are taken as cached already (a prefix copied from
     the prefix cache): prefill starts after them, positions global.
     stream: the features of the prompt's tiles (`feature_stream`), with visual_mask [seq] bool.
-    Raises PromptError naming the chunk when the device runs out of memory.
+    Raises PromptError naming the chunk when the device runs out of memory. A prefill longer
+    than a few seconds logs its progress (INFO).
     """
     device = model.lm_head.weight.device
     seq = input_ids.numel()
@@ -205,6 +207,7 @@ def prefill_chunks(
     if cache.length >= seq:
         raise ValueError(f"the cache holds {cache.length} of the prompt's {seq} tokens: none left")
     no_logits = torch.zeros(0, dtype=torch.long, device=device)
+    progress = PrefillProgress(seq, cache.length)
     for start in range(cache.length, seq, prefill_chunk):
         end = min(start + prefill_chunk, seq)
         positions = torch.arange(start, end)  # [chunk] global positions
@@ -221,6 +224,7 @@ def prefill_chunks(
         except torch.OutOfMemoryError as err:
             raise PromptError(_oom_message(start, end, seq, prefill_chunk)) from err
         cache.advance(end - start)
+        progress.update(end)
         yield logits[:, -1] if end == seq else None
 
 

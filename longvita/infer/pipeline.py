@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from longvita.assets import DEMO_NAME
 from longvita.checks import check_int
 from longvita.config import LongVITAConfig
 from longvita.errors import CheckpointError, PromptError
@@ -262,7 +263,7 @@ class Pipeline:
             max_frames=request.max_frames,
             fps=request.fps,
         )
-        max_new_tokens = self.fit_to_positions(prompt.num_tokens, request.sampling.max_new_tokens)
+        max_new_tokens = self.fit_to_positions(prompt, request.sampling.max_new_tokens)
         self._check_memory(
             self.config,
             num_prompt_tokens=prompt.num_tokens,
@@ -306,13 +307,18 @@ class Pipeline:
             video_frames=prompt.video_frames,
         )
 
-    def fit_to_positions(self, prompt_tokens: int, max_new_tokens: int) -> int:
-        """Refuse a prompt past the model's positions; trim max_new_tokens to what is left."""
+    def fit_to_positions(
+        self, prompt: ProcessedPrompt, max_new_tokens: int, *, how_to_shorten: str | None = None
+    ) -> int:
+        """Refuse a prompt past the model's positions; trim max_new_tokens to what is left.
+        how_to_shorten: the advice in the refusal (default: the prompt's own, e.g. fewer
+        frames for a video)."""
         limit = self.config.max_position_embeddings
+        prompt_tokens = prompt.num_tokens
         if prompt_tokens >= limit:
             raise PromptError(
                 f"the prompt has {prompt_tokens} tokens but the model accepts at most {limit} "
-                "positions (prompt + new tokens); use fewer frames (max_frames) or images"
+                f"positions (prompt + new tokens); use {how_to_shorten or prompt.how_to_shorten}"
             )
         if prompt_tokens + max_new_tokens > limit:
             logger.warning(
@@ -368,7 +374,8 @@ def load(
     kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype, dtype)
     directory = Path(path).expanduser()
     if not directory.is_dir():
-        raise CheckpointError(f"{directory} is not a directory: give a checkpoint directory")
+        hint = " (the demo model is longvita.DEMO_MODEL)" if str(path) == DEMO_NAME else ""
+        raise CheckpointError(f"{directory} is not a directory: give a checkpoint directory{hint}")
     config = LongVITAConfig.from_pretrained(directory)
     processor = Processor(load_tokenizer(directory), config.vision, max_pixels=max_pixels)
     _check_vocab(len(processor.tokenizer), config)

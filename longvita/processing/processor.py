@@ -95,6 +95,17 @@ class ProcessedPrompt:
         return self.tiles.num_tiles
 
     @property
+    def how_to_shorten(self) -> str:
+        """What would shorten this prompt, for the errors that refuse it: the frames when it
+        holds a video, the images when it holds images, else the text."""
+        ways = []
+        if self.video_frames:
+            ways.append("fewer frames (max_frames)")
+        if self.image_grids:
+            ways.append("fewer or smaller images")
+        return " or ".join(ways) or "a shorter text"
+
+    @property
     def pixel_values(self) -> torch.Tensor:
         """Every tile at once, [num_tiles, 3, S, S] float32: decodes all the media, so for
         short prompts, training samples and tests; inference streams `tiles` instead."""

@@ -275,7 +275,7 @@ def prepare(pipeline, chat: ChatRequest, workdir: Path, settings: ServerSettings
         raise ApiError(
             400,
             f"the prompt has {prompt.num_tokens:,} tokens; this server accepts "
-            f"at most {max_prompt:,} (fewer frames or images)",
+            f"at most {max_prompt:,} (send {prompt.how_to_shorten})",
             code="context_length_exceeded",
         )
     if chat.max_tokens is not None and prompt.num_tokens + chat.max_tokens > positions:

@@ -86,7 +86,7 @@ def test_bad_continuations_are_refused(tiny_pipe):
 
 def test_too_long_for_the_positions_is_a_prompt_error(tiny_pipe):
     limit = tiny_pipe.config.max_position_embeddings
-    with pytest.raises(PromptError, match="positions"):
+    with pytest.raises(PromptError, match="positions; use a shorter text$"):
         score_continuations(tiny_pipe, "hi", ["a " * (limit + 10)])
 
 

@@ -200,3 +200,9 @@ def test_stored_rotary_frequencies_of_older_exports_are_skipped(tiny_checkpoint,
     save_file(weights, str(tmp_path / "old" / SINGLE_FILE))
     with pytest.raises(CheckpointError, match="unexpected"):
         load_model(tmp_path / "old")
+
+
+def test_loading_demo_by_name_points_at_the_demo_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./demo here
+    with pytest.raises(CheckpointError, match=r"demo is not a directory: .*longvita\.DEMO_MODEL"):
+        longvita.load("demo")

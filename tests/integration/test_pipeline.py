@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
 import longvita
+import longvita.infer.progress
 import longvita.processing.tiles
 from longvita.errors import MediaError, PromptError, ReservedTokenError
 from longvita.infer.plan import format_bytes, plan_memory
@@ -131,10 +134,23 @@ def test_a_stream_left_early_releases_its_media(pipe, media, monkeypatch):
     assert closed
 
 
-def test_prompt_longer_than_positions_is_refused(pipe, media, monkeypatch):
+@pytest.mark.parametrize(
+    "content, advice",
+    [
+        ("image", "use fewer or smaller images$"),
+        ("video", "use fewer frames \\(max_frames\\)$"),
+        ("both", "use fewer frames \\(max_frames\\) or fewer or smaller images$"),
+        ("text", "use a shorter text$"),
+    ],
+)
+def test_prompt_longer_than_positions_is_refused(pipe, media, monkeypatch, content, advice):
     monkeypatch.setattr(pipe.config, "max_position_embeddings", 50)
-    with pytest.raises(PromptError, match=r"\d+ tokens but the model accepts at most 50"):
-        pipe.generate("<image>\nWhat is this?", images=[media["wide"]])
+    images = [media["wide"]] if content in ("image", "both") else []
+    videos = [media["video"]] if content in ("video", "both") else []
+    text = "<image>\n" * len(images) + "<video>\n" * len(videos) + "What is this? " * 30
+    refusal = r"\d+ tokens but the model accepts at most 50 positions \(prompt \+ new tokens\); "
+    with pytest.raises(PromptError, match=refusal + advice):
+        pipe.generate(text, images=images, videos=videos)
 
 
 def _forbid_work(pipe, monkeypatch):
@@ -336,3 +352,18 @@ def test_max_pixels_refuses_large_media_from_their_headers(tiny_checkpoint, medi
         small.generate("<image>\nWhat?", images=[media["image"]])  # 640x360
     with pytest.raises(ValueError, match="max_pixels must be >= 1"):
         longvita.load(tiny_checkpoint, max_pixels=0)
+
+
+def test_a_long_prefill_logs_its_progress(pipe, media, monkeypatch, caplog):
+    monkeypatch.setattr(longvita.infer.progress, "PROGRESS_INTERVAL_S", 0.0)  # every chunk
+    caplog.set_level(logging.INFO, logger="longvita")
+    prompt = pipe.process("<video>\nWhat happens?", videos=[media["video"]])
+    if pipe.prefix_cache is not None:
+        pipe.prefix_cache.clear()  # an earlier test's video prompt would be a cached prefix
+    pipe.generate("<video>\nWhat happens?", videos=[media["video"]], max_new_tokens=1,
+                  prefill_chunk=16)  # fmt: skip
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prefill:")]
+    chunks = -(-prompt.num_tokens // 16)
+    assert len(lines) == chunks
+    assert lines[0].startswith(f"prefill: 16 of {prompt.num_tokens:,} tokens (")
+    assert lines[-1].startswith(f"prefill: {prompt.num_tokens:,} tokens in ")
