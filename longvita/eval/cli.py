@@ -199,5 +199,9 @@ def run_mcq_command(args: argparse.Namespace) -> int:
     shown = {key: report[key] for key in ("accuracy", "letter_accuracy", "likelihood_accuracy",
                                           "n", "skipped")}  # fmt: skip
     print(json.dumps(shown))
+    if report["from_cache"]:
+        print(f"{report['from_cache']} of {report['n']} answers came from an earlier run's "
+              "answers.jsonl (same questions, model and settings); delete it to ask again",
+              file=sys.stderr)  # fmt: skip
     print(f"wrote {Path(args.out) / 'results.json'} and answers.jsonl", file=sys.stderr)
     return 0

@@ -355,11 +355,12 @@ def run_mcq(
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> dict:
     """Answer every question (or take its cached answer), write answers.jsonl and
-    results.json in `out`; returns the report."""
+    results.json in `out`; returns the report (`from_cache`: the answers taken whole from an
+    earlier run's answers.jsonl)."""
     out.mkdir(parents=True, exist_ok=True)
     cache = AnswerCache(out / ANSWERS_FILE)
     failed = list(skipped)
-    records = []
+    records, from_cache = [], 0
     try:
         for question in progress(questions) if progress is not None else questions:
             key = fingerprint(question, settings)
@@ -373,10 +374,13 @@ def run_mcq(
             record["fingerprint"] = key
             if record != cached:
                 cache.put(record)
+            else:
+                from_cache += 1
             records.append(record)
     finally:
         cache.close()
     report = summary(records, settings, failed)
+    report["from_cache"] = from_cache
     (out / RESULTS_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
 

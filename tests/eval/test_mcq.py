@@ -167,7 +167,7 @@ def test_accuracies_categories_skips_and_resume(tmp_path):
     report = run_mcq(model, questions, tmp_path / "out", settings, skipped=skipped)
     assert report["accuracy"] == report["letter_accuracy"] == 0.6
     assert report["likelihood_accuracy"] == 0.8
-    assert report["n"] == 10
+    assert report["n"] == 10 and report["from_cache"] == 0
     assert report["skipped"] == 2  # the malformed line and the question the model failed
     assert {s["where"] for s in report["skipped_lines"]} == {f"{path}:11", f"{path}:12"}
     assert report["by_category"]["even"] == {
@@ -180,7 +180,8 @@ def test_accuracies_categories_skips_and_resume(tmp_path):
     assert answers[0]["correct"] and answers[0]["likelihood_correct"]
 
     again = stub_model()
-    assert run_mcq(again, questions, tmp_path / "out", settings, skipped=skipped) == report
+    rerun = run_mcq(again, questions, tmp_path / "out", settings, skipped=skipped)
+    assert rerun == {**report, "from_cache": 10}
     assert again.calls == 1  # only the question that failed is asked again
 
 
@@ -196,7 +197,8 @@ def test_resume_drops_a_cut_line_and_reasks_changed_questions(tmp_path):
     model = stub_model()
     report = run_mcq(model, changed, tmp_path / "out", settings)
     assert model.calls == 1 + 3 + 1  # q0 changed, q7-q9 missing, "broken" fails again
-    assert report["n"] == 10 and report["likelihood_accuracy"] is None
+    assert report["n"] == 10 and report["from_cache"] == 10 - 1 - 3
+    assert report["likelihood_accuracy"] is None
     assert report["letter_accuracy"] == 0.5  # q0 now asks q9's question: answered C
     lines = answers.read_text().splitlines()
     assert all(json.loads(line) for line in lines)  # the cut line is gone
@@ -256,11 +258,12 @@ def test_command_on_the_demo_model(demo_questions, tmp_path, capsys):
         right += extract_letter(expected.text, question.options) == question.answer
     assert report["letter_accuracy"] == right / 6
 
-    # a rerun takes every answer from answers.jsonl
+    # a rerun takes every answer from answers.jsonl, and says so
     before = (out / "answers.jsonl").read_text()
     assert main(["eval", "mcq", str(demo_questions), "--model", "demo", "--out", str(out)]) == 0
     assert (out / "answers.jsonl").read_text() == before
-    assert json.loads((out / "results.json").read_text()) == report
+    assert json.loads((out / "results.json").read_text()) == {**report, "from_cache": 6}
+    assert "6 of 6 answers came from an earlier run's answers.jsonl" in capsys.readouterr().err
 
 
 def test_harness_model_refuses_bad_settings():
