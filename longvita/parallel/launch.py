@@ -165,6 +165,7 @@ def _spawn(fn, world_size, cp, args, device: torch.device, timeout_s: float, gra
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # another SIGTERM: still stopping
             _terminate(context.processes, grace_s)  # a trainer checkpoints after its step
             if not all(process.exitcode == 0 for process in context.processes):
+                _kill_remaining(context.processes)  # before this process may end below
                 _restore_sigterm(previous_sigterm)  # the ranks did not end on their own: end
                 signal.raise_signal(signal.SIGTERM)  # as this process would have without them
                 raise RankFailedError(  # the handler before ours returned: the job still ended
@@ -177,10 +178,7 @@ def _spawn(fn, world_size, cp, args, device: torch.device, timeout_s: float, gra
             raise
         finally:
             _restore_sigterm(previous_sigterm)
-            for process in context.processes:  # ours, e.g. after KeyboardInterrupt
-                if process.is_alive():
-                    process.kill()
-                    process.join()
+            _kill_remaining(context.processes)  # ours, e.g. after KeyboardInterrupt
         result_file = workdir / "result.pt"
         if not result_file.is_file():
             raise RankFailedError(f"rank 0 of {world_size} exited without a result")
@@ -240,6 +238,14 @@ def _terminate(processes, grace_s: float) -> None:
     with contextlib.suppress(KeyboardInterrupt):
         for process in alive:
             process.join(max(0.0, deadline - time.monotonic()))
+
+
+def _kill_remaining(processes) -> None:
+    """SIGKILL the ranks still alive and reap them."""
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def _rank_main(rank, world_size, cp, workdir, device_type, timeout_s, logs, fn, args) -> None:
