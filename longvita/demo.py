@@ -49,7 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     t.add_argument("--out", default="runs/demo", help="the run directory (%(default)s)")
-    t.add_argument("--scale", type=float, default=1.0, help="x every stage's samples")
+    t.add_argument("--scale", type=float, default=1.0,
+                   help="multiply each of the four stages' samples (not the ViT's)")  # fmt: skip
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of every stage file")  # fmt: skip
     t.add_argument("--frames", type=int, nargs="+", default=[16, 64, 256, 1024, 4096],
