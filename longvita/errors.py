@@ -13,6 +13,15 @@ class PromptError(ValueError):
     """A prompt that cannot be run: media/tag count mismatch, too long for the model."""
 
 
+class PositionsError(PromptError):
+    """The prompt and the new tokens asked for do not fit in the model's positions."""
+
+    def __init__(self, message: str, *, prompt_tokens: int, positions: int) -> None:
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+        self.positions = positions
+
+
 class ReservedTokenError(PromptError):
     """Text that contains a token only the Processor may write (`<IMG_CONTEXT>`, `<vid>`...)."""
 

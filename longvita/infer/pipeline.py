@@ -21,7 +21,7 @@ import torch
 from longvita.assets import DEMO_NAME
 from longvita.checks import check_int
 from longvita.config import LongVITAConfig
-from longvita.errors import CheckpointError, PromptError
+from longvita.errors import CheckpointError, PositionsError, PromptError
 from longvita.infer.cp_engine import ShardedRunner
 from longvita.infer.decode import Continuation, GenerationStream
 from longvita.infer.detokenize import Detokenizer
@@ -248,10 +248,16 @@ class Pipeline:
         return runner, continuation
 
     def prepare(
-        self, request: GenerationRequest, *, cp: int = 1, ranks_per_host: int = 1
+        self,
+        request: GenerationRequest,
+        *,
+        cp: int = 1,
+        ranks_per_host: int = 1,
+        trim: bool = True,
     ) -> tuple[ProcessedPrompt, SamplingParams]:
         """Plan the prompt and check it fits, before any pixel is decoded: returns it with the
-        sampling parameters (max_new_tokens trimmed to the model's positions).
+        sampling parameters (max_new_tokens trimmed to the model's positions; with trim=False,
+        PositionsError instead: a server refuses a max_tokens its client chose).
 
         cp, ranks_per_host: the context-parallel size and the ranks sharing this host's memory
         (each rank then holds its share of the KV cache and the round's working memory).
@@ -263,7 +269,7 @@ class Pipeline:
             max_frames=request.max_frames,
             fps=request.fps,
         )
-        max_new_tokens = self.fit_to_positions(prompt, request.sampling.max_new_tokens)
+        max_new_tokens = self.fit_to_positions(prompt, request.sampling.max_new_tokens, trim=trim)
         self._check_memory(
             self.config,
             num_prompt_tokens=prompt.num_tokens,
@@ -308,17 +314,33 @@ class Pipeline:
         )
 
     def fit_to_positions(
-        self, prompt: ProcessedPrompt, max_new_tokens: int, *, how_to_shorten: str | None = None
+        self,
+        prompt: ProcessedPrompt,
+        max_new_tokens: int,
+        *,
+        how_to_shorten: str | None = None,
+        trim: bool = True,
     ) -> int:
-        """Refuse a prompt past the model's positions; trim max_new_tokens to what is left.
+        """Refuse a prompt past the model's positions; trim max_new_tokens to what is left
+        (trim=False: refuse it too, PositionsError).
         how_to_shorten: the advice in the refusal (default: the prompt's own, e.g. fewer
         frames for a video)."""
         limit = self.config.max_position_embeddings
         prompt_tokens = prompt.num_tokens
         if prompt_tokens >= limit:
-            raise PromptError(
+            raise PositionsError(
                 f"the prompt has {prompt_tokens} tokens but the model accepts at most {limit} "
-                f"positions (prompt + new tokens); use {how_to_shorten or prompt.how_to_shorten}"
+                f"positions (prompt + new tokens); use {how_to_shorten or prompt.how_to_shorten}",
+                prompt_tokens=prompt_tokens,
+                positions=limit,
+            )
+        if prompt_tokens + max_new_tokens > limit and not trim:
+            raise PositionsError(
+                f"max_new_tokens={max_new_tokens:,} does not fit: the prompt has "
+                f"{prompt_tokens:,} tokens and the model {limit:,} positions (prompt + new "
+                f"tokens); ask at most {limit - prompt_tokens:,}",
+                prompt_tokens=prompt_tokens,
+                positions=limit,
             )
         if prompt_tokens + max_new_tokens > limit:
             logger.warning(

@@ -32,7 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from longvita.errors import MediaError, PromptError
+from longvita.errors import MediaError, PositionsError, PromptError
 from longvita.infer.request import GenerationRequest
 from longvita.serve import protocol, responses
 from longvita.serve.media import MediaPolicy, MediaRefused, fetch_image, fetch_video
@@ -265,11 +265,13 @@ def prepare(pipeline, chat: ChatRequest, workdir: Path, settings: ServerSettings
         )
     try:
         request = GenerationRequest.create(chat.messages, images, videos, stop=chat.stop, **options)
-        prepared = pipeline.prepare(request)
+        # a max_tokens the client chose is refused when it does not fit (a default is trimmed)
+        prepared = pipeline.prepare(request, trim=chat.max_tokens is None)
+    except PositionsError as err:
+        raise positions_error(err, chat.max_tokens) from None
     except (PromptError, MediaError, ValueError) as err:
         raise user_error(err, media_names) from None
     prompt = prepared[0]
-    positions = pipeline.config.max_position_embeddings
     if prompt.num_tokens > max_prompt:
         prompt.tiles.close()
         raise ApiError(
@@ -278,17 +280,22 @@ def prepare(pipeline, chat: ChatRequest, workdir: Path, settings: ServerSettings
             f"at most {max_prompt:,} (send {prompt.how_to_shorten})",
             code="context_length_exceeded",
         )
-    if chat.max_tokens is not None and prompt.num_tokens + chat.max_tokens > positions:
-        prompt.tiles.close()  # asked for (a default is trimmed to fit instead)
-        raise ApiError(
-            400,
-            f"max_tokens={chat.max_tokens:,} does not fit: the prompt has "
-            f"{prompt.num_tokens:,} tokens and the model {positions:,} positions (prompt + "
-            f"new tokens); ask at most {positions - prompt.num_tokens:,}",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
     return request, prepared, pipeline.prompt_prefix(prompt), media_names
+
+
+def positions_error(err: PositionsError, max_tokens: int | None) -> ApiError:
+    """The 400 of a prompt, or a prompt and the client's max_tokens, past the model's
+    positions."""
+    if err.prompt_tokens >= err.positions:
+        return ApiError(400, str(err), code="context_length_exceeded")
+    return ApiError(
+        400,
+        f"max_tokens={max_tokens:,} does not fit: the prompt has {err.prompt_tokens:,} tokens "
+        f"and the model {err.positions:,} positions (prompt + new tokens); ask at most "
+        f"{err.positions - err.prompt_tokens:,}",
+        param="max_tokens",
+        code="context_length_exceeded",
+    )
 
 
 def user_error(err: Exception, media_names: dict[str, str]) -> ApiError:

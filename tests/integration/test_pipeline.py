@@ -10,8 +10,9 @@ import torch
 import longvita
 import longvita.infer.progress
 import longvita.processing.tiles
-from longvita.errors import MediaError, PromptError, ReservedTokenError
+from longvita.errors import MediaError, PositionsError, PromptError, ReservedTokenError
 from longvita.infer.plan import format_bytes, plan_memory
+from longvita.infer.request import GenerationRequest
 from longvita.processing.tokens import RESERVED_TOKENS
 
 
@@ -367,3 +368,16 @@ def test_a_long_prefill_logs_its_progress(pipe, media, monkeypatch, caplog):
     assert len(lines) == chunks
     assert lines[0].startswith(f"prefill: 16 of {prompt.num_tokens:,} tokens (")
     assert lines[-1].startswith(f"prefill: {prompt.num_tokens:,} tokens in ")
+
+
+def test_max_new_tokens_past_the_positions_is_trimmed_or_refused(pipe, caplog):
+    limit = pipe.config.max_position_embeddings
+    request = GenerationRequest.create("Tell me a story.", max_new_tokens=10**6)
+    with caplog.at_level(logging.WARNING, logger="longvita"):
+        with pytest.raises(PositionsError, match="max_new_tokens=1,000,000 does not fit") as info:
+            pipe.prepare(request, trim=False)  # a server refusing its client's max_tokens
+        assert not caplog.records  # no "trimmed" warning for what was refused
+        prompt, sampling = pipe.prepare(request)
+    assert (info.value.prompt_tokens, info.value.positions) == (prompt.num_tokens, limit)
+    assert sampling.max_new_tokens == limit - prompt.num_tokens
+    assert "trimmed to" in caplog.records[-1].getMessage()

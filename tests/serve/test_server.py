@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -271,6 +272,19 @@ def image(url: str) -> dict:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
+def test_context_length_refusals_carry_openai_s_code(server, caplog):
+    limit = server.worker.pipeline.config.max_position_embeddings
+    too_long = {"messages": [{"role": "user", "content": "Tell me a story. " * limit}]}
+    asks_too_much = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": limit}
+    for body, param in ((too_long, None), (asks_too_much, "max_tokens")):
+        with caplog.at_level(logging.WARNING, logger="longvita"):
+            got = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+        error = got.json()["error"]
+        assert got.status_code == 400 and error["code"] == "context_length_exceeded", error
+        assert error["param"] == param
+    assert not [r for r in caplog.records if "trimmed" in r.getMessage()]  # refused, not trimmed
+
+
 @pytest.mark.parametrize(
     ("body", "status", "words"),
     [
@@ -330,7 +344,7 @@ def test_unknown_routes_and_methods_answer_openai_errors(server):
 
 
 def test_failures_of_the_server_answer_500_in_openai_json(server, pipe, monkeypatch):
-    def broken(request):
+    def broken(request, **options):
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(pipe, "prepare", broken)
