@@ -276,6 +276,15 @@ def _index_files(config: MixtureConfig, root: Path, allow_missing: bool) -> list
         logger.info(
             "group %r: %s: %d records, %d used", group.name, path, len(sample_file), num_used
         )
+        if num_used == 0 and len(sample_file) > 0:
+            logger.warning(
+                "group %r: %s: ratio %s of its %d records rounds to none: it is not used "
+                "(raise the ratio to take some)",
+                group.name,
+                path,
+                group.ratio,
+                len(sample_file),
+            )
         files.append(MixtureFile(group.name, written, sample_file, num_used))
     return files
 
@@ -310,7 +319,28 @@ def _resolve_paths(
         )
     for entry in missing:
         logger.warning("data file not found, skipped: %s", entry)
+    _warn_repeated(found)
     return found
+
+
+def _warn_repeated(found: list[tuple[MixtureGroup, str, Path]]) -> None:
+    """A file listed more than once in one group is sampled once per listing, and listings
+    written the same way take the same records (the sample is seeded by group and path as
+    written): say so, as a user who repeats a file may have meant something else."""
+    listed: dict[tuple[str, Path], list[str]] = {}
+    for group, written, path in found:
+        listed.setdefault((group.name, path.resolve()), []).append(written)
+    for (group_name, path), writings in listed.items():
+        if len(writings) > 1:
+            logger.warning(
+                "group %r lists %s %d times (%s): each listing takes its records again, the "
+                "same ones where written the same way; list it once and raise the ratio to "
+                "repeat it",
+                group_name,
+                path,
+                len(writings),
+                ", ".join(map(repr, writings)),
+            )
 
 
 def _number(value: object) -> object:

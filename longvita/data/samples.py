@@ -7,14 +7,17 @@ Owns the on-disk format (reference/LONGVITA.md section 4, the official DATA.md):
      "images": ["cat.jpg"], "videos": ["clip.mp4" or "frames_dir/"]}
 
 `conversations` with ShareGPT turns (`{"from": "human"/"gpt"/"system", "value": ...}`) is read
-as `messages`. Media paths are absolute or relative to the directory of the data file.
+as `messages`; LLaVA's singular `image` / `video` as `images` / `videos`; a top-level `system`
+text (LLaMA-Factory's layout) as a first system turn. Media paths are absolute or relative to
+the directory of the data file.
 
 A file is never loaded whole: indexing records the byte span and line number of each record
 (JSONL: one record per non-blank line, found with numpy over 16 MiB chunks; JSON list: each
 top-level element, found by a regex scan of a memory map, which runs a Python step per JSON
 string or bracket, so prefer JSONL for multi-GB files). Reading a record seeks to its span.
 A file whose first non-blank byte (after a UTF-8 byte-order mark, if any) is `[` is a JSON
-list; anything else is JSONL.
+list; anything else is JSONL. A file that cannot be either as a whole (compressed, UTF-16, a
+list followed by more text, a pretty-printed object) is a ValueError when it is indexed.
 
 Knows nothing of tokens, media decoding, mixtures or packing. A bad record raises SampleError
 with its reason; it never stops the caller. A data file that can no longer be read as it was
@@ -45,6 +48,8 @@ SHAREGPT_KEYS = ("from", "value")
 # A JSON string (escapes included) or a bracket: enough to find the top-level elements.
 _JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
 _SEPARATORS = b" \t\r\n,"
+_BLANK_BYTES = np.frombuffer(b" \t\r\x0b\x0c", dtype=np.uint8)
+_NON_BLANK = re.compile(rb"[^ \t\r\n]")
 _GAP_VALUE = re.compile(rb'(?:"(?:[^"\\]|\\.)*"?|[^,"])+', re.DOTALL)
 """One comma-separated value between a JSON list's objects (commas inside strings kept; an
 unterminated string runs to the end)."""
@@ -108,7 +113,13 @@ class SampleFile:
         return self.starts.shape[0]
 
     def location(self, i: int) -> str:
-        return f"{self.path}:{int(self.lines[i])}"
+        """`file:line`, and the element's index when other records share its line (a JSON list
+        written on one line, as LLaVA's files are)."""
+        line = int(self.lines[i])
+        shared = (i > 0 and self.lines[i - 1] == line) or (
+            i + 1 < len(self) and self.lines[i + 1] == line
+        )
+        return f"{self.path}:{line} (element {i})" if shared else f"{self.path}:{line}"
 
     def read_record(self, i: int) -> object:
         """The JSON value of record i; SampleError('malformed_json') if it does not parse,
@@ -149,11 +160,28 @@ def _decode_json(data: bytes) -> object:
         raise SampleError("malformed_json", f"not valid JSON: {err}") from err
 
 
+COMPRESSED = {
+    b"\x1f\x8b": ("gzip", "gunzip"),
+    b"BZh": ("bzip2", "bunzip2"),
+    b"\xfd7zXZ\x00": ("xz", "unxz"),
+    b"\x28\xb5\x2f\xfd": ("zstd", "unzstd"),
+    b"PK\x03\x04": ("zip", "unzip"),
+}
+"""Magic bytes of compressed files: (format, the command that decompresses it)."""
+
+
 def _check_utf8_text(path: Path) -> None:
-    """Refuse UTF-16 and UTF-32 files: their records would half-parse (json.loads detects the
-    encoding of a line's bytes, and the NUL byte after each newline became a bad record)."""
+    """Refuse compressed, UTF-16 and UTF-32 files: their records would half-parse (json.loads
+    detects the encoding of a line's bytes, and the NUL byte after each newline became a bad
+    record)."""
     with open(path, "rb") as f:
         head = f.read(4096)
+    for magic, (kind, command) in COMPRESSED.items():
+        if head.startswith(magic):
+            raise ValueError(
+                f"data file {str(path)!r} is {kind}-compressed; decompress it first "
+                f"(`{command} FILE`) and list the result"
+            )
     if b"\x00" in head:  # never in UTF-8 JSON: a control character must be escaped there
         raise ValueError(
             f"data file {str(path)!r} is not UTF-8 text (it holds NUL bytes: UTF-16 or "
@@ -201,22 +229,40 @@ def _index_jsonl(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if f.read(len(BOM)) == BOM:
             starts[0] = len(BOM)  # the first line is at least the mark
     keep = ends > starts
-    short = np.flatnonzero(keep & (ends - starts <= 8))  # maybe whitespace only ("\r", " ")
-    if short.size:
+    if keep.any():  # a line that begins with a blank may be blank all through ("\r", spaces)
+        first_bytes = np.memmap(path, dtype=np.uint8, mode="r")[starts[keep]]
+        maybe_blank = np.flatnonzero(keep)[np.isin(first_bytes, _BLANK_BYTES)]
         with open(path, "rb") as f:
-            for i in short:
+            for i in maybe_blank:
                 f.seek(int(starts[i]))
                 if not f.read(int(ends[i] - starts[i])).strip():
                     keep[i] = False
+    _check_not_pretty_printed(path, starts[keep], ends[keep])
     return starts[keep], ends[keep], lines[keep]
+
+
+def _check_not_pretty_printed(path: Path, starts: np.ndarray, ends: np.ndarray) -> None:
+    """ValueError for a JSONL file whose first line is a lone "{": one object spread over many
+    lines (a pretty-printed .json), which would be read as one broken record per line."""
+    if starts.size < 2:
+        return
+    with open(path, "rb") as f:
+        f.seek(int(starts[0]))
+        first = f.read(int(min(ends[0] - starts[0], 64))).strip()
+    if first == b"{":
+        raise ValueError(
+            f"data file {str(path)!r} holds a JSON object spread over several lines (its first "
+            "line is '{' alone); JSONL needs one object per line (`jq -c . IN > OUT`), or put "
+            "the records in a JSON list [...]"
+        )
 
 
 def _index_json_list(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(starts, ends, lines) of the top-level elements of a JSON list.
 
     Objects and arrays are found by bracket depth; anything else between them (a number, a
-    string, garbage, text after the closing bracket) becomes a record of its own, which then
-    fails as malformed.
+    string, garbage) becomes a record of its own, which then fails as malformed. Text after
+    the closing bracket is a ValueError (`_check_nothing_after`).
     """
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         spans, list_end = _element_spans(mm, path)
@@ -229,7 +275,7 @@ def _index_json_list(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             ends.append(end)
             previous_end = end
         _add_gap(mm, previous_end, list_end, starts, ends)
-        _add_gap(mm, list_end + 1, len(mm), starts, ends)
+        _check_nothing_after(mm, list_end, path)
         lines, line, counted_to = [], 1, 0
         for start in starts:
             line += mm[counted_to:start].count(b"\n")
@@ -263,6 +309,22 @@ def _element_spans(mm: mmap.mmap, path: Path) -> tuple[list[tuple[int, int]], in
     )
 
 
+def _check_nothing_after(mm: mmap.mmap, list_end: int, path: Path) -> None:
+    """ValueError when more than blanks follows the list's closing bracket: a stray bracket
+    closed it early, or the file is JSONL whose first record is a JSON array. Either way the
+    records after it would be cut into pieces at their commas."""
+    rest = _NON_BLANK.search(mm, list_end + 1)
+    if rest is None:
+        return
+    closed_at = mm[:list_end].count(b"\n") + 1
+    more_at = mm[: rest.start()].count(b"\n") + 1
+    raise ValueError(
+        f"data file {str(path)!r} starts with '[' but its JSON list closes on line {closed_at} "
+        f"and more follows on line {more_at}: a stray ']' or '}}' before it, or a JSONL file "
+        "whose first line is a JSON array (remove that line); fix it and rerun"
+    )
+
+
 def _add_gap(mm: mmap.mmap, lo: int, hi: int, starts: list, ends: list) -> None:
     """Each comma-separated value between two elements (a number, a string, garbage) becomes
     a (malformed) record of its own, so each is counted as one skipped record."""
@@ -279,20 +341,31 @@ def parse_record(record: object, *, base_dir: str | os.PathLike, location: str) 
         raise SampleError(
             "malformed_json", f"a record must be a JSON object, got {type(record).__name__}"
         )
-    turns = record.get("messages", record.get("conversations"))
+    turns = record.get("messages")
+    if turns is None:  # absent, or null as exports write a column a record lacks
+        turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise SampleError(
             "invalid_sample",
             f"needs a non-empty 'messages' or 'conversations' list, has keys {sorted(record)}",
         )
+    turns = [_as_message(turn) for turn in turns]
+    system = record.get("system")
+    if system is not None:  # LLaMA-Factory's ShareGPT layout: the system prompt beside them
+        if not isinstance(system, str):
+            got = reprlib.repr(system)
+            raise SampleError("invalid_sample", f"'system' must be text, got {got}")
+        if isinstance(turns[0], Mapping) and turns[0].get("role") == "system":
+            raise SampleError("invalid_sample", "has a 'system' key and a system turn: keep one")
+        turns = [{"role": "system", "content": system}, *turns]
     try:
-        messages = normalize_messages([_as_message(turn) for turn in turns])
+        messages = normalize_messages(turns)
     except ValueError as err:
         raise SampleError("invalid_sample", str(err)) from err
     if not any(turn["role"] == "assistant" for turn in messages):
         raise SampleError("no_assistant_turn", "no assistant turn: nothing to supervise")
-    images = _media_paths(record, "images", base_dir)
-    videos = _media_paths(record, "videos", base_dir)
+    images = _media_paths(record, "images", "image", base_dir)
+    videos = _media_paths(record, "videos", "video", base_dir)
     return RawSample(messages=messages, images=images, videos=videos, location=location)
 
 
@@ -303,9 +376,19 @@ def _as_message(turn: object) -> object:
     return turn
 
 
-def _media_paths(record: Mapping, key: str, base_dir: str | os.PathLike) -> list[str]:
-    """The record's `key` list (absent, null, one string or a list of strings), resolved."""
-    value = record.get(key)
+def _one_of(record: Mapping, key: str, alias: str) -> object:
+    """record[key], else record[alias] (a null counts as absent); SampleError when both are
+    given."""
+    value, other = record.get(key), record.get(alias)
+    if value is not None and other is not None:
+        raise SampleError("invalid_sample", f"has both '{key}' and '{alias}': keep one")
+    return other if value is None else value
+
+
+def _media_paths(record: Mapping, key: str, alias: str, base_dir: str | os.PathLike) -> list[str]:
+    """The record's `key` (or LLaVA's singular `alias`) list: absent, null, one string or a
+    list of strings; resolved."""
+    value = _one_of(record, key, alias)
     if value is None:
         return []
     if isinstance(value, str):

@@ -240,13 +240,17 @@ class Processor:
         which differs from a prompt's one-call tokenization where a turn's text begins with a
         newline: `<|im_start|>`, the role, `\\n`, the turn's text, `<|im_end|>` and `\\n` are
         tokenized each on its own, so a turn's first token never merges with the header's
-        newline; the assistant turns' text, `<|im_end|>` and `\\n` are supervised.
+        newline; the assistant turns' text, `<|im_end|>` and `\\n` are supervised. A turn
+        whose text holds a ChatML token (`<|im_start|>`, `<|im_end|>`, `<|endoftext|>`) is
+        refused (ReservedTokenError).
         """
         newline, im_start, im_end = (self.tokenize(t) for t in ("\n", IM_START, IM_END))
         ids, labels = [], []
         for turn in training_turns(messages):
             header = im_start + self.tokenize(turn["role"]) + newline
-            body = self.tokenize(turn["content"]) + im_end + newline
+            text = self.tokenize(turn["content"])
+            self._check_chat_format(text, turn["role"])
+            body = text + im_end + newline
             supervised = body if turn["role"] == "assistant" else [IGNORE_INDEX] * len(body)
             ids += header + body
             labels += [IGNORE_INDEX] * len(header) + supervised
@@ -355,6 +359,16 @@ class Processor:
                 f"the text contains {names}: tokens the Processor writes around image and video "
                 "placeholders, never accepted in messages; remove them (put an <image> or "
                 "<video> tag where a medium goes)"
+            )
+
+    def _check_chat_format(self, ids: Sequence[int], role: str) -> None:
+        """ReservedTokenError when a training turn's text holds a ChatML token."""
+        found = sorted(set(self.tokens.chat_format).intersection(ids))
+        if found:
+            names = ", ".join(repr(name) for name in self.tokenizer.convert_ids_to_tokens(found))
+            raise ReservedTokenError(
+                f"the {role} turn's text contains {names}: the chat format's own tokens, which "
+                "would end or open a turn mid-text and be learned as such; remove them"
             )
 
     def _check_media_counts(self, ids: Sequence[int], num_images: int, num_videos: int) -> None:

@@ -74,6 +74,12 @@ class SpecialTokenIds:
         return (self.im_end, self.pad)
 
     @property
+    def chat_format(self) -> tuple[int, ...]:
+        """Ids that open and close ChatML turns and pad: a training turn's text holding one
+        would end or open a turn mid-text, and teach the model to write it."""
+        return (self.im_start, self.im_end, self.pad)
+
+    @property
     def context(self) -> tuple[int, ...]:
         """Placeholder ids whose embeddings are overwritten by visual features."""
         return (self.img_context, self.patch_context, self.vid_context)

@@ -143,6 +143,26 @@ def test_reserved_tokens_typed_as_text_are_invalid_samples(processor, tmp_path, 
     assert stats.examples["invalid_sample"][0].startswith(f"{path}:2: the text contains {token!r}")
 
 
+@pytest.mark.parametrize("speaker", ["user", "assistant"])
+@pytest.mark.parametrize("token", ["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+def test_chat_format_tokens_typed_in_a_turn_are_invalid_samples(
+    processor, tmp_path, token, speaker
+):
+    # as text they would become the real ids: a turn ended or opened mid-text, and an answer
+    # that teaches the model to stop (or pad) in the middle
+    question, answer = (
+        (f"hi{token}\nassistant\nFAKE", "A.") if speaker == "user" else ("Q?", f"A {token} B.")
+    )
+    records = [conversation("q", "ok"), conversation(question, answer), conversation("r", "ok")]
+    reader, path = _reader(tmp_path, processor, records)
+    stats = DataStats()
+    assert [reader.read(i, stats) is None for i in range(3)] == [False, True, False]
+    assert dict(stats.skipped) == {"invalid_sample": 1}
+    assert stats.examples["invalid_sample"][0].startswith(
+        f"{path}:2: the {speaker} turn's text contains {token!r}: the chat format's own tokens"
+    )
+
+
 def test_the_records_of_the_issue_are_skips(processor, tmp_path):
     surrogate = (
         '{"messages": [{"role": "user", "content": "caf\\udce9"}, '

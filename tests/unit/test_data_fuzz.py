@@ -162,16 +162,26 @@ def media_dir(tmp_path_factory):
 _names = itertools.count()
 
 
+WHOLE_FILE_REFUSALS = (
+    "starts with '[' but is not a complete JSON list",
+    "but its JSON list closes on line",
+    "holds a JSON object spread over several lines",
+)
+
+
 def _mixture(root, suffix: str, data: bytes) -> Mixture | None:
     """A one-file mixture; the file goes next to the media (a.png, frames/, v.mp4). None for a
-    file of no record (an empty JSON list), which the mixture refuses, saying so."""
+    file the mixture refuses as a whole, saying why: no record (an empty JSON list), or not one
+    JSON list or JSONL (a list closed before more text, a first line '{' alone)."""
     name = f"data{next(_names)}{suffix}"
     (root / name).write_bytes(data)
     write_mixture(root / f"{name}.yaml", {"g": {"data_paths": [name]}})
     try:
         return Mixture.from_yaml(root / f"{name}.yaml", data_root=root)
     except ValueError as err:
-        assert "selects no sample" in str(err) and "(0 records, 0 taken)" in str(err)
+        message = str(err)
+        empty = "selects no sample" in message and "(0 records, 0 taken)" in message
+        assert empty or any(why in message for why in WHOLE_FILE_REFUSALS), message
         return None
 
 

@@ -109,6 +109,21 @@ def test_missing_files_error_or_warn(tmp_path, caplog):
     assert len(mixture) == 3 and "gone.jsonl" in caplog.text
 
 
+def test_choices_that_change_the_data_quietly_are_warned_about(tmp_path, caplog):
+    _files(tmp_path, {"a.jsonl": 8, "b.jsonl": 3})
+    groups = {
+        "A": {"ratio": 0.5, "data_paths": ["a.jsonl", "a.jsonl"]},  # the same file twice
+        "B": {"ratio": 0.1, "data_paths": ["b.jsonl"]},  # 0.1 x 3 records rounds to none
+    }
+    with caplog.at_level(logging.WARNING, logger="longvita.data.mixture"):
+        mixture = Mixture.from_yaml(write_mixture(tmp_path / "m.yaml", groups), data_root=tmp_path)
+    assert len(mixture) == 8 and len(set(_selected(mixture))) == 4  # the same half, twice
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert "group 'A' lists" in warnings[0] and "2 times ('a.jsonl', 'a.jsonl')" in warnings[0]
+    assert "group 'B'" in warnings[1] and "ratio 0.1 of its 3 records rounds to none" in warnings[1]
+
+
 @pytest.mark.parametrize("allow_missing_files", [False, True])
 def test_a_directory_as_data_path_says_so(tmp_path, allow_missing_files):
     _files(tmp_path, {"a.jsonl": 3})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 
@@ -52,6 +53,70 @@ def test_jsonl_skips_blank_lines_and_keeps_line_numbers(tmp_path):
     with pytest.raises(SampleError, match="not valid JSON") as err:
         indexed.read_record(2)
     assert err.value.reason == "malformed_json"
+
+
+def test_jsonl_lines_of_blanks_of_any_length_are_no_records(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'{"a": 1}\n' + b" " * 12 + b"\n" + b"\t" * 9 + b'\r\n  {"a": 2}\n')
+    indexed = SampleFile.index(path)
+    assert [indexed.read_record(i) for i in range(len(indexed))] == [{"a": 1}, {"a": 2}]
+    assert [indexed.location(i) for i in range(2)] == [f"{path}:1", f"{path}:4"]
+
+
+@pytest.mark.parametrize(
+    ("text", "closed", "more"),
+    [
+        ('["id", "messages"]\n{"a": 1}\n{"a": 2}\n', 1, 2),  # JSONL with a header row
+        ('[\n  {"a": 1}},\n  {"a": 2}\n]\n', 2, 2),  # a stray brace closes the list
+        ('[{"a": 1}]\n\n[{"a": 2}]\n', 1, 3),  # two lists one after the other
+    ],
+)
+def test_text_after_a_json_list_is_a_value_error(tmp_path, text, closed, more):
+    """The records after the list would be cut at their commas into broken pieces."""
+    path = tmp_path / "a.json"
+    path.write_text(text)
+    with pytest.raises(
+        ValueError,
+        match=rf"a.json' starts with '\[' but its JSON list closes on line {closed} "
+        rf"and more follows on line {more}",
+    ):
+        SampleFile.index(path)
+    path.write_text('[{"a": 1}]\n \n\t\n')  # blanks after it are fine
+    assert len(SampleFile.index(path)) == 1
+
+
+def test_a_pretty_printed_object_is_no_jsonl(tmp_path):
+    record = conversation("q", "a")
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(record, indent=2))
+    with pytest.raises(ValueError, match=r"one.json' holds a JSON object spread over several"):
+        SampleFile.index(path)
+    path.write_text(json.dumps(record))  # on one line it is one record
+    assert SampleFile.index(path).read_record(0) == record
+
+
+@pytest.mark.parametrize(
+    ("compress", "kind"), [(gzip.compress, "gzip"), (__import__("bz2").compress, "bzip2")]
+)
+def test_a_compressed_file_is_a_value_error_saying_so(tmp_path, compress, kind):
+    path = tmp_path / "d.jsonl.gz"
+    path.write_bytes(compress(json.dumps(conversation("q", "a")).encode() + b"\n"))
+    with pytest.raises(ValueError, match=rf"d.jsonl.gz' is {kind}-compressed; decompress it"):
+        SampleFile.index(path)
+
+
+def test_records_sharing_a_line_are_located_by_element(tmp_path):
+    records = [{"a": i} for i in range(3)]
+    compact = tmp_path / "compact.json"  # LLaVA's files: the whole list on one line
+    compact.write_text(json.dumps(records))
+    indexed = SampleFile.index(compact)
+    assert [indexed.location(i) for i in range(3)] == [
+        f"{compact}:1 (element {i})" for i in range(3)
+    ]
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text(json.dumps(records, indent=1))
+    indexed = SampleFile.index(pretty)
+    assert [indexed.location(i) for i in range(3)] == [f"{pretty}:{n}" for n in (2, 5, 8)]
 
 
 def test_json_list_elements_lines_and_garbage(tmp_path):
@@ -129,6 +194,36 @@ def test_parse_messages_and_sharegpt_with_resolved_media(tmp_path):
     assert parsed[0].images == [os.path.join(tmp_path, "x.png"), "/abs/y.png"]
     single = parse_record({**plain, "videos": "frames/"}, base_dir=tmp_path, location="f:1")
     assert single.videos == [os.path.join(tmp_path, "frames/")]
+
+
+def test_neighbouring_formats_keys_are_read(tmp_path):
+    plain = parse_record(
+        conversation("<image>q", "a", images=["x.png"], system="s"), base_dir=tmp_path, location="f"
+    )
+    llava = conversation("<image>q", "a", sharegpt=True)  # LLaVA: one "image", no system
+    llava["image"] = "x.png"
+    llama_factory = {**conversation("<image>q", "a"), "images": ["x.png"], "system": "s"}
+    exported = {**conversation("<image>q", "a", images=["x.png"], system="s", sharegpt=True)}
+    exported.update(messages=None, videos=None)  # columns another record has, written as null
+    for record in (llama_factory, exported):
+        assert parse_record(record, base_dir=tmp_path, location="f") == plain
+    llava_parsed = parse_record(llava, base_dir=tmp_path, location="f")
+    assert llava_parsed.images == plain.images and llava_parsed.messages == plain.messages[1:]
+
+
+@pytest.mark.parametrize(
+    ("record", "match"),
+    [
+        ({**conversation("q", "a", images=["x.png"]), "image": "y.png"}, "both 'images' and"),
+        ({**conversation("q", "a"), "video": "v.mp4", "videos": ["v.mp4"]}, "both 'videos'"),
+        ({**conversation("q", "a", system="s"), "system": "t"}, "a 'system' key and a system"),
+        ({**conversation("q", "a"), "system": ["s"]}, "'system' must be text"),
+    ],
+)
+def test_ambiguous_neighbouring_keys_are_invalid(tmp_path, record, match):
+    with pytest.raises(SampleError, match=match) as err:
+        parse_record(record, base_dir=tmp_path, location="f:1")
+    assert err.value.reason == "invalid_sample"
 
 
 @pytest.mark.parametrize(
