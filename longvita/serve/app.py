@@ -44,7 +44,13 @@ logger = logging.getLogger(__name__)
 
 CHAT_PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 DISCONNECT_POLL_S = 0.5
-"""How often a handler waiting for tokens checks that its client is still there."""
+"""How often a handler checks that its client is still there, tokens flowing or not."""
+CLIENT_CLOSED = 499
+"""The status counted for a request whose client left before its answer (nginx's)."""
+JSON_TYPES = ("application/json",)
+"""Content types a request body may declare (also `application/*+json`); none declared is
+taken as JSON too. Others are refused: a web page may send a form or text/plain to a local
+server without asking first (a CORS "simple request"), but not JSON."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +69,8 @@ class ServerSettings:
     """max_tokens of a request that gives none."""
     max_frames: int = 512
     """The most frames a request may ask per video (and the default when it asks none)."""
+    max_media: int = 256
+    """The most image and video parts a request may have."""
     max_prompt_tokens: int | None = None
     """The most tokens an expanded prompt may have; None: the model's positions."""
     request_timeout_s: float = 600.0
@@ -163,10 +171,10 @@ def create_app(pipeline, worker, settings: ServerSettings) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         arrived = time.monotonic()
         check_api_key(request, settings)
-        chat = protocol.parse_chat_request(
-            json_body(await read_body(request, settings.max_body_bytes)),
-            control_tokens=control_tokens,
-            escape=settings.escape_control_tokens,
+        check_content_type(request)
+        body = await read_body(request, settings.max_body_bytes)
+        chat = await asyncio.to_thread(  # a large body's parsing would stall every stream
+            parse_body, body, control_tokens, settings
         )
         if chat.model is not None and not settings.serves(chat.model):
             raise unknown_model(chat.model, settings)
@@ -220,6 +228,33 @@ def check_api_key(request: Request, settings: ServerSettings) -> None:
             "a valid API key is needed: send Authorization: Bearer <key>",
             code="invalid_api_key",
         )
+
+
+def check_content_type(request: Request) -> None:
+    """415 for a body declared as anything but JSON (see `JSON_TYPES`)."""
+    declared = request.headers.get("content-type")
+    if declared is None:
+        return
+    media_type = declared.partition(";")[0].strip().lower()
+    if media_type in JSON_TYPES or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    ):
+        return
+    raise ApiError(
+        415,
+        f"the request body is declared as {media_type!r}; send JSON with "
+        "Content-Type: application/json",
+    )
+
+
+def parse_body(body: bytes, control_tokens: tuple[str, ...], settings: ServerSettings):
+    """The ChatRequest of a request body, or an ApiError(400) naming what is wrong."""
+    return protocol.parse_chat_request(
+        json_body(body),
+        control_tokens=control_tokens,
+        escape=settings.escape_control_tokens,
+        max_media=settings.max_media,
+    )
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -343,14 +378,18 @@ class Answer:
 
     async def next_events(self) -> AsyncIterator[Event]:
         """The job's events until its last; cancels the job if the client goes away."""
-        first = True
+        first, checked = True, time.monotonic()
         try:
             while True:
                 event = await self._next_event()
-                if event is None:
+                if event is None or time.monotonic() - checked >= DISCONNECT_POLL_S:
+                    # also while tokens flow: a non-streamed answer writes nothing until its
+                    # end, so only asking tells that its client has gone
+                    checked = time.monotonic()
                     if await self.request.is_disconnected():
                         self.job.cancel()
                         return
+                if event is None:
                     continue
                 if event.tokens:
                     now = time.monotonic()
@@ -402,36 +441,44 @@ class Answer:
             )
         )
         content = responses.ContentEvents(**envelope)
-        status, end = 200, []  # the end goes out in one write: finish or error, usage, [DONE]
-        async for event in self.next_events():
-            if event.finish is None:
-                if event.text:
-                    yield content.event(event.text)
-                continue
-            error = self.error(event)
-            if error is not None:
-                status = error.status
-                end.append(responses.sse_event(error.body()))
-                break
-            finish = responses.finish_reason_of(event.finish)
-            end.append(
-                responses.sse_event(
-                    responses.chunk_body(**envelope, delta={}, finish_reason=finish)
+        # the end goes out in one write (finish or error, usage, [DONE]); the status is counted
+        # however the stream ends, a client leaving included
+        status, end = CLIENT_CLOSED, []
+        try:
+            async for event in self.next_events():
+                if event.finish is None:
+                    if event.text:
+                        yield content.event(event.text)
+                else:  # the last event
+                    status, end = self.stream_end(event, envelope)
+        finally:
+            self.metrics.requests.inc(status=status)
+        yield b"".join([*end, responses.sse_event("[DONE]")])
+
+    def stream_end(self, event: Event, envelope: dict) -> tuple[int, list[bytes]]:
+        """The status and the closing events of a stream whose job sent its final event."""
+        error = self.error(event)
+        if error is not None:
+            return error.status, [responses.sse_event(error.body())]
+        end = [
+            responses.sse_event(
+                responses.chunk_body(
+                    **envelope, delta={}, finish_reason=responses.finish_reason_of(event.finish)
                 )
             )
-            if self.chat.include_usage:
-                end.append(
-                    responses.sse_event(
-                        responses.usage_chunk_body(
-                            **envelope,
-                            prompt_tokens=self.prompt_tokens,
-                            completion_tokens=self.completion_tokens,
-                            cached_tokens=event.cached_tokens,
-                        )
+        ]
+        if self.chat.include_usage:
+            end.append(
+                responses.sse_event(
+                    responses.usage_chunk_body(
+                        **envelope,
+                        prompt_tokens=self.prompt_tokens,
+                        completion_tokens=self.completion_tokens,
+                        cached_tokens=event.cached_tokens,
                     )
                 )
-        self.metrics.requests.inc(status=status)
-        yield b"".join([*end, responses.sse_event("[DONE]")])
+            )
+        return 200, end
 
     async def whole(self) -> JSONResponse:
         text, finish = [], None
@@ -439,7 +486,8 @@ class Answer:
             text.append(event.text)
             finish = event
         if finish is None or finish.finish is None:  # the client went away
-            return JSONResponse({}, status_code=499)
+            self.metrics.requests.inc(status=CLIENT_CLOSED)
+            return JSONResponse({}, status_code=CLIENT_CLOSED)
         error = self.error(finish)
         if error is not None:
             raise error

@@ -107,6 +107,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="most frames per video a request may ask (512, also the default)",
     )
     limits.add_argument(
+        "--max-media",
+        type=int,
+        default=256,
+        help="most image and video parts per request (256; lmms-eval sends a video's frames as "
+        "images)",
+    )
+    limits.add_argument(
         "--max-prompt-tokens",
         type=int,
         default=None,
@@ -169,7 +176,7 @@ def settings_from_args(args: argparse.Namespace, model_dir):
     from longvita.serve.app import ServerSettings
     from longvita.serve.media import MediaPolicy
 
-    for flag in ("max_batch", "max_queue", "step_tokens", "max_tokens", "max_frames"):
+    for flag in ("max_batch", "max_queue", "step_tokens", "max_tokens", "max_frames", "max_media"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.max_body_mb <= 0 or args.timeout <= 0:
@@ -194,6 +201,7 @@ def settings_from_args(args: argparse.Namespace, model_dir):
         max_body_bytes=int(args.max_body_mb * 2**20),
         default_max_tokens=args.max_tokens,
         max_frames=args.max_frames,
+        max_media=args.max_media,
         max_prompt_tokens=args.max_prompt_tokens,
         request_timeout_s=args.timeout,
         escape_control_tokens=not args.trust_control_tokens,

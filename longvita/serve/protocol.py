@@ -255,6 +255,18 @@ def _zero(value: object) -> bool:
     return value is None or (type(value) in (int, float) and value == 0)
 
 
+def _one(value: object) -> bool:
+    return value is None or (type(value) in (int, float) and value == 1)
+
+
+def _false(value: object) -> bool:
+    return value is None or value is False
+
+
+def _true(value: object) -> bool:
+    return value is None or value is True
+
+
 _HARMLESS: dict[str, Callable[[object], bool]] = {
     # field -> whether its value asks for nothing this server lacks
     "tools": _empty,
@@ -267,6 +279,32 @@ _HARMLESS: dict[str, Callable[[object], bool]] = {
     "presence_penalty": _zero,
     "frequency_penalty": _zero,
     "response_format": lambda value: value is None or value == {"type": "text"},
+    "modalities": lambda value: value is None or value == ["text"],
+    "audio": _empty,
+    # vLLM's extra sampling and output fields: each changes the answer where vLLM serves it,
+    # so a value other than "as if absent" is refused rather than silently ignored
+    "repetition_penalty": _one,
+    "length_penalty": _one,
+    "min_p": _zero,
+    "min_tokens": _zero,
+    "best_of": _one,
+    "use_beam_search": _false,
+    "stop_token_ids": _empty,
+    "bad_words": _empty,
+    "allowed_token_ids": _empty,
+    "include_stop_str_in_output": _false,
+    "skip_special_tokens": _true,
+    "echo": _false,
+    "add_generation_prompt": _true,
+    "continue_final_message": _false,
+    "chat_template": _empty,
+    "prompt_logprobs": lambda value: value is None,
+    "truncate_prompt_tokens": lambda value: value is None,
+    "guided_json": _empty,
+    "guided_regex": _empty,
+    "guided_choice": _empty,
+    "guided_grammar": _empty,
+    "structured_outputs": _empty,
 }
 
 
@@ -356,8 +394,17 @@ def _part(part: object, where: str) -> tuple[str, str]:
     return kind, _media_url(part.get(part_type), f"{where}.{part_type}")
 
 
+IMAGE_DETAILS = (None, "auto", "low", "high")
+"""OpenAI's `image_url.detail` values; all read alike (Long-VITA tiles by its own rule)."""
+
+
 def _media_url(value: object, where: str) -> str:
     if isinstance(value, dict):
+        detail = value.get("detail")
+        if detail not in IMAGE_DETAILS:
+            raise _bad(
+                f"{where}.detail", f"{where}.detail must be auto, low or high, got {shown(detail)}"
+            )
         value, where = value.get("url"), f"{where}.url"
     if not isinstance(value, str) or not value:
         raise _bad(where, f"{where} must be a non-empty URL string, got {shown(value)}")

@@ -268,8 +268,35 @@ def user(*parts) -> dict:
     return {"messages": [{"role": "user", "content": list(parts)}], "max_tokens": 2}
 
 
-def image(url: str) -> dict:
-    return {"type": "image_url", "image_url": {"url": url}}
+def image(url: str, **options) -> dict:
+    return {"type": "image_url", "image_url": {"url": url, **options}}
+
+
+def test_a_body_declared_as_another_type_is_refused(server):
+    """A web page may POST text/plain or a form to a local server without a CORS preflight."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+        status, message = status_and_message(server, body, **{"content-type": content_type})
+        assert status == 415 and f"declared as {content_type!r}" in message
+    for content_type in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        got = httpx.post(
+            server.url + "/v1/chat/completions",
+            content=json.dumps(body),
+            headers={"content-type": content_type},
+            timeout=30,
+        )
+        assert got.status_code == 200, got.text
+
+
+def test_the_media_count_limit_is_a_setting(pipe, media):
+    frame = {
+        "type": "image_url",
+        "image_url": {"url": data_url(media["image"], "image/png")},
+    }
+    body = {"messages": [{"role": "user", "content": [frame] * 3}], "max_tokens": 1}
+    with Server(pipe, ServerSettings(model_id=MODEL, max_media=2), max_batch=1) as small:
+        status, message = status_and_message(small, body)
+        assert status == 400 and "3 media parts" in message and "at most 2" in message
 
 
 def test_context_length_refusals_carry_openai_s_code(server, caplog):
@@ -311,6 +338,22 @@ def test_context_length_refusals_carry_openai_s_code(server, caplog):
             {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9},
             400,
             "max_tokens=1,000,000,000 does not fit",
+        ),
+        (user(image("/ALLOWED/scene.png", detail="bogus")), 400, "detail must be auto, low"),
+        *(
+            ({"messages": [{"role": "user", "content": "hi"}], field: value}, 400, field)
+            for field, value in [
+                ("min_tokens", 10),
+                ("repetition_penalty", 1.5),
+                ("min_p", 0.1),
+                ("bad_words", ["purple"]),
+                ("guided_choice", ["yes", "no"]),
+                ("include_stop_str_in_output", True),
+                ("stop_token_ids", [10]),
+                ("best_of", 3),
+                ("echo", True),
+                ("modalities", ["text", "audio"]),
+            ]
         ),
     ],
 )
@@ -437,7 +480,8 @@ def test_full_queue_answers_503_with_retry_after(pipe, monkeypatch):
     assert "retry" in response.json()["error"]["message"]
 
 
-def test_a_client_that_disconnects_frees_its_slot(pipe, monkeypatch):
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_frees_its_slot(pipe, monkeypatch, stream):
     settings = ServerSettings(model_id=MODEL)
     tokens = type(pipe.processor.tokens)
     monkeypatch.setattr(tokens, "stop", property(lambda self: ()))  # only the client ends it
@@ -449,21 +493,21 @@ def test_a_client_that_disconnects_frees_its_slot(pipe, monkeypatch):
             "_end",
             lambda seq, reason, error=None: (reasons.append(reason), end(seq, reason, error)),
         )
-        with httpx.stream(
-            "POST",
-            small.url + "/v1/chat/completions",
-            json={
-                "messages": [{"role": "user", "content": "hi"}],
-                "max_tokens": 5000,
-                "stream": True,
-            },
-        ) as response:
-            lines = response.iter_lines()
-            assert next(lines).startswith("data: ")
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}
+        url = small.url + "/v1/chat/completions"
+        if stream:
+            with httpx.stream("POST", url, json={**body, "stream": True}) as response:
+                lines = response.iter_lines()
+                assert next(lines).startswith("data: ")
+        else:  # tokens flow all along, and nothing is written until the end
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url, json=body, timeout=httpx.Timeout(5, read=1.0))
         deadline = time.monotonic() + 10  # the slot is free within a poll or two
         while small.worker.slots.held and time.monotonic() < deadline:
             time.sleep(0.05)
         assert small.worker.slots.held == 0 and reasons == ["cancelled"]
+        metrics = httpx.get(small.url + "/metrics").text
+        assert 'longvita_requests_total{status="499"} 1' in metrics  # counted as client-closed
         ok = openai.OpenAI(base_url=small.url + "/v1", api_key="x", max_retries=0)
         answer = ok.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
