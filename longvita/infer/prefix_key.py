@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from longvita.processing.frame_dirs import list_frame_files
-from longvita.processing.image import to_rgb
+from longvita.processing.image import load_pil, to_rgb
 from longvita.processing.tiles import (
     FrameListTiles,
     ImageTiles,
@@ -207,6 +207,7 @@ def _image_digest(image: str | os.PathLike | Image.Image) -> str:
 def _pil_digest(image: Image.Image) -> str:
     """sha256 of the RGB pixels the image is tiled from (`to_rgb`): its own bytes are not
     enough (a palette image's are indices, and a transparent colour changes what is seen)."""
+    load_pil(image, "image (PIL)")
     if image.mode != "RGB" or image.has_transparency_data:
         image = to_rgb(image)
     hasher = hashlib.sha256(f"RGB {image.size}".encode())

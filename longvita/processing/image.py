@@ -10,8 +10,10 @@ prompts or the model; video frame selection lives in `longvita.processing.video`
   decoded (`check_pixels`: decompression bombs are refused, not decoded);
 - EXIF orientation (tags 2-8) is applied, and `image_size` reports the oriented size, so the
   grid planned from the header is the grid tiled;
-- 16-bit greys (`I;16*`, `I`) are scaled from 0..65535 to 0..255 (`round(v / 257)`), not
-  clipped (Pillow itself keeps the high byte of 16-bit RGB(A) PNGs, also a scaling);
+- 16-bit greys (`I;16*`, and `I` whose values pass 255) are scaled from 0..65535 to 0..255
+  (`round(v / 257)`), not clipped (Pillow itself keeps the high byte of 16-bit RGB(A) PNGs,
+  also a scaling); an `I` image within 0..255 (`convert("I")`, an int32 array) is 8-bit
+  data and is taken as it is, as Pillow's own conversion does;
 - transparency (RGBA, LA, PA, P or L/RGB with a transparent colour) is composited on
   `ALPHA_BACKGROUND`, white. A documented difference from the official code, which drops the
   alpha channel (so a transparent area shows whatever colour its pixels hold, often black);
@@ -62,7 +64,7 @@ _EXIF_TRANSPOSE = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 class PixelLimitError(MediaError):
@@ -140,6 +142,26 @@ def _pillow_orients_tiffs() -> bool:
         return reopened.size == (1, 2)
 
 
+def check_pil_image(image: Image.Image, name: str, max_pixels: int, *, decode: bool) -> None:
+    """MediaError naming `name` when a PIL image given in memory has no pixel or more than
+    max_pixels; with `decode`, also when its pixels cannot be read (`load_pil`)."""
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise MediaError(f"{name} has no pixels ({width}x{height})")
+    check_pixels(name, width, height, max_pixels)
+    if decode:
+        load_pil(image, name)
+
+
+def load_pil(image: Image.Image, name: str) -> None:
+    """Decode a PIL image's pixels now (as `load_image` does a file's): MediaError naming
+    `name` when it is closed or was opened lazily from a truncated or corrupt file."""
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as err:  # ValueError: "Operation on closed image"
+        raise MediaError(f"cannot read {name}: {err}") from err
+
+
 def image_size(
     image: str | os.PathLike | Image.Image,
     *,
@@ -155,7 +177,7 @@ def image_size(
     the path when the file is missing or not an image (or, with `decode`, not decodable).
     """
     if isinstance(image, Image.Image):
-        check_pixels("image (PIL)", *image.size, max_pixels)
+        check_pil_image(image, "image (PIL)", max_pixels, decode=True)  # one image: read it now
         return image.size
     path = os.fspath(image)
     with _open_image(path, max_pixels) as opened:
@@ -178,7 +200,7 @@ def load_image(
     MediaError naming the path when the file is missing, unreadable, truncated or not an image.
     """
     if isinstance(image, Image.Image):
-        check_pixels("image (PIL)", *image.size, max_pixels)
+        check_pil_image(image, "image (PIL)", max_pixels, decode=True)
         return to_rgb(image)
     path = os.fspath(image)
     with _open_image(path, max_pixels) as opened:
@@ -195,7 +217,7 @@ def load_image(
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """A new 8-bit RGB image: 16-bit greys scaled, transparency on ALPHA_BACKGROUND."""
-    if image.mode in _SIXTEEN_BIT_MODES:
+    if image.mode in _SIXTEEN_BIT_MODES or (image.mode == "I" and _passes_eight_bits(image)):
         image = _sixteen_to_eight_bits(image)
     if not image.has_transparency_data:
         return image.convert("RGB")
@@ -208,9 +230,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return rgb
 
 
+def _passes_eight_bits(image: Image.Image) -> bool:
+    """Whether a 32-bit integer image holds a value above 255: 16-bit data (older Pillows
+    open a 16-bit grey PNG as `I`), not 8-bit data in a wide mode."""
+    return bool(np.asarray(image).max(initial=0) > 255)
+
+
 def _sixteen_to_eight_bits(image: Image.Image) -> Image.Image:
-    """A 16-bit grey (`I;16*`, or `I` taken as 0..65535) as 8-bit L, round(v * 255 / 65535);
-    with a transparent grey value (a PNG's tRNS), as LA whose alpha is 0 where it was."""
+    """A 16-bit grey (`I;16*`, or `I` above 255, taken as 0..65535) as 8-bit L,
+    round(v * 255 / 65535); with a transparent grey value (a PNG's tRNS), as LA whose alpha is
+    0 where it was."""
     raw = np.asarray(image).astype(np.int32)  # [H, W], native byte order
     values = np.clip(raw, 0, 65535)
     values += 128

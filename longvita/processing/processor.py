@@ -25,7 +25,12 @@ from longvita.config import VisionConfig
 from longvita.errors import MediaError, PromptError, ReservedTokenError
 from longvita.ops.loss import IGNORE_INDEX
 from longvita.processing.chat import Messages, build_prompt, training_turns
-from longvita.processing.image import DEFAULT_MAX_PIXELS, check_pixels, choose_grid, image_size
+from longvita.processing.image import (
+    DEFAULT_MAX_PIXELS,
+    check_pil_image,
+    choose_grid,
+    image_size,
+)
 from longvita.processing.tiles import FrameListTiles, ImageTiles, TileSource, VideoFrameTiles
 from longvita.processing.tokens import (
     IM_END,
@@ -346,7 +351,7 @@ class Processor:
                 f"of PIL images, got {what}"
             )
         for k, frame in enumerate(frames):
-            check_pixels(f"video frame {k}", frame.width, frame.height, self.max_pixels)
+            check_pil_image(frame, f"video frame {k} (PIL)", self.max_pixels, decode=False)
         indices = frame_dir_indices(len(frames), max_frames=max_frames, max_fps=max_fps)
         return FrameListTiles(frames, indices, tile_size=self.tile_size)
 

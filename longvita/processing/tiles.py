@@ -33,6 +33,7 @@ from longvita.processing.image import (
     PIL_RGB_BYTES,
     image_size,
     load_image,
+    load_pil,
     tile_image,
     to_pixel_values,
     to_rgb,
@@ -326,9 +327,14 @@ class FrameListTiles:
         self.num_tiles = len(self.frame_indices)
 
     def load(self, local_ids: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
-        chosen = [to_rgb(self.frames[self.frame_indices[i]]) for i in local_ids]
+        chosen = [self._frame(self.frame_indices[i]) for i in local_ids]
         pixels = to_pixel_values(chosen, tile_size=self.tile_size)  # [n, 3, S, S]
         return pixels if out is None else out.copy_(pixels)
+
+    def _frame(self, index: int) -> Image.Image:
+        frame = self.frames[index]
+        load_pil(frame, f"video frame {index} (PIL)")  # a MediaError, not PIL's own
+        return to_rgb(frame)
 
     def release(self) -> None:
         pass

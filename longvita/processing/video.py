@@ -182,11 +182,16 @@ def open_video(
 ) -> Iterator[tuple[av.container.InputContainer, av.VideoStream]]:
     """The opened file and its first video stream, checked against max_pixels, its decoder's
     threads set: frame threads (as many frames as threads) unless its frames are downscaled
-    (slice threads). MediaError when the file has no video stream."""
+    (slice threads). MediaError when the file has no video stream or none FFmpeg decodes."""
     with av.open(path) as container:
         if not container.streams.video:
             raise MediaError(f"video {path!r} has no video stream")
         stream = container.streams.video[0]
+        if stream.codec_context is None:  # PyAV's stream of a codec FFmpeg cannot decode
+            raise MediaError(
+                f"video {path!r}: its video stream's codec has no decoder in this FFmpeg "
+                "(PyAV's); re-encode it, e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`"
+            )
         width, height = stream.codec_context.width, stream.codec_context.height
         check_pixels(f"video {path!r}", width, height, max_pixels)
         stream.thread_type = "SLICE" if width * height > DECODE_DOWNSCALE_PIXELS else "AUTO"
@@ -313,9 +318,9 @@ def iter_video_frames(
     if os.path.isdir(path):
         yield from iter_frame_files(path, order, max_pixels, report or DecodeReport())
         return
+    index, image = -1, None  # the last frame converted
     try:
         decoded = _decoded_frames(path, sorted(set(order)), max_pixels, allow_seek)
-        index, image = -1, None  # the last frame converted
         for wanted in order:
             if wanted != index:
                 image = None  # drop the previous frame before decoding the next
@@ -327,4 +332,7 @@ def iter_video_frames(
             yield image
         next(decoded, None)  # nothing left to decode: the pass ends and closes the file
     except av.FFmpegError as e:
-        raise MediaError(f"cannot decode video {path!r}: {e}") from e
+        where = f"after frame {index}" if index >= 0 else "before its first planned frame"
+        raise MediaError(
+            f"cannot decode video {path!r} {where} (corrupt or truncated data?): {e}"
+        ) from e

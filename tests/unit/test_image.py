@@ -249,6 +249,17 @@ def test_sixteen_bit_grey_is_scaled_to_eight_bits(tmp_path, dtype):
         assert np.array_equal(np.asarray(image)[..., 0], np.asarray(image)[..., 2])
 
 
+def test_eight_bit_values_in_a_32_bit_image_are_kept(tmp_path):
+    """convert("I") or an int32 array of 0..255 is 8-bit data: scaling it by 257 made it black."""
+    grey = Image.fromarray(np.array([[0, 1, 128, 200, 255]], dtype=np.uint8))
+    wide = grey.convert("I")
+    assert wide.mode == "I"
+    path = tmp_path / "wide.tif"
+    wide.save(path)
+    for image in (load_image(wide), load_image(path)):
+        assert np.asarray(image)[0, :, 0].tolist() == [0, 1, 128, 200, 255]
+
+
 def test_sixteen_bit_grey_with_a_transparent_value_is_composited(tmp_path):
     values = np.array([[0, 1000, 65535]], dtype="<u2")
     path = tmp_path / "keyed.png"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 
 from longvita.config import VisionConfig, tiny
 from longvita.errors import MediaError, PromptError
@@ -248,3 +249,29 @@ def test_a_system_turn_anywhere_renders_as_qwen_s_chat_template_does(qwen2_token
     qwen = Qwen2TokenizerFast.from_pretrained(str(qwen2_tokenizer_dir))
     expected = qwen.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert build_prompt(messages) == expected
+
+
+def _truncated_png(path):
+    """A PNG cut short: its header reads, its pixels do not (opened lazily by PIL)."""
+    make_image(path, (64, 48))
+    path.write_bytes(path.read_bytes()[:-200])
+    return Image.open(path)
+
+
+def test_pil_inputs_that_cannot_be_read_are_media_errors(tiny_processor, tmp_path):
+    closed = Image.new("RGB", (40, 30))
+    closed.close()
+    empty = Image.new("RGB", (0, 0))
+    for image, message in [
+        (_truncated_png(tmp_path / "cut.png"), r"cannot read image \(PIL\): image file is trunc"),
+        (closed, r"cannot read image \(PIL\): Operation on closed image"),
+        (empty, r"image \(PIL\) has no pixels \(0x0\)"),
+    ]:  # at planning, not from PIL's depths in the middle of the work
+        with pytest.raises(MediaError, match=message):
+            tiny_processor("<image>", images=[image])
+    frame = Image.new("RGB", (40, 30))
+    with pytest.raises(MediaError, match=r"video frame 1 \(PIL\) has no pixels"):
+        tiny_processor("<video>", videos=[[frame, empty]])
+    prompt = tiny_processor("<video>", videos=[[frame, _truncated_png(tmp_path / "f.png")]])
+    with pytest.raises(MediaError, match=r"cannot read video frame 1 \(PIL\): image file is"):
+        prompt.pixel_values  # noqa: B018 (a frame list's frames are read when tiled)

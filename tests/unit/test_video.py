@@ -144,6 +144,16 @@ def test_planned_frames_garbage_file(tmp_path):
         _planned_frames(path)
 
 
+def test_a_codec_without_a_decoder_is_a_media_error(tmp_path):
+    """PyAV opens such a stream with no codec context (an unknown Matroska codec, an .svg)."""
+    path = _write_video(tmp_path / "clip.mkv", 4, 4)
+    data = path.read_bytes()
+    assert b"V_MPEG4/ISO/ASP" in data
+    path.write_bytes(data.replace(b"V_MPEG4/ISO/ASP", b"V_MPEG4/ISO/XYZ"))  # same length
+    with pytest.raises(MediaError, match=r"clip.mkv'.*codec has no decoder.*re-encode it"):
+        _planned_frames(path)
+
+
 def test_planned_frames_audio_only_file(tmp_path):
     path = tmp_path / "sound.wav"
     with av.open(str(path), "w") as container:
