@@ -16,8 +16,10 @@ class PromptError(ValueError):
 class PositionsError(PromptError):
     """The prompt and the new tokens asked for do not fit in the model's positions."""
 
-    def __init__(self, message: str, *, prompt_tokens: int, positions: int) -> None:
-        super().__init__(message)
+    def __init__(
+        self, message: str, *, prompt_tokens: int | None = None, positions: int | None = None
+    ) -> None:
+        super().__init__(message)  # (message) alone: a rank's error is pickled to its launcher
         self.prompt_tokens = prompt_tokens
         self.positions = positions
 

@@ -69,7 +69,10 @@ def _stage(trainable: dict) -> StageConfig:
         "init": {"model": "tiny", "tokenizer": "unused"},
         "data": {"mixture": "unused.yaml", "seq_len": 40},
         "trainable": trainable,
-        "optim": {"lr": 1e-3, "min_lr": 1e-4},
+        # eps 1e-6, not 1e-8: a weight whose gradient is ~1e-9 (terms cancelling) moves by about
+        # lr * g / eps, which turns its float rounding (~1e-10, any summation order) into 1e-5
+        # at eps 1e-8, past the default tolerance; that is Adam's, not the sharding's
+        "optim": {"lr": 1e-3, "min_lr": 1e-4, "eps": 1e-6},
         "schedule": {"steps": STEPS, "warmup_fraction": 0.0},
         "batch": {"global_sequences": GLOBAL_BATCH},
     })  # fmt: skip
