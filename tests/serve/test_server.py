@@ -272,6 +272,19 @@ def image(url: str, **options) -> dict:
     return {"type": "image_url", "image_url": {"url": url, **options}}
 
 
+def test_text_longer_than_any_prompt_is_refused_before_tokenizing(server, monkeypatch):
+    pipeline = server.worker.pipeline
+    longest = max(map(len, pipeline.tokenizer.get_vocab()))
+    chars = pipeline.config.max_position_embeddings * longest + 1
+    monkeypatch.setattr(
+        pipeline.processor, "tokenize", lambda text: pytest.fail("tokenized a hopeless prompt")
+    )
+    status, message = status_and_message(
+        server, {"messages": [{"role": "user", "content": "a" * chars}], "max_tokens": 2}
+    )
+    assert status == 400 and f"hold {chars:,} characters, at least" in message
+
+
 def test_a_body_declared_as_another_type_is_refused(server):
     """A web page may POST text/plain or a form to a local server without a CORS preflight."""
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
