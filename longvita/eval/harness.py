@@ -82,11 +82,23 @@ def join_parts(parts: Iterable[tuple[str, Any]], tags: Mapping[str, str] = MEDIA
 
 def rank_device(device: str) -> str:
     """Under a data-parallel launch (torchrun, accelerate: LOCAL_RANK set), local rank r takes
-    accelerator r; "cpu" and devices with an index stay as given."""
+    accelerator r when it sees it; when it sees fewer (VLMEvalKit's run.py narrows each process
+    to its own GPUs), the first it sees. "cpu" and devices with an index stay as given."""
     local_rank = os.environ.get("LOCAL_RANK")
     if local_rank is None or device == "cpu" or ":" in device:
         return device
+    import torch
+
+    if int(local_rank) >= torch.accelerator.device_count():
+        return device
     return f"{device}:{local_rank}"
+
+
+def launched_processes() -> int:
+    """The processes of the data-parallel launch this one is part of (1 when none): torchrun
+    and accelerate set WORLD_SIZE and LOCAL_WORLD_SIZE; VLMEvalKit hides WORLD_SIZE while it
+    builds its models, not LOCAL_WORLD_SIZE."""
+    return max(int(os.environ.get(name, "1")) for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"))
 
 
 class HarnessModel:
@@ -132,7 +144,7 @@ class HarnessModel:
         if cp == 1:
             pipe = load(model_dir, device=device, dtype=dtype)
             return cls(pipe, max_frames=max_frames, fps=fps)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if launched_processes() > 1:
             raise ValueError(
                 f"cp={cp} starts its own {cp} ranks: run the harness as one process "
                 "(not under torchrun/accelerate with several processes)"

@@ -36,6 +36,7 @@ Importing this module imports lmms-eval: it is loaded by lmms-eval itself.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -95,6 +96,10 @@ class LongVITA(lmms):
         if str(batch_size) not in ("1", "auto") or max_batch_size not in (None, 1):
             logger.warning("batch_size=%s ignored: requests run one at a time", batch_size)
         self.max_new_tokens = max_new_tokens
+        # lmms-eval <= 0.7.2 leaves these to the model (0.7.3 sets them): under accelerate
+        # launch its padding and progress bars read them
+        self._rank = int(os.environ.get("RANK", "0"))
+        self._world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.model = HarnessModel.load(
             pretrained,
             device=rank_device(device or "cpu"),
@@ -206,16 +211,26 @@ def build_turn(context: str, visuals) -> UserTurn:
     return join_parts([*parts, ("text", context)])
 
 
+class ScoredPair(tuple):
+    """(loss, is_greedy) as a GenerationResult's text: lmms-eval's response cache checks a
+    response with `text.strip()` (`--use_cache` crashed on a bare pair); a pair always is a
+    response."""
+
+    def strip(self) -> ScoredPair:
+        return self
+
+
 def as_response(pair: tuple[float, bool]):
     """A (loss, is_greedy) pair as this lmms-eval's evaluator needs it. lmms-eval 0.7 passes
     every response through `unwrap_generation_output`, which turns a bare pair into its string
     (its own multiple_choice scoring then fails to unpack it); a `GenerationResult` holding the
     pair comes out as the pair. Checked on the installed version: a pair that survives is
-    returned as is."""
+    returned as is. (A cache hit of lmms-eval 0.7 comes back as a string whatever the model
+    returned: its `--use_cache` cannot serve likelihood tasks.)"""
     unwrap = getattr(lmms_instance, "unwrap_generation_output", None)
     if unwrap is None or unwrap(pair)[0] == pair:
         return pair
-    return lmms_instance.GenerationResult(text=pair)
+    return lmms_instance.GenerationResult(text=ScoredPair(pair))
 
 
 def answer_text(continuation: str) -> str:

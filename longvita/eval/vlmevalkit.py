@@ -15,7 +15,8 @@ and its generation settings: greedy, at most 1024 new tokens, `max_num_frame` fr
 MAX_NUM_FRAME environment variable overrides it, as there). With `official_prompts` (the
 default) the message is what the official wrapper sends: parts joined with its tags (an image
 `<image>\\n`, a video `<video>` without a newline, text as is), the question text with its
-per-dataset instructions (`official_prompt`), and an answer cut after its last "Answer:";
+per-dataset instructions (`official_prompt`); the answer comes back as generated, as there
+(the cut after "Answer:" is the Long-VITA repository's API-server wrapper's, not this one's);
 without, parts are joined as `longvita serve` joins them (`eval.harness.join_parts`: a video
 `<video>\\n`).
 
@@ -35,7 +36,13 @@ import os
 import runpy
 import sys
 
-from longvita.eval.harness import DEFAULT_MAX_NEW_TOKENS, HarnessModel, join_parts, rank_device
+from longvita.eval.harness import (
+    DEFAULT_MAX_NEW_TOKENS,
+    HarnessModel,
+    join_parts,
+    launched_processes,
+    rank_device,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +133,7 @@ class LongVITA(BaseModel):
             return self.model.generate(turn, max_new_tokens=self.max_new_tokens).text
         turn = join_parts(parts, OFFICIAL_TAGS)
         turn.text = official_prompt(turn.text, dataset)
-        answer = self.model.generate(turn, max_new_tokens=self.max_new_tokens).text
-        return answer.split("Answer:")[-1].strip() if "Answer:" in answer else answer
+        return self.model.generate(turn, max_new_tokens=self.max_new_tokens).text
 
 
 def default_device() -> str:
@@ -236,6 +242,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not os.path.isfile(args.run_py):
         parser.error(f"--run-py {args.run_py} is not a file: give VLMEvalKit's run.py")
+    if args.cp > 1 and launched_processes() > 1:
+        parser.error(
+            f"--cp {args.cp} starts its own {args.cp} ranks: run it as one process, not under "
+            "torchrun with several (each would start a group on the same devices)"
+        )
     register(
         args.name,
         model_path=args.model_path,

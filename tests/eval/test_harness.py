@@ -4,6 +4,7 @@ and the context-parallel group answering as one process does."""
 from __future__ import annotations
 
 import pytest
+import torch
 from PIL import Image
 
 import longvita
@@ -52,8 +53,23 @@ def test_rank_device(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert rank_device("cuda") == "cuda"
     monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 8)
     assert (rank_device("cuda"), rank_device("cuda:1"), rank_device("cpu")) == (
         "cuda:3", "cuda:1", "cpu")  # fmt: skip
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 1)  # its own GPU only
+    assert rank_device("cuda") == "cuda"
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_context_parallel_is_refused_under_a_data_parallel_launch(monkeypatch, hidden):
+    """VLMEvalKit hides WORLD_SIZE while building models; LOCAL_WORLD_SIZE still tells."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    if hidden:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(ValueError, match="cp=2 starts its own 2 ranks"):
+        HarnessModel.load("demo", cp=2)
 
 
 @pytest.mark.slow

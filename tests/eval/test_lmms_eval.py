@@ -236,6 +236,25 @@ def test_loglikelihood_scores_options_and_picks_the_digit(adapter, model, pipe, 
     assert results[4][0] == pytest.approx(-unconditional.mean_logprob)
 
 
+def test_likelihood_responses_pass_the_response_cache_check(adapter, model, docs):
+    """lmms-eval's ResponseCache keeps a response when `response.text.strip()` is truthy
+    (`caching/response_cache.py`, `_is_valid_response`); a bare pair had no strip()."""
+    model.task_dict = {"digits": {"test": docs}}
+    args = ("What digit is this?", "4", visuals, 0, "digits", "test")
+    (response,) = model.loglikelihood([instance(adapter, "loglikelihood", args)])
+    assert bool(response.text and response.text.strip())
+    assert pair(response)[1] is True
+
+
+def test_rank_and_world_size_come_from_the_launch(adapter, monkeypatch):
+    """lmms-eval <= 0.7.2 leaves them to the model (its padding and progress bars read them)."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(adapter.HarnessModel, "load", staticmethod(lambda *a, **k: None))
+    launched = adapter.LongVITA(pretrained="demo")
+    assert (launched.rank, launched.world_size) == (1, 2)
+
+
 def test_loglikelihood_with_doc_to_target(adapter, model, docs):
     model.task_dict = {"digits": {"test": docs}}
     target = lambda doc: doc["digit"]  # noqa: E731

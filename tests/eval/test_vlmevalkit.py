@@ -140,7 +140,8 @@ def test_dataset_types_from_names_without_vlmevalkit(dataset, kind):
 
 def test_messages_reach_the_model_as_the_official_wrapper_sends_them(model, monkeypatch, media):
     """Its tags (a video `<video>` without a newline), VLMEvalKit's message forms (a string
-    naming a file is that medium, a lone dict one part) and its answer cut after "Answer:"."""
+    naming a file is that medium, a lone dict one part), the answer as generated (VLMEvalKit's
+    `vlmeval/vlm/long_vita.py` returns its output unchanged)."""
     sent = []
 
     def generate(turn, max_new_tokens):
@@ -149,7 +150,7 @@ def test_messages_reach_the_model_as_the_official_wrapper_sends_them(model, monk
 
     monkeypatch.setattr(model.model, "generate", generate)
     video = [{"type": "video", "value": media["video"]}, {"type": "text", "value": "Q?"}]
-    assert model.generate(video, dataset="MMVet") == "B"
+    assert model.generate(video, dataset="MMVet") == "Let me see. Answer: B "
     assert sent[-1].text == "<video>Q?" and sent[-1].videos == [media["video"]]
     model.generate([media["3"], "What digit is this?"], dataset="MMVet")
     assert sent[-1].text == "<image>\nWhat digit is this?" and sent[-1].images == [media["3"]]
