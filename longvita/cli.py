@@ -161,6 +161,10 @@ def generation_request(args: argparse.Namespace):
         text = unescape(argument_text(args.prompt, "--prompt"))
     else:
         text = read_text_file(args.prompt_file, "--prompt-file")
+    for flag, paths in (("--image", args.image), ("--video", args.video)):
+        for path in paths:  # before the checkpoint loads: a typo should not cost minutes
+            if not os.path.exists(path):
+                raise ValueError(f"{flag} {path}: no such file or directory")
     messages = [{"role": "user", "content": text}]
     if args.system:
         system = unescape(argument_text(args.system, "--system"))
@@ -290,13 +294,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print(f"longvita {args.command}: interrupted", file=sys.stderr)
+        print(f"longvita {_command_name(args)}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ValueError, OSError) as err:
-        _print_error(args.command, err)
+        _print_error(args, err)
         return EXIT_USER_ERROR
     except RunError as err:  # a failed rank, a diverged run: its message says what happened
-        _print_error(args.command, err)
+        _print_error(args, err)
         trace = getattr(err, "traceback", "")
         if args.verbose and trace:
             print(trace, file=sys.stderr)
@@ -305,9 +309,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_RUN_FAILED
 
 
-def _print_error(command: str, err: BaseException) -> None:
+def _command_name(args: argparse.Namespace) -> str:
+    """The command as typed, nested ones whole (`eval vniah`, `data inspect`, `demo train`)."""
+    nested = getattr(args, f"{args.command}_command", None)
+    return f"{args.command} {nested}" if nested else args.command
+
+
+def _print_error(args: argparse.Namespace, err: BaseException) -> None:
     message = " ".join(str(err).split()) or type(err).__name__
-    print(f"longvita {command}: error: {message}", file=sys.stderr)
+    print(f"longvita {_command_name(args)}: error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

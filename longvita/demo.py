@@ -33,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="demo", help="the model (default: the shipped demo)")
     p.add_argument("--output", default="demo_output", help="where the media go (%(default)s)")
     p.add_argument("--frames", type=int, default=1024, help="frames of the video (1024)")
-    p.add_argument("--seed", type=int, default=DEMO_SEED, help="of the renders")
+    p.add_argument("--seed", type=int, default=DEMO_SEED, help="of the renders (%(default)s)")
     p.set_defaults(func=run_demo)
     sub = p.add_subparsers(dest="demo_command", metavar="COMMAND")
     t = sub.add_parser(
@@ -50,7 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--out", default="runs/demo", help="the run directory (%(default)s)")
     t.add_argument("--scale", type=float, default=1.0,
-                   help="multiply each of the four stages' samples (not the ViT's)")  # fmt: skip
+                   help="multiply each of the four stages' samples, not the ViT's (1)")  # fmt: skip
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of every stage file")  # fmt: skip
     t.add_argument("--frames", type=int, nargs="+", default=[16, 64, 256, 1024, 4096],

@@ -172,9 +172,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument(
         "--packing",
-        choices=("per-source", "cross-source"),
-        default="per-source",
-        help="bins per data file (stages 1-2, default) or one pool (stages 3-4)",
+        type=lambda mode: mode.replace("-", "_"),  # per-source works too
+        choices=("per_source", "cross_source"),
+        default="per_source",
+        help="bins per data file (stages 1-2, default) or one pool (stages 3-4), as a stage "
+        "file's data.packing",
     )
     p.add_argument(
         "--num-bins",
@@ -237,7 +239,7 @@ def run_inspect(args: argparse.Namespace) -> int:
             mixture,
             processor,
             seq_len=args.seq_len,
-            packing=args.packing.replace("-", "_"),
+            packing=args.packing,
             num_bins=args.num_bins,
             max_frames=args.max_frames,
             fps=args.fps,

@@ -70,6 +70,10 @@ class PackedDataset(IterableDataset):
         return PackingStream(self.reader, spec).iterate(copy.deepcopy(self.states[logical]))
 
 
+WORKER_START_METHOD = "forkserver"
+"""How loader workers start (see `PackedLoader.__iter__`)."""
+
+
 def _keep(item: StreamItem) -> StreamItem:
     return item
 
@@ -121,6 +125,10 @@ class PackedLoader:
             num_workers=workers,
             collate_fn=_keep,
             prefetch_factor=self.config.prefetch_factor if workers else None,
+            # workers start from a clean process, not a fork of this one: a fork copies the
+            # state of the threads a training rank runs (gloo, OpenMP) but not the threads,
+            # and each such worker ended with "terminate called without an active exception"
+            multiprocessing_context=WORKER_START_METHOD if workers else None,
         )
         for item in loader:
             if self._all_done():

@@ -398,7 +398,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Add `data synth` to the `longvita data` subcommands."""
     p = subparsers.add_parser(
         "synth",
-        help="write the demo model's synthetic curriculum data (stages 1-4) and tokenizer",
+        help="write the demo model's synthetic curriculum data (stages 0-4) and tokenizer",
         description=(
             "Render the demo model's training data in the official JSONL format: stage 1 "
             "captions of single images; stage 2 questions about images and short videos; "

@@ -32,8 +32,10 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="checkpoint directory, or demo")
     p.add_argument("--out", required=True, help="where results.json and heatmap.png go")
-    p.add_argument("--frames", type=int, nargs="+", default=None, help="16 64 256 1024 4096")
-    p.add_argument("--depths", type=float, nargs="+", default=None, help="0 0.25 0.5 0.75 1")
+    p.add_argument("--frames", type=int, nargs="+", default=None,
+                   help="haystack lengths (default 16 64 256 1024 4096)")  # fmt: skip
+    p.add_argument("--depths", type=float, nargs="+", default=None,
+                   help="needle depths, 0 the first frame (default 0 0.25 0.5 0.75 1)")  # fmt: skip
     p.add_argument("--needles", type=int, default=20, help="questions per cell (default 20)")
     p.add_argument(
         "--haystacks",
@@ -42,7 +44,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="rendered haystacks per length; needle n goes into haystack n %% N (default 1)",
     )
     p.add_argument("--haystack", default=None, help="a video (file or frame directory)")
-    p.add_argument("--seed", type=int, default=None, help="the test renders' seed")
+    p.add_argument("--seed", type=int, default=None,
+                   help="the test renders' seed (default: the test split's, which no training "
+                   "split uses)")  # fmt: skip
     p.add_argument("--teacher-forced", action="store_true", help="score by next-token logits")
     p.add_argument("--cp", type=int, default=1, help="context-parallel ranks (default 1)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")

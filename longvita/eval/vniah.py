@@ -227,7 +227,9 @@ class PipelineAnswerer:
                 f"<video>\n{question}", videos=[placeholder], max_frames=num_frames
             )
             self.pipe.fit_to_positions(
-                prompt, self.max_new_tokens, how_to_shorten="shorter haystacks (--frames)"
+                prompt,
+                self.max_new_tokens,
+                how_to_shorten=f"haystacks shorter than {num_frames:,} frames (--frames)",
             )
             self._prompts[key] = prompt
         return self._prompts[key]

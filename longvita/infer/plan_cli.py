@@ -79,6 +79,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run_plan(args: argparse.Namespace) -> int:
     config = LongVITAConfig.from_pretrained(resolve_model_dir(args.model))
     tokens = args.prompt_tokens
+    counted = {"--frames": args.frames, "--images": args.images}
+    if args.text_tokens != DEFAULT_TEXT_TOKENS:
+        counted["--text-tokens"] = args.text_tokens
+    given = [flag for flag, value in counted.items() if value]
+    if tokens is not None and given:
+        raise ValueError(
+            f"--prompt-tokens is the whole prompt: leave out {', '.join(given)} (or give the "
+            "counts without --prompt-tokens)"
+        )
     if tokens is None:
         tokens = count_prompt_tokens(
             config, frames=args.frames, images=args.images, text_tokens=args.text_tokens

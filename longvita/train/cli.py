@@ -63,8 +63,13 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
             "RUN_DIR/checkpoints/step-N) as config.json + safetensors + tokenizer, the layout "
             "longvita.load and the official code read."
         ),
+        epilog="example: longvita export runs/stage4 --out Long-VITA-mine_HF --dtype bfloat16",
     )
-    e.add_argument("checkpoint", metavar="RUN_DIR[/checkpoints/step-N]")
+    e.add_argument(
+        "checkpoint",
+        metavar="RUN_DIR[/checkpoints/step-N]",
+        help="a run directory (its latest complete checkpoint) or one of its checkpoints",
+    )
     e.add_argument("--out", required=True, metavar="DIR", help="the checkpoint directory")
     e.add_argument("--dtype", default=None, help="of the weights (default: as trained)")
     e.set_defaults(func=run_export)

@@ -157,6 +157,8 @@ class DataSection:
             _at_least("data.max_frames", self.max_frames, 1)
         if self.fps is not None:
             _positive("data.fps", self.fps)
+        if isinstance(self.packing, str):  # per-source too, as `data inspect --packing` takes
+            object.__setattr__(self, "packing", self.packing.replace("-", "_"))
         if self.packing not in ("per_source", "cross_source"):
             raise StageConfigError(
                 f"data.packing: per_source or cross_source, got {self.packing!r}"
@@ -288,7 +290,8 @@ class StageConfig:
         if world_size % cp:
             raise StageConfigError(
                 f"parallel.cp: {cp} does not divide the {world_size} processes "
-                "(the world is dp x cp ranks)"
+                f"(the world is dp x cp ranks): run --nproc {cp} (or a multiple), or "
+                f"--set parallel.cp=1"
             )
         dp = world_size // cp
         per_rank = self.batch.global_sequences / (dp * self.batch.micro)

@@ -297,6 +297,7 @@ class _Loop:
                 if stopped:
                     break
         finally:
+            sequences.close()  # the loader's worker processes end now, not at interpreter exit
             if metrics is not None:
                 metrics.close()
         return self._finish(stopped, checkpoint, last_loss)

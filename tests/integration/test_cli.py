@@ -51,7 +51,8 @@ def test_generate_json_matches_the_api(tiny_checkpoint, media, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--image", "missing.png"], "missing.png"),
+        (["--image", "missing.png"], "--image missing.png: no such file or directory"),
+        (["--video", "gone/"], "--video gone/: no such file or directory"),
         ([], "1 <image> tag(s) but 0 image(s)"),
         (["--cp", "0"], "--cp must be >= 1"),
         (["--image", "x.png", "--device", "tpu9"], "unknown device 'tpu9'"),
@@ -66,7 +67,8 @@ def test_generate_json_matches_the_api(tiny_checkpoint, media, capsys):
         (["--image", "x.png", "--prefill-chunk", "0"], "prefill_chunk must be >= 1"),
     ],
 )
-def test_user_errors_print_one_line_and_exit_2(tiny_checkpoint, capsys, extra, message):
+def test_user_errors_print_one_line_and_exit_2(tiny_checkpoint, media, capsys, extra, message):
+    extra = [str(media["image"]) if arg == "x.png" else arg for arg in extra]  # x.png: a real one
     code = main(["generate", "--model", str(tiny_checkpoint), "--prompt", "<image>hi", *extra])
     err = capsys.readouterr().err
     assert code == 2 and message in err
@@ -160,6 +162,13 @@ def test_a_failed_rank_is_one_line_with_its_traceback_on_demand(
     assert code == 1
     assert "longvita generate: error: rank 1 of 2 failed (RuntimeError: boom)" in err
     assert ("Traceback" in err) == verbose
+
+
+def test_a_missing_media_file_is_named_before_the_checkpoint_loads(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(longvita, "load", lambda *a, **k: pytest.fail("loaded the checkpoint"))
+    code = main(["generate", "--model", str(tiny_checkpoint), "--prompt", "<image>hi",
+                 "--image", "typo.png"])  # fmt: skip
+    assert code == 2
 
 
 @pytest.mark.distributed
@@ -265,3 +274,22 @@ def test_plan_command(tiny_checkpoint, capsys):
     assert main(["plan", "--model", str(tiny_checkpoint), "--frames", "16", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record  # the plan's own tests check the numbers
+
+
+def test_plan_refuses_counts_beside_prompt_tokens(tiny_checkpoint, capsys):
+    command = ["plan", "--model", str(tiny_checkpoint), "--prompt-tokens", "100"]
+    assert main([*command, "--frames", "16", "--text-tokens", "5"]) == 2
+    assert "leave out --frames, --text-tokens" in capsys.readouterr().err
+    assert main([*command, "--json"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "prefix"),
+    [
+        (["eval", "vniah", "--model", "/no/such/dir", "--out", "o"], "longvita eval vniah: error"),
+        (["data", "inspect", "/no/such.yaml", "--seq-len", "64"], "longvita data inspect: error"),
+    ],
+)
+def test_errors_name_the_nested_command(argv, prefix, capsys):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(prefix)

@@ -92,7 +92,7 @@ def test_text_report_with_model_and_progress_bar(mixture, tiny_checkpoint, capsy
             "--max-samples",
             "4",
             "--packing",
-            "cross-source",
+            "cross_source",  # a stage file's spelling; cross-source works too
         ]
     )
     assert args.func(args) == 0

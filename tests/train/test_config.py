@@ -100,6 +100,8 @@ def test_overrides_set_any_key_with_yaml_values(tmp_path):
         StageConfig.from_yaml(_write(tmp_path, BASE), ["optim.lr"])
     with pytest.raises(StageConfigError, match="optim.nope: unknown key"):
         StageConfig.from_yaml(_write(tmp_path, BASE), ["optim.nope=1"])
+    spelled = StageConfig.from_yaml(_write(tmp_path, BASE), ["data.packing=cross-source"])
+    assert spelled.data.packing == "cross_source"  # as `data inspect --packing` spells it too
     empty_section = _write(tmp_path, BASE + "log:\n")  # its keys commented out: the defaults
     assert StageConfig.from_yaml(empty_section).log.interval == 10
     assert StageConfig.from_yaml(empty_section, ["log.interval=5"]).log.interval == 5
