@@ -33,3 +33,18 @@ def test_a_frame_count_below_one_is_refused_before_any_question(tmp_path, capsys
     err = capsys.readouterr().err
     assert "--frames must be >= 1, got 0" in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []  # no image rendered, no question asked
+
+
+def test_the_shipped_demo_model_has_the_official_layout():
+    """What `Pipeline.save` writes (DESIGN.md's checkpoint layout): the slow tokenizer's files
+    too, which transformers 4 (the official code's) needs, and no transformers-5-only keys."""
+    import json
+
+    from longvita.processing.tokens import V5_ONLY_CONFIG_KEYS
+
+    names = {path.name for path in DEMO_MODEL.iterdir()}
+    official = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    assert official | {"vocab.json", "merges.txt"} <= names
+    config = json.loads((DEMO_MODEL / "tokenizer_config.json").read_text())
+    assert "additional_special_tokens" in config
+    assert not set(V5_ONLY_CONFIG_KEYS) & set(config)
