@@ -46,5 +46,5 @@ def test_the_shipped_demo_model_has_the_official_layout():
     official = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
     assert official | {"vocab.json", "merges.txt"} <= names
     config = json.loads((DEMO_MODEL / "tokenizer_config.json").read_text())
-    assert "additional_special_tokens" in config
+    assert "added_tokens_decoder" in config
     assert not set(V5_ONLY_CONFIG_KEYS) & set(config)
