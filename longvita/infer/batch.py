@@ -193,10 +193,10 @@ class BatchEngine:
         self.steps += 1
         return sum(segment.length for segment in segments)
 
-    def close(self, error: Exception) -> None:
-        """End every sequence with `error` (the server is shutting down)."""
+    def close(self) -> None:
+        """End every sequence as cancelled (the server is shutting down: a 503, not a 500)."""
         for sequence in [*self.running, *self.waiting]:
-            self._end(sequence, "error", error)
+            self._end(sequence, "cancelled")
         self.waiting.clear()
 
     def _start(self, sequence: BatchSequence) -> None:

@@ -23,6 +23,7 @@ import json
 import logging
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from starlette.exceptions import HTTPException
 
 from longvita.errors import MediaError, PositionsError, PromptError
 from longvita.infer.request import GenerationRequest
+from longvita.processing.image import PixelLimitError
 from longvita.serve import protocol, responses
 from longvita.serve.media import MediaPolicy, MediaRefused, fetch_image, fetch_video
 from longvita.serve.metrics import CONTENT_TYPE, ServerMetrics
@@ -96,6 +98,9 @@ def create_app(pipeline, worker, settings: ServerSettings) -> FastAPI:
     control_tokens = tuple(pipeline.tokenizer.get_added_vocab())
     max_prompt = settings.max_prompt_tokens or pipeline.config.max_position_embeddings
     longest_token = max(map(len, pipeline.tokenizer.get_vocab()))  # in characters
+    stopping = threading.Event()
+    """Set when the server begins to shut down (`serve.cli.run_uvicorn`): requests in flight
+    end with a 503 at once, inside uvicorn's grace period, instead of being cut off after it."""
 
     async def lifespan(app: FastAPI):
         worker.start()
@@ -105,6 +110,7 @@ def create_app(pipeline, worker, settings: ServerSettings) -> FastAPI:
             await asyncio.to_thread(worker.stop)
 
     app = FastAPI(title="longvita", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.stopping = stopping
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -197,7 +203,16 @@ def create_app(pipeline, worker, settings: ServerSettings) -> FastAPI:
             shutil.rmtree(job.workdir, ignore_errors=True)
             raise
         job.media_names = media_names
-        answer = Answer(job, request, chat, prepared[0].num_tokens, arrived, metrics, settings)
+        answer = Answer(
+            job,
+            request,
+            chat,
+            prepared[0].num_tokens,
+            arrived,
+            metrics,
+            settings,
+            stopping=stopping,
+        )
         if chat.stream:
             return StreamingResponse(
                 answer.events(),
@@ -321,6 +336,10 @@ def prepare(pipeline, chat: ChatRequest, workdir: Path, settings: ServerSettings
         prepared = pipeline.prepare(request, trim=chat.max_tokens is None)
     except PositionsError as err:
         raise positions_error(err, chat.max_tokens) from None
+    except PixelLimitError as err:  # a video's frames, checked from its header when planned
+        named = user_error(err, media_names)  # 413, as an image over it (`media.fetch_image`)
+        message = named.message.split("; ")[0].replace("the limit", "this server's limit")
+        raise ApiError(413, message, param=named.param) from None
     except (PromptError, MediaError, ValueError) as err:
         raise user_error(err, media_names) from None
     prompt = prepared[0]
@@ -379,6 +398,7 @@ class Answer:
         arrived: float,
         metrics: ServerMetrics,
         settings: ServerSettings,
+        stopping: threading.Event | None = None,
     ) -> None:
         self.job = job
         self.request = request
@@ -387,6 +407,8 @@ class Answer:
         self.arrived = arrived
         self.metrics = metrics
         self.settings = settings
+        self.stopping = stopping or threading.Event()
+        self.deadline = arrived + settings.request_timeout_s
         self.completion_tokens = 0
         self.id = responses.new_completion_id()
         self.created = int(time.time())
@@ -406,6 +428,7 @@ class Answer:
                     if await self.request.is_disconnected():
                         self.job.cancel()
                         return
+                    event = self._overdue() or event
                 if event is None:
                     continue
                 if event.tokens:
@@ -422,6 +445,20 @@ class Answer:
         finally:
             if not self.job.finished:
                 self.job.cancel()
+
+    def _overdue(self) -> Event | None:
+        """The final event of a request the handler ends itself: past its deadline while the
+        worker cannot stop it (a context-parallel group runs a request to its end on every
+        rank; a queued one waits its turn), or in flight when the server shuts down. Its job
+        is cancelled (its tokens, if any still come, are dropped)."""
+        if self.stopping.is_set():
+            reason = "cancelled"
+        elif time.monotonic() > self.deadline:
+            reason = "timeout"
+        else:
+            return None
+        self.job.cancel()
+        return Event(finish=reason)
 
     async def _next_event(self) -> Event | None:
         """The job's next event: at once when one is queued (under load the next one is

@@ -314,5 +314,11 @@ def run_uvicorn(app, listen: socket.socket, model_id: str) -> None:
 
     host, port = listen.getsockname()[:2]
     print(f"longvita serve: {model_id} on http://{host}:{port}; Ctrl-C to stop", flush=True)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.stopping.set()  # requests in flight answer 503 within the grace period
+            super().handle_exit(sig, frame)
+
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[listen])
+    Server(config).run(sockets=[listen])

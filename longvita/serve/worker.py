@@ -275,7 +275,7 @@ class BatchWorker(_Worker):
             if not engine.idle:
                 engine.step()
             self._outbox.flush()
-        engine.close(RuntimeError("the server is shutting down"))
+        engine.close()
         self._outbox.flush()
 
 

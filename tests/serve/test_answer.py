@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -38,7 +39,13 @@ def stream_answer(queued: list[Event], later: list[Event] = ()) -> list[bytes]:
             }
         )
         answer = Answer(
-            job, ConnectedRequest(), chat, 7, 0.0, ServerMetrics(), ServerSettings(model_id="m")
+            job,
+            ConnectedRequest(),
+            chat,
+            7,
+            time.monotonic(),
+            ServerMetrics(),
+            ServerSettings(model_id="m"),
         )
         writes = []
         pending = list(later)

@@ -20,7 +20,7 @@ openai = pytest.importorskip("openai")
 import uvicorn  # noqa: E402
 
 import longvita  # noqa: E402
-from longvita.serve.app import ServerSettings, create_app  # noqa: E402
+from longvita.serve.app import DISCONNECT_POLL_S, ServerSettings, create_app  # noqa: E402
 from longvita.serve.cli import bind  # noqa: E402
 from longvita.serve.media import MediaPolicy  # noqa: E402
 from longvita.serve.worker import BatchWorker  # noqa: E402
@@ -454,6 +454,16 @@ def test_oversized_body_and_pixel_bomb_are_refused(server):
     assert status == 413 and "pixels" in message
 
 
+def test_a_video_over_the_pixel_limit_is_a_413_as_an_image_is(tiny_checkpoint, allowed):
+    small_pipe = longvita.load(tiny_checkpoint, max_pixels=1000)  # as `serve --max-pixels`
+    policy = MediaPolicy(allowed_local_paths=(str(allowed),), max_pixels=1000)
+    with Server(small_pipe, ServerSettings(model_id=MODEL, media=policy), max_batch=1) as small:
+        video = {"type": "video_url", "video_url": {"url": str(allowed / "clip.mp4")}}
+        status, message = status_and_message(small, user(video))
+    assert status == 413 and "more than this server's limit of 1,000 pixels" in message
+    assert "messages[0].content[0]" in message and "--max-pixels" not in message
+
+
 def _png_header(width: int, height: int) -> bytes:
     import struct
     import zlib
@@ -545,3 +555,35 @@ def test_an_api_key_guards_the_api_and_leaves_health_open(pipe):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=guarded.url + "/v1", api_key="no", max_retries=0).models.list()
         assert httpx.get(guarded.url + "/health").status_code == 200
+
+
+def _a_worker_that_never_answers(server, monkeypatch) -> None:
+    """Jobs are taken and never run, as under --cp while the group runs another request to
+    its end (it cannot be interrupted)."""
+    monkeypatch.setattr(server.worker, "submit", lambda job, *args, **kwargs: None)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_handler_keeps_the_deadline_when_the_worker_cannot(pipe, monkeypatch, stream):
+    settings = ServerSettings(model_id=MODEL, request_timeout_s=1.0)
+    with Server(pipe, settings, max_batch=2, max_queue=2) as small:
+        _a_worker_that_never_answers(small, monkeypatch)
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+        start = time.monotonic()
+        got = httpx.post(small.url + "/v1/chat/completions", json={**body, "stream": stream})
+        assert time.monotonic() - start < 1.0 + 2 * DISCONNECT_POLL_S + 1.0
+        if stream:  # the stream had begun: its error comes as an event
+            events = [json.loads(line[6:]) for line in got.text.splitlines()
+                      if line.startswith("data: {")]  # fmt: skip
+            assert got.status_code == 200 and events[-1]["error"]["code"] == "timeout"
+        else:
+            assert got.status_code == 504 and got.json()["error"]["code"] == "timeout"
+
+
+def test_requests_in_flight_answer_503_when_the_server_stops(pipe, monkeypatch):
+    with Server(pipe, ServerSettings(model_id=MODEL), max_batch=2, max_queue=2) as small:
+        _a_worker_that_never_answers(small, monkeypatch)
+        threading.Timer(0.5, small.app.state.stopping.set).start()  # as Ctrl-C / SIGTERM do
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+        got = httpx.post(small.url + "/v1/chat/completions", json=body, timeout=10)
+        assert got.status_code == 503 and "shutting down" in got.json()["error"]["message"]
