@@ -81,7 +81,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--max-queue",
         type=int,
         default=64,
-        help="requests waiting beyond --max-batch before 503 (64)",
+        help="requests waiting beyond --max-batch before 503 (64; 0: none wait)",
     )
     limits.add_argument(
         "--step-tokens",
@@ -176,9 +176,11 @@ def settings_from_args(args: argparse.Namespace, model_dir):
     from longvita.serve.app import ServerSettings
     from longvita.serve.media import MediaPolicy
 
-    for flag in ("max_batch", "max_queue", "step_tokens", "max_tokens", "max_frames", "max_media"):
+    for flag in ("max_batch", "step_tokens", "max_tokens", "max_frames", "max_media"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_queue < 0:  # 0: a 503 as soon as every slot is busy
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.max_body_mb <= 0 or args.timeout <= 0:
         raise ValueError("--max-body-mb and --timeout must be positive")
     if args.cp < 1:

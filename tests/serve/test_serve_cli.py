@@ -84,6 +84,8 @@ def test_serve_keeps_its_kv_caches_in_the_dtype_asked(tiny_checkpoint):
         (["--kv-cache-dtype", "fp4"], "invalid choice: 'fp4'"),
         (["--port", "-1"], "--port must be 0-65535"),
         (["--max-batch", "0"], "--max-batch must be >= 1"),
+        (["--max-queue", "-1"], "--max-queue must be >= 0"),
+        (["--max-media", "0"], "--max-media must be >= 1"),
         (["--allowed-local-media-path", "/no/such/dir"], "is not a directory"),
         (["--prefix-cache-gib", "-1"], "--prefix-cache-gib must be >= 0"),
         (["--threads", "0"], "--threads must be >= 1"),
