@@ -357,9 +357,8 @@ class Processor:
 
     def _check_reserved(self, ids: Sequence[int]) -> None:
         """ReservedTokenError naming the tokens of `RESERVED_TOKENS` found in the text."""
-        found = sorted(set(self.tokens.reserved).intersection(ids))
-        if found:
-            names = ", ".join(repr(name) for name in self.tokenizer.convert_ids_to_tokens(found))
+        names = self._names_of(self.tokens.reserved, ids)
+        if names:
             raise ReservedTokenError(
                 f"the text contains {names}: tokens the Processor writes around image and video "
                 "placeholders, never accepted in messages; remove them (put an <image> or "
@@ -368,13 +367,17 @@ class Processor:
 
     def _check_chat_format(self, ids: Sequence[int], role: str) -> None:
         """ReservedTokenError when a training turn's text holds a ChatML token."""
-        found = sorted(set(self.tokens.chat_format).intersection(ids))
-        if found:
-            names = ", ".join(repr(name) for name in self.tokenizer.convert_ids_to_tokens(found))
+        names = self._names_of(self.tokens.chat_format, ids)
+        if names:
             raise ReservedTokenError(
                 f"the {role} turn's text contains {names}: the chat format's own tokens, which "
                 "would end or open a turn mid-text and be learned as such; remove them"
             )
+
+    def _names_of(self, watched: Sequence[int], ids: Sequence[int]) -> str:
+        """The `watched` tokens found in `ids`, as "'<a>', '<b>'" ("" when none)."""
+        found = sorted(set(watched).intersection(ids))
+        return ", ".join(repr(name) for name in self.tokenizer.convert_ids_to_tokens(found))
 
     def _check_media_counts(self, ids: Sequence[int], num_images: int, num_videos: int) -> None:
         num_image_tags = sum(1 for t in ids if t == self.tokens.image_tag)
