@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from longvita.errors import MediaError, PromptError, ReservedTokenError
+from longvita import errors
 from longvita.parallel.state import ParallelState
 
 
@@ -106,7 +106,12 @@ def raise_together(error: ValueError | None, state: ParallelState, *, what: str)
     raise _USER_ERRORS.get(name, ValueError)(f"{message} (cp rank {first}/{state.cp_size})")
 
 
-_USER_ERRORS = {cls.__name__: cls for cls in (MediaError, PromptError, ReservedTokenError)}
+_USER_ERRORS = {
+    cls.__name__: cls
+    for cls in vars(errors).values()
+    if isinstance(cls, type) and issubclass(cls, ValueError)
+}
+"""The user errors of `longvita.errors` by name: a peer's is raised as its own class."""
 
 
 def common_options(options: dict[str, int], state: ParallelState, *, what: str) -> dict[str, int]:
